@@ -1,0 +1,1 @@
+"""The PLM owner's representation server (`pema-server`)."""

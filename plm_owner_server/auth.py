@@ -1,0 +1,77 @@
+"""Bearer API keys, stored as SHA-256 hashes (keys are random, so a plain hash is enough).
+
+Keys file: one key per line, ``sha256:<hex> [name]``; ``#`` starts a comment. Make a line with
+``pema-server hash-key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+from fastapi import Request
+
+from plm_owner_server.errors import ApiError
+
+ANONYMOUS = "anonymous"
+KEY_PREFIX = "pema_"
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ApiKeys:
+    """Maps key hashes to owner names; with no keys, everyone is ``anonymous``."""
+
+    def __init__(self, hashes: dict[str, str]) -> None:
+        self._owners = hashes
+
+    @property
+    def open(self) -> bool:
+        return not self._owners
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> ApiKeys:
+        if path is None:
+            return cls({})
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read the API keys file {path}: {exc}") from exc
+        owners: dict[str, str] = {}
+        for number, line in enumerate(lines, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            digest = fields[0]
+            if not (digest.startswith("sha256:") and len(digest) == 71):
+                raise ValueError(
+                    f"{path}:{number}: expected 'sha256:<64 hex digits> [name]'; "
+                    "make one with `pema-server hash-key`"
+                )
+            owners[digest] = fields[1] if len(fields) > 1 else f"key-{digest[7:15]}"
+        if not owners:
+            raise ValueError(f"the API keys file {path} holds no keys")
+        return cls(owners)
+
+    def owner(self, request: Request) -> str:
+        """The caller's name, or a 401 for a missing or wrong key."""
+        if self.open:
+            return ANONYMOUS
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing API key; send the header 'Authorization: Bearer <key>'",
+            )
+        owner = self._owners.get(hash_key(key.strip()))
+        if owner is None:
+            raise ApiError(401, "unauthorized", "invalid API key; ask the server's owner for one")
+        return owner

@@ -1,0 +1,65 @@
+"""The one error shape, ``{"error": {"code", "message", "detail"}}``, for every 4xx and 5xx."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.protocol import ErrorInfo, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error a client caused (or may retry); rendered with the error shape."""
+
+    def __init__(self, status: int, code: str, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.detail = status, code, message, detail
+
+
+def error_response(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(code=code, message=message, detail=detail))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+def invalid(exc: ValidationError | RequestValidationError) -> ApiError:
+    """A pydantic validation failure as a 422 naming each bad field."""
+    errors = (
+        exc.errors(include_url=False, include_input=False)
+        if isinstance(exc, ValidationError)
+        else exc.errors()
+    )
+    where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5])
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+    return ApiError(422, "invalid_request", f"invalid request: {where}", detail)
+
+
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = invalid(exc)
+        return error_response(err.status, err.code, err.message, err.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error; see the server log")

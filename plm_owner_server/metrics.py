@@ -1,0 +1,53 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pema_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "pema_request_seconds", "HTTP request latency", ["route"], registry=r
+        )
+        self.tokens = Counter("pema_represented_tokens", "Tokens run through the model", registry=r)
+        self.batch_rows = Histogram(
+            "pema_batch_rows",
+            "Sequences per coalesced forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "pema_batch_requests",
+            "Requests coalesced into one forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.sessions = Gauge("pema_sessions_open", "Open generation sessions", registry=r)
+        self.kv_bytes = Gauge("pema_kv_cache_bytes", "KV-cache bytes of all sessions", registry=r)
+        self.evictions = Counter(
+            "pema_sessions_evicted", "Sessions dropped by TTL or memory bound", registry=r
+        )
+
+    def install(self, app: FastAPI) -> None:
+        """Count and time every request by its route template (not its raw path)."""
+
+        @app.middleware("http")
+        async def _observe(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            start = time.perf_counter()
+            response = await call_next(request)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            self.requests.labels(request.method, route, str(response.status_code)).inc()
+            self.latency.labels(route).observe(time.perf_counter() - start)
+            return response

@@ -1,0 +1,256 @@
+"""The model runner: batched forward passes that return the representations f(c).
+
+Every method runs on the one model thread (see :mod:`plm_owner_server.serving`), never on the
+event loop. The representation is captured by a forward pre-hook on the final norm; the base model
+runs without the LM head, and logits are computed only for the positions that asked for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from plm_owner_server import embedded
+from plm_owner_server.architectures import ModelHead
+from plm_owner_server.settings import EMBEDDED_MODEL, Settings
+from shared.protocol import LogitsMode
+
+log = logging.getLogger(__name__)
+
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # full, or (top-k values, indices)
+
+
+@dataclass
+class KVState:
+    """A generation session's cache: rows still alive, in cache order, and their padding mask."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, T], 1 where a real token is cached (prompts are left-padded)
+    rows: list[int]  # the caller's row ids of the cache's batch entries
+
+    @property
+    def nbytes(self) -> int:
+        total = self.mask.nbytes
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.nbytes
+        return total
+
+
+class ModelRunner:
+    """A causal LM that answers with its pre-final-norm hidden states."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, model_id: str | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.model_id = model_id or self.config.name_or_path or self.config.model_type
+        self.head = ModelHead(model)
+        self._base = model.base_model
+        self._captured: torch.Tensor | None = None
+        if self.head.capture is not None:
+            self.head.capture.register_forward_pre_hook(self._capture)
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.hidden_size = int(self.config.hidden_size)
+        self.vocab_size = int(self.head.lm_head.weight.shape[0])
+        self.max_positions = _max_positions(self.config)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        self.fingerprint = fingerprint(model)
+        self._kv_bytes_per_token: int | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelRunner:
+        """Load the model named by the settings (the embedded SmolLM2 by default)."""
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        if settings.model in (EMBEDDED_MODEL, ""):
+            path = embedded.ensure_embedded_model(settings.cache_dir)
+            try:
+                model, tokenizer = _from_pretrained(str(path), dtype, device)
+            except (OSError, ValueError, RuntimeError) as exc:
+                log.warning("embedded model cache is broken (%s); rebuilding", exc)
+                path = embedded.ensure_embedded_model(settings.cache_dir, rebuild=True)
+                model, tokenizer = _from_pretrained(str(path), dtype, device)
+            return cls(model, tokenizer, model_id=embedded.MODEL_ID)
+        model, tokenizer = _from_pretrained(settings.model, dtype, device)
+        return cls(model, tokenizer, model_id=settings.model)
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._captured = args[0]
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Representations [B, T, d] of a padded batch (and the cache filled, if given)."""
+        self._captured = None
+        out = self._base(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return self._captured if self._captured is not None else out.last_hidden_state
+
+    def _pad(self, rows: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[b, cols] = torch.as_tensor(row)
+            mask[b, cols] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def represent(
+        self, rows: Sequence[Sequence[int]], starts: Sequence[int], max_batch_tokens: int
+    ) -> list[torch.Tensor]:
+        """Per row, the representations of positions ``start .. len-1`` ([n, d], model dtype)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for chunk in _chunks(rows, max_batch_tokens):
+            batch = [rows[i] for i in chunk]
+            ids, mask = self._pad(batch, left=False)
+            ragged = len({len(r) for r in batch}) > 1
+            hidden = self._forward(ids, mask if ragged else None)
+            for j, i in enumerate(chunk):
+                out[i] = hidden[j, starts[i] : len(rows[i])]
+        return out
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, mode: LogitsMode, chunk: int = 1024) -> Logits:
+        """``H(hidden)``: all logits, or the top-k (values, int32 indices); chunked over rows."""
+        if mode == "full":
+            return self.head(hidden)
+        assert isinstance(mode, int)
+        k = min(mode, self.vocab_size)
+        parts = [self.head(part).topk(k, dim=-1) for part in hidden.split(chunk)]
+        values = torch.cat([p.values for p in parts]) if parts else hidden.new_empty(0, k)
+        indices = torch.cat([p.indices for p in parts]) if parts else hidden.new_empty(0, k)
+        return values, indices.to(torch.int32)
+
+    @torch.inference_mode()
+    def open_session(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
+        """Prefill left-padded prompts; returns the cache and each row's last representation."""
+        ids, mask = self._pad(rows, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        state = KVState(DynamicCache(config=self.config), mask, list(range(len(rows))))
+        hidden = self._forward(ids, mask, positions, state.cache)
+        return state, hidden[:, -1]
+
+    @torch.inference_mode()
+    def step_session(
+        self, state: KVState, rows: Sequence[int], tokens: Sequence[int]
+    ) -> torch.Tensor:
+        """Append one token to each listed row; rows left out are dropped from the cache."""
+        if list(rows) != state.rows:
+            where = {r: i for i, r in enumerate(state.rows)}
+            keep = torch.tensor([where[r] for r in rows], device=self.device)
+            state.cache.batch_select_indices(keep)
+            state.mask = state.mask[keep]
+            state.rows = list(rows)
+        positions = state.mask.sum(-1, keepdim=True)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=-1)
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
+        return self._forward(ids, state.mask, positions, state.cache)[:, -1]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token of one row costs (measured once on a one-token prompt)."""
+        if self._kv_bytes_per_token is None:
+            state, _ = self.open_session([[0]])
+            self._kv_bytes_per_token = state.nbytes
+        return self._kv_bytes_per_token
+
+
+def _chunks(rows: Sequence[Sequence[int]], max_tokens: int) -> Iterator[list[int]]:
+    """Row indices in batches of at most ``max_tokens`` padded tokens, longest rows first."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    chunk: list[int] = []
+    for i in order:
+        # Sorted longest first, so the chunk's width is its first row's length.
+        width = len(rows[chunk[0]]) if chunk else len(rows[i])
+        if chunk and (len(chunk) + 1) * width > max_tokens:
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    # Several GPUs: let accelerate shard the model over them.
+    shard = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map="auto" if shard else None
+    )
+    if not shard:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _max_positions(config: Any) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"cannot tell the context length of {config.model_type}")
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return sorted(ids)
+
+
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the config and of every weight as served (names, dtypes, shapes, bytes)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()

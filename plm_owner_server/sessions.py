@@ -1,0 +1,133 @@
+"""Generation sessions: a KV cache per session, with an idle TTL, a cap per API key and a bound
+on the cache memory of all sessions together. Eviction drops the cache; a later use is a 404.
+
+Not thread-safe by design: every method runs on the one model thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from plm_owner_server.errors import ApiError
+from plm_owner_server.runner import KVState
+from shared.protocol import HiddenDType
+
+
+@dataclass
+class Session:
+    owner: str
+    state: KVState
+    dtype: HiddenDType
+    prompt_len: int  # longest prompt; the cache grows by one position per step
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    steps: int = 0
+    nbytes: int = 0
+    last_used: float = 0.0
+
+
+class SessionStore:
+    """Sessions by id, least recently used first."""
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_per_owner: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[SessionStore], None] | None = None,
+    ) -> None:
+        self.ttl_s, self.max_per_owner, self.max_bytes = ttl_s, max_per_owner, max_bytes
+        self._clock = clock
+        self._on_change = on_change
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._sessions.values())
+
+    def check_room(self, owner: str, nbytes: int) -> None:
+        """Refuse a new session its owner has no slot for, or that could never fit."""
+        self.expire()
+        if nbytes > self.max_bytes:
+            raise ApiError(
+                413,
+                "session_too_large",
+                f"this session needs about {nbytes >> 20} MiB of KV cache but the server allows "
+                f"{self.max_bytes >> 20} MiB in all; send fewer or shorter prompts",
+            )
+        if sum(s.owner == owner for s in self._sessions.values()) >= self.max_per_owner:
+            raise ApiError(
+                429,
+                "too_many_sessions",
+                f"this key already has {self.max_per_owner} open sessions; close one with "
+                "DELETE /v1/sessions/{id} or wait for idle ones to expire",
+            )
+
+    def add(self, session: Session) -> None:
+        session.last_used = self._clock()
+        self._sessions[session.id] = session
+        self.update(session)
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The caller's live session (another key's session is as unknown as a missing one)."""
+        self.expire()
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise ApiError(
+                404,
+                "session_not_found",
+                f"session {session_id!r} does not exist, expired after {self.ttl_s:g} s idle, "
+                "or was evicted to free memory; open a new one",
+            )
+        session.last_used = self._clock()
+        self._sessions.move_to_end(session_id)
+        return session
+
+    def update(self, session: Session) -> None:
+        """Re-measure a session's cache and evict the least recently used others to fit."""
+        session.nbytes = session.state.nbytes
+        for other in list(self._sessions.values()):
+            if self.nbytes <= self.max_bytes:
+                break
+            if other is not session:
+                self._drop(other.id, evicted=True)
+        if self.nbytes > self.max_bytes:
+            self._drop(session.id, evicted=True)
+            raise ApiError(
+                413,
+                "session_too_large",
+                f"session outgrew the server's {self.max_bytes >> 20} MiB KV-cache bound and was "
+                "closed; use fewer rows or fewer new tokens",
+            )
+        self._changed()
+
+    def remove(self, session_id: str, owner: str) -> None:
+        self.get(session_id, owner)
+        self._drop(session_id)
+        self._changed()
+
+    def expire(self) -> int:
+        """Drop sessions idle for longer than the TTL; returns how many."""
+        deadline = self._clock() - self.ttl_s
+        stale = [s.id for s in self._sessions.values() if s.last_used < deadline]
+        for session_id in stale:
+            self._drop(session_id, evicted=True)
+        if stale:
+            self._changed()
+        return len(stale)
+
+    def _drop(self, session_id: str, evicted: bool = False) -> None:
+        self._sessions.pop(session_id)
+        self.evicted += evicted
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self)

@@ -1,0 +1,49 @@
+"""Server settings: command-line flags and ``PEMA_*`` environment variables fill one object."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pema"
+
+
+class Settings(BaseSettings):
+    """Everything `pema-server` can be told; each field reads ``PEMA_<NAME>`` too."""
+
+    model_config = SettingsConfigDict(env_prefix="PEMA_", env_file=".env", extra="ignore")
+
+    model: str = Field(EMBEDDED_MODEL, description="Hugging Face id or folder; default: embedded")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, description="port to bind")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    api_keys_file: Path | None = Field(None, description="file of hashed API keys; none: open")
+    share_head: bool = Field(True, description="serve the output head on /v1/head")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="embedded-model cache")
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="padded tokens per coalesced forward pass"
+    )
+    max_batch_size: int = Field(256, gt=0, description="sequences per request")
+    max_request_tokens: int = Field(65536, gt=0, description="tokens per request")
+    max_body_bytes: int = Field(64 * 2**20, gt=0, description="request body size")
+    max_logits_values: int = Field(2**26, gt=0, description="full-logit values per response")
+    max_new_tokens: int = Field(1024, gt=0, description="steps per generation session")
+    max_sessions_per_key: int = Field(16, gt=0, description="open sessions per API key")
+    session_ttl_s: float = Field(600.0, gt=0, description="idle seconds before a session expires")
+    max_kv_cache_mib: int = Field(4096, gt=0, description="KV-cache memory of all sessions (MiB)")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @property
+    def max_kv_cache_bytes(self) -> int:
+        return self.max_kv_cache_mib * 2**20

@@ -1,0 +1,183 @@
+"""Pydantic models for every request and response of the `/v1` API.
+
+Tensors travel as :class:`WireTensor`; bodies that carry them are msgpack
+(``application/x-msgpack``), and JSON (bytes as base64) stays available for small requests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+
+PROTOCOL_VERSION = "1"
+MSGPACK = "application/x-msgpack"
+
+WireDType = Literal["float32", "float16", "bfloat16", "int32"]
+HiddenDType = Literal["float32", "float16", "bfloat16"]
+# "none", "full" (all V logits per position) or k > 0 (top-k values and indices per position).
+LogitsMode = Literal["none", "full"] | PositiveInt
+
+ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+
+
+class WireModel(BaseModel):
+    """Base for protocol models: unknown fields are rejected, bytes are base64 in JSON."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class WireTensor(WireModel):
+    """A tensor: little-endian, row-major bytes; bfloat16 is the upper 16 bits of float32."""
+
+    dtype: WireDType
+    shape: list[NonNegativeInt]
+    data: bytes
+
+    @model_validator(mode="after")
+    def _size_matches(self) -> WireTensor:
+        expected = math.prod(self.shape) * ITEMSIZE[self.dtype]
+        if len(self.data) != expected:
+            raise ValueError(
+                f"tensor data has {len(self.data)} bytes but {self.dtype} of shape "
+                f"{self.shape} needs {expected}"
+            )
+        return self
+
+
+class TopK(WireModel):
+    """The k largest logits per position, in descending order, with their token ids (int32)."""
+
+    values: WireTensor
+    indices: WireTensor
+
+
+class ErrorInfo(WireModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorResponse(WireModel):
+    """The one error shape of every 4xx/5xx answer."""
+
+    error: ErrorInfo
+
+
+class Health(WireModel):
+    status: Literal["ok"] = "ok"
+
+
+class Limits(WireModel):
+    """What the server accepts; requests beyond these get a 4xx."""
+
+    max_batch_size: int
+    max_request_tokens: int
+    max_body_bytes: int
+    max_new_tokens: int
+    max_sessions_per_key: int
+    session_ttl_s: float
+
+
+class ModelInfo(WireModel):
+    model_id: str
+    architecture: str
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: str
+    fingerprint: str
+    protocol_version: str = PROTOCOL_VERSION
+    head_shared: bool
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    limits: Limits
+
+
+class HeadSpec(WireModel):
+    """How to apply the exported head: ``logits = cap(scale * lm_head(project_out(norm(x))))``."""
+
+    norm: Literal["layernorm", "rmsnorm", "none"]
+    eps: float = 1e-5
+    # Gemma's RMSNorm multiplies by (offset + weight) with offset 1.
+    weight_offset: float = 0.0
+    # Gemma 2/3: logits = cap * tanh(logits / cap).
+    logit_softcap: float | None = None
+    logit_scale: float = 1.0
+
+
+def _check_starts(sequences: list[list[int]], start: list[int] | None) -> None:
+    if start is None:
+        return
+    if len(start) != len(sequences):
+        raise ValueError(f"start has {len(start)} entries but there are {len(sequences)} sequences")
+    for b, (s, seq) in enumerate(zip(start, sequences, strict=True)):
+        if not 0 <= s < len(seq):
+            raise ValueError(f"start[{b}] = {s} must be in [0, {len(seq) - 1}] for its sequence")
+
+
+class RepresentRequest(WireModel):
+    """Representations of positions ``start[b] .. len-1`` of every sequence."""
+
+    sequences: Annotated[list[TokenIds], Field(min_length=1)]
+    start: list[NonNegativeInt] | None = None
+    dtype: HiddenDType = "float32"
+    logits: LogitsMode = "none"
+
+    @model_validator(mode="after")
+    def _starts_in_range(self) -> RepresentRequest:
+        _check_starts(self.sequences, self.start)
+        return self
+
+    def starts(self) -> list[int]:
+        return self.start if self.start is not None else [0] * len(self.sequences)
+
+
+class RepresentResponse(WireModel):
+    hidden: WireTensor
+    # Row b's representations are hidden[offsets[b]:offsets[b + 1]].
+    offsets: list[int]
+    logits: WireTensor | TopK | None = None
+    fingerprint: str
+
+
+class SessionOpenRequest(WireModel):
+    """Open a decoding session: the server keeps a KV cache of the prompts."""
+
+    sequences: Annotated[list[TokenIds], Field(min_length=1)]
+    dtype: HiddenDType = "float32"
+    logits: LogitsMode = "none"
+
+
+class SessionOpenResponse(WireModel):
+    session_id: str
+    # Each row's last prompt position, [B, d].
+    hidden: WireTensor
+    logits: WireTensor | TopK | None = None
+    fingerprint: str
+
+
+class SessionStepRequest(WireModel):
+    """One token for each listed row; a row left out is finished and its cache is freed."""
+
+    tokens: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    rows: list[NonNegativeInt] | None = None
+    logits: LogitsMode = "none"
+
+    @model_validator(mode="after")
+    def _rows_match_tokens(self) -> SessionStepRequest:
+        if self.rows is not None:
+            if len(self.rows) != len(self.tokens):
+                raise ValueError(
+                    f"rows has {len(self.rows)} entries but tokens has {len(self.tokens)}"
+                )
+            if len(set(self.rows)) != len(self.rows):
+                raise ValueError("rows must not repeat a row")
+        return self
+
+
+class SessionStepResponse(WireModel):
+    hidden: WireTensor
+    logits: WireTensor | TopK | None = None
