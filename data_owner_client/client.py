@@ -1,0 +1,203 @@
+"""One HTTP client over the `/v1` protocol: keep-alive, timeouts, retries with backoff on
+connection errors, 429 and 503 (never on other 4xx)."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import torch
+from pydantic import BaseModel
+
+from shared.codec import decode_tensor, pack, unpack
+from shared.head import Head
+from shared.protocol import (
+    MSGPACK,
+    ErrorResponse,
+    HiddenDType,
+    LogitsMode,
+    ModelInfo,
+    RepresentRequest,
+    RepresentResponse,
+    SessionOpenRequest,
+    SessionOpenResponse,
+    SessionStepRequest,
+    SessionStepResponse,
+    TopK,
+    WireTensor,
+)
+
+M = TypeVar("M", bound=BaseModel)
+RETRY_STATUSES = (429, 503)
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
+class ServerError(RuntimeError):
+    """A 4xx/5xx answer, with the server's error code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"server answered {status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Represented:
+    hidden: torch.Tensor  # [N, d]
+    offsets: list[int]  # row b is hidden[offsets[b]:offsets[b + 1]]
+    logits: Logits
+    fingerprint: str
+
+    def rows(self) -> list[torch.Tensor]:
+        return [self.hidden[a:b] for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
+
+
+def _logits(wire: WireTensor | TopK | None) -> Logits:
+    if wire is None:
+        return None
+    if isinstance(wire, TopK):
+        return decode_tensor(wire.values), decode_tensor(wire.indices)
+    return decode_tensor(wire)
+
+
+class PemaClient:
+    """A `pema-server` at ``base_url`` (default ``PEMA_SERVER``), key from ``PEMA_API_KEY``."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 300.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+    ) -> None:
+        base_url = base_url or os.environ.get("PEMA_SERVER")
+        if not base_url:
+            raise ValueError("no server given: pass --server URL or set PEMA_SERVER")
+        api_key = api_key or os.environ.get("PEMA_API_KEY")
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+        )
+        self.retries, self.backoff = retries, backoff
+
+    def __enter__(self) -> PemaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, body: BaseModel | None = None) -> httpx.Response:
+        headers = {"accept": MSGPACK}
+        content = None
+        if body is not None:
+            content, headers["content-type"] = pack(body), MSGPACK
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._http.request(method, path, content=content, headers=headers)
+            except httpx.TransportError:
+                if last:
+                    raise
+            else:
+                if response.status_code not in RETRY_STATUSES or last:
+                    _raise_for_error(response)
+                    return response
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _call(self, method: str, path: str, body: BaseModel | None, model: type[M]) -> M:
+        return unpack(self._request(method, path, body).content, model)
+
+    def health(self) -> bool:
+        try:
+            return self._http.get("/v1/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.model_validate_json(self._request("GET", "/v1/model").content)
+
+    def head(self) -> Head:
+        """The server's output head as a torch module (403 if the owner does not share it)."""
+        return Head.from_bytes(self._request("GET", "/v1/head").content)
+
+    def head_bytes(self) -> bytes:
+        return self._request("GET", "/v1/head").content
+
+    def download_tokenizer(self, folder: str | Path) -> Path:
+        """Extract the tokenizer files into ``folder`` (load it with AutoTokenizer)."""
+        data = self._request("GET", "/v1/tokenizer").content
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            archive.extractall(folder)
+        return folder
+
+    def represent(
+        self,
+        sequences: Sequence[Sequence[int]],
+        start: Sequence[int] | None = None,
+        dtype: HiddenDType = "float32",
+        logits: LogitsMode = "none",
+    ) -> Represented:
+        request = RepresentRequest(
+            sequences=[list(s) for s in sequences],
+            start=list(start) if start is not None else None,
+            dtype=dtype,
+            logits=logits,
+        )
+        r = self._call("POST", "/v1/represent", request, RepresentResponse)
+        return Represented(decode_tensor(r.hidden), r.offsets, _logits(r.logits), r.fingerprint)
+
+    def open_session(
+        self,
+        sequences: Sequence[Sequence[int]],
+        dtype: HiddenDType = "float32",
+        logits: LogitsMode = "none",
+    ) -> tuple[str, torch.Tensor, Logits]:
+        """Prefill prompts; returns (session id, last representation per row [B, d], logits)."""
+        request = SessionOpenRequest(
+            sequences=[list(s) for s in sequences], dtype=dtype, logits=logits
+        )
+        r = self._call("POST", "/v1/sessions", request, SessionOpenResponse)
+        return r.session_id, decode_tensor(r.hidden), _logits(r.logits)
+
+    def step(
+        self,
+        session_id: str,
+        tokens: Sequence[int],
+        rows: Sequence[int] | None = None,
+        logits: LogitsMode = "none",
+    ) -> tuple[torch.Tensor, Logits]:
+        """One token per listed row; returns their new representations [len(rows), d]."""
+        request = SessionStepRequest(
+            tokens=list(tokens), rows=list(rows) if rows is not None else None, logits=logits
+        )
+        r = self._call("POST", f"/v1/sessions/{session_id}/step", request, SessionStepResponse)
+        return decode_tensor(r.hidden), _logits(r.logits)
+
+    def close_session(self, session_id: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}")
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = ErrorResponse.model_validate_json(response.content).error
+        code, message = error.code, error.message
+    except ValueError:
+        code, message = f"http_{response.status_code}", response.text[:500]
+    raise ServerError(response.status_code, code, message)
