@@ -45,7 +45,7 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         **_COMMON,
     ),
     "llama": lambda: tf.LlamaConfig(**_DECODER),
-    "mistral": lambda: tf.MistralConfig(sliding_window=8, **_DECODER),
+    "mistral": lambda: tf.MistralConfig(sliding_window=4, **_DECODER),
     "qwen2": lambda: tf.Qwen2Config(**_DECODER),
     "qwen3": lambda: tf.Qwen3Config(head_dim=8, **_DECODER),
     "gpt_neox": lambda: tf.GPTNeoXConfig(
@@ -58,10 +58,10 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     ),
     "gemma": lambda: tf.GemmaConfig(head_dim=8, **_DECODER),
     "gemma2": lambda: tf.Gemma2Config(
-        head_dim=8, sliding_window=8, final_logit_softcapping=0.5, **_DECODER
+        head_dim=8, sliding_window=4, final_logit_softcapping=0.5, **_DECODER
     ),
     "gemma3_text": lambda: tf.Gemma3TextConfig(
-        head_dim=8, sliding_window=8, final_logit_softcapping=0.5, **_DECODER
+        head_dim=8, sliding_window=4, final_logit_softcapping=0.5, **_DECODER
     ),
 }
 ARCHITECTURES = list(CONFIGS)

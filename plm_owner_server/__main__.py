@@ -1,0 +1,3 @@
+from plm_owner_server.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""The embedded SmolLM2 behind a real uvicorn server: the parity checks, over loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_owner_client.client import PemaClient, ServerError
+from plm_owner_server.embedded import ensure_embedded_model
+from plm_owner_server.settings import Settings
+
+pytestmark = pytest.mark.slow
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Translate to German: Good morning!",
+    "In the beginning God created the heaven and the earth.",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = _free_port()
+    cmd = [sys.executable, "-m", "plm_owner_server", "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(cmd, env={**os.environ, "PEMA_MODEL": "smollm2-135m"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with PemaClient(url) as client:
+            deadline = time.monotonic() + 180
+            while not client.health():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"pema-server did not start (exit code {process.poll()})")
+                time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    with PemaClient(server_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """Plain transformers over the same converted folder, with f(c) hooked off ``model.norm``."""
+    path = ensure_embedded_model(Settings().cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _reference(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    captured = []
+    handle = model.model.norm.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+    finally:
+        handle.remove()
+    return captured[0][0], logits
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """Equal up to float32 rounding, scaled to the data: SmolLM2's residual stream reaches
+    magnitudes in the thousands, so batching changes low bits by more than a fixed 1e-5."""
+    error = (actual - expected).abs().max().item()
+    bound = rel * expected.abs().max().item()
+    assert error <= bound, f"max |difference| {error:.3g} exceeds {bound:.3g}"
+
+
+def test_model_info_and_tokenizer(client, reference_model, tmp_path: Path):
+    model, tokenizer = reference_model
+    info = client.model_info()
+    assert (info.architecture, info.hidden_size, info.vocab_size) == ("llama", 576, 49152)
+    assert info.fingerprint.startswith("sha256:") and info.head_shared
+    assert tokenizer.eos_token_id in info.eos_token_ids
+    served = AutoTokenizer.from_pretrained(client.download_tokenizer(tmp_path / "tok"))
+    assert served(TEXTS).input_ids == tokenizer(TEXTS).input_ids
+
+
+def test_represent_and_head_equal_in_process_forward(client, reference_model):
+    model, tokenizer = reference_model
+    rows = tokenizer(TEXTS).input_ids
+    head = client.head()
+    answer = client.represent(rows, start=[0, 2, 5], logits="full")
+    for b, (row, got) in enumerate(zip(rows, answer.rows(), strict=True)):
+        ref_hidden, ref_logits = _reference(model, row)
+        start = [0, 2, 5][b]
+        _close(got, ref_hidden[start:], rel=1e-5)
+        _close(answer.logits[answer.offsets[b] : answer.offsets[b + 1]], ref_logits[start:], 1e-5)
+        with torch.no_grad():
+            _close(head(got), ref_logits[start:], rel=1e-5)
+
+
+def test_row_batched_with_longer_rows_equals_row_alone(client, reference_model):
+    rows = reference_model[1](TEXTS).input_ids
+    alone = client.represent([rows[1]]).hidden
+    batched = client.represent(rows).rows()[1]
+    _close(batched, alone, rel=1e-5)
+
+
+def test_session_steps_equal_full_forward_and_greedy_decoding(client, reference_model):
+    model, tokenizer = reference_model
+    prompts = tokenizer(TEXTS[:2]).input_ids
+    session, hidden, _ = client.open_session(prompts, logits=1)
+    head = client.head()
+    seqs = [list(p) for p in prompts]
+    steps = [[h] for h in hidden]
+    for _ in range(6):
+        with torch.no_grad():
+            tokens = head(torch.stack([s[-1] for s in steps])).argmax(-1).tolist()
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.append(token)
+        hidden, _ = client.step(session, tokens)
+        for row, h in zip(steps, hidden, strict=True):
+            row.append(h)
+    client.close_session(session)
+    for seq, got in zip(seqs, steps, strict=True):
+        ref_hidden, _ = _reference(model, seq)
+        _close(torch.stack(got), ref_hidden[-len(got) :], rel=1e-5)
+    with pytest.raises(ServerError) as excinfo:
+        client.step(session, [1, 1])
+    assert excinfo.value.status == 404

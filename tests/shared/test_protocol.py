@@ -1,0 +1,46 @@
+"""Request models check what they can without the model: shapes, starts, rows, logits modes."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.protocol import RepresentRequest, SessionStepRequest
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"sequences": []}, "at least 1"),
+        ({"sequences": [[]]}, "at least 1"),
+        ({"sequences": [[1, -1]]}, "greater than or equal to 0"),
+        ({"sequences": [[1, 2]], "start": [2]}, r"start\[0\] = 2 must be in \[0, 1\]"),
+        ({"sequences": [[1, 2]], "start": [0, 0]}, "start has 2 entries"),
+        ({"sequences": [[1]], "dtype": "float64"}, "dtype"),
+        ({"sequences": [[1]], "logits": "some"}, "logits"),
+        ({"sequences": [[1]], "logits": 0}, "logits"),
+        ({"sequences": [[1]], "extra": 1}, "Extra inputs"),
+    ],
+)
+def test_represent_request_rejects(body, message):
+    with pytest.raises(ValidationError, match=message):
+        RepresentRequest.model_validate(body)
+
+
+def test_represent_request_defaults():
+    request = RepresentRequest(sequences=[[5, 6], [7]])
+    assert request.starts() == [0, 0]
+    assert (request.dtype, request.logits) == ("float32", "none")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"tokens": [1, 2], "rows": [0]}, "rows has 1 entries but tokens has 2"),
+        ({"tokens": [1, 2], "rows": [0, 0]}, "must not repeat"),
+        ({"tokens": []}, "at least 1"),
+    ],
+)
+def test_step_request_rejects(body, message):
+    with pytest.raises(ValidationError, match=message):
+        SessionStepRequest.model_validate(body)
