@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test lint serve bench clean
+.PHONY: setup model test lint serve bench clean docker-config
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ serve: model
 
 bench: model
 	$(BIN)/python bench/bench_server.py
+
+# Checks docker-compose.yml; needs Docker with the compose plugin.
+docker-config:
+	docker compose config --quiet
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

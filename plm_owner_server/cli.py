@@ -76,9 +76,12 @@ def _serve(settings: Settings) -> None:
     import uvicorn
 
     from plm_owner_server.app import create_app
+    from plm_owner_server.runner import ModelRunner
 
+    # Loaded before uvicorn starts, so a bad model name is one clear line, not a lifespan trace.
+    runner = ModelRunner.load(settings)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, runner),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

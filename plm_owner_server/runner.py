@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -78,7 +79,7 @@ class ModelRunner:
             path = embedded.ensure_embedded_model(settings.cache_dir)
             try:
                 model, tokenizer = _from_pretrained(str(path), dtype, device)
-            except (OSError, ValueError, RuntimeError) as exc:
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
                 log.warning("embedded model cache is broken (%s); rebuilding", exc)
                 path = embedded.ensure_embedded_model(settings.cache_dir, rebuild=True)
                 model, tokenizer = _from_pretrained(str(path), dtype, device)
