@@ -70,6 +70,9 @@ def _convert(source: Path, target: Path, stamp: dict[str, object]) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(stamp))
+        # mkdtemp makes the folder private; the cache may be read by another user (containers).
+        for path in (tmp, *tmp.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     finally:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,7 +86,10 @@ class ModelRunner:
                 path = embedded.ensure_embedded_model(settings.cache_dir, rebuild=True)
                 model, tokenizer = _from_pretrained(str(path), dtype, device)
             return cls(model, tokenizer, model_id=embedded.MODEL_ID)
-        model, tokenizer = _from_pretrained(settings.model, dtype, device)
+        name = os.path.expanduser(settings.model)
+        if name.startswith(("/", ".")) and not Path(name).is_dir():
+            raise ValueError(f"--model {settings.model}: no such folder")
+        model, tokenizer = _from_pretrained(name, dtype, device)
         return cls(model, tokenizer, model_id=settings.model)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:

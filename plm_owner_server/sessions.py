@@ -60,8 +60,8 @@ class SessionStore:
             raise ApiError(
                 413,
                 "session_too_large",
-                f"this session needs about {nbytes >> 20} MiB of KV cache but the server allows "
-                f"{self.max_bytes >> 20} MiB in all; send fewer or shorter prompts",
+                f"this session needs about {nbytes / 2**20:.1f} MiB of KV cache but the server "
+                f"allows {self.max_bytes / 2**20:.1f} MiB in all; send fewer or shorter prompts",
             )
         if sum(s.owner == owner for s in self._sessions.values()) >= self.max_per_owner:
             raise ApiError(

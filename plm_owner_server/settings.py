@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(600.0, gt=0, description="idle seconds before a session expires")
     max_kv_cache_mib: int = Field(4096, gt=0, description="KV-cache memory of all sessions (MiB)")
     log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # PEMA_API_KEYS_FILE= (set but empty) means no keys, not the current directory.
+        return None if value == "" else value
 
     @property
     def max_kv_cache_bytes(self) -> int:

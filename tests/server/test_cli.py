@@ -35,3 +35,8 @@ def test_help_documents_every_flag_with_default_and_variable(capsys):
 def test_invalid_setting_exits_with_a_message(capsys):
     with pytest.raises(SystemExit, match="invalid setting"):
         main(["--port", "not-a-port", "prepare"])
+
+
+def test_empty_keys_file_variable_means_no_keys(monkeypatch):
+    monkeypatch.setenv("PEMA_API_KEYS_FILE", "")
+    assert settings_from(build_parser().parse_args([])).api_keys_file is None

@@ -1,0 +1,321 @@
+"""Generation sessions: open/step/close, ragged rows, idle TTL, per-key caps and the memory bound."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from plm_owner_server.errors import ApiError
+from plm_owner_server.runner import ModelRunner
+from plm_owner_server.sessions import Session, SessionStore
+from shared.codec import decode_tensor
+from shared.protocol import (
+    SessionOpenRequest,
+    SessionOpenResponse,
+    SessionStepRequest,
+    SessionStepResponse,
+)
+from tests.server.helpers import answer, assert_error, assert_same_logits, post, serve
+
+PROMPTS = [[5, 9, 17, 33, 8], [4, 70, 3], [11, 12, 13, 14]]
+HIDDEN = 32
+
+
+def open_session(client: TestClient, sequences: list[list[int]], **fields) -> SessionOpenResponse:
+    body = SessionOpenRequest(sequences=sequences, **fields)
+    return answer(post(client, "/v1/sessions", body), SessionOpenResponse, status=201)
+
+
+def step(client: TestClient, session_id: str, tokens: list[int], **fields):
+    """The raw answer to one step (rows default to all live rows)."""
+    body = SessionStepRequest(tokens=tokens, **fields)
+    return post(client, f"/v1/sessions/{session_id}/step", body)
+
+
+def last_representation(runner: ModelRunner, row: list[int]) -> torch.Tensor:
+    """f(c) of the row's last position from a full forward of the row alone."""
+    return runner.represent([row], [len(row) - 1], max_batch_tokens=1024)[0][0]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def client(runner: ModelRunner) -> Iterator[TestClient]:
+    with serve(runner) as client:
+        yield client
+
+
+def test_open_step_close(client, runner):
+    """Open is 201 with each row's last representation, step is 200, close is 204, then 404."""
+    opened = open_session(client, PROMPTS)
+    hidden = decode_tensor(opened.hidden)
+    assert hidden.shape == (len(PROMPTS), HIDDEN)
+    assert opened.fingerprint == runner.fingerprint
+    for b, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(hidden[b], last_representation(runner, prompt), atol=1e-5, rtol=0)
+    stepped = answer(step(client, opened.session_id, [20, 21, 22]), SessionStepResponse)
+    assert stepped.hidden.shape == [len(PROMPTS), HIDDEN]
+    path = f"/v1/sessions/{opened.session_id}"
+    closed = client.delete(path)
+    assert closed.status_code == 204 and closed.content == b""
+    assert_error(step(client, opened.session_id, [20, 21, 22]), 404, "session_not_found")
+    assert_error(client.delete(path), 404, "session_not_found")
+
+
+def test_rows_finishing_at_different_steps_equal_full_forwards(client, runner):
+    """Rows left out finish; every step's answer equals a full forward over that row's tokens."""
+    opened = open_session(client, PROMPTS, logits=4)
+    rows = [list(p) for p in PROMPTS]
+    plan = [([0, 1, 2], [20, 21, 22]), ([0, 2], [23, 24]), ([2], [25])]
+    for live, tokens in plan:
+        got = answer(step(client, opened.session_id, tokens, rows=live, logits=4), SessionStepResponse)
+        hidden = decode_tensor(got.hidden)
+        assert hidden.shape == (len(live), HIDDEN)
+        for i, (b, token) in enumerate(zip(live, tokens, strict=True)):
+            rows[b].append(token)
+            want = last_representation(runner, rows[b])
+            torch.testing.assert_close(hidden[i], want, atol=1e-5, rtol=0)
+        values, indices = runner.logits(hidden, 4)
+        assert torch.equal(decode_tensor(got.logits.indices), indices)
+    error = assert_error(step(client, opened.session_id, [26], rows=[0]), 422, "row_not_live")
+    assert "live: [2]" in error.message
+
+
+def test_step_logits_match_open_logits_mode(client, runner):
+    """Steps answer with the logits asked for, as /v1/represent would."""
+    opened = open_session(client, PROMPTS[:2], logits="full")
+    full = runner.logits(decode_tensor(opened.hidden), "full")
+    torch.testing.assert_close(decode_tensor(opened.logits), full, atol=1e-5, rtol=0)
+    plain = answer(step(client, opened.session_id, [20, 21]), SessionStepResponse)
+    assert_same_logits(plain.logits, None)
+
+
+def test_idle_session_expires_after_the_ttl(runner):
+    """A session used more often than the TTL lives on; left idle, it is a 404."""
+    ttl = 0.6
+    with serve(runner, session_ttl_s=ttl) as client:
+        opened = open_session(client, [[5, 6]])
+        for token in (7, 8):  # together longer than the TTL, each gap shorter
+            time.sleep(ttl / 2)
+            answer(step(client, opened.session_id, [token]), SessionStepResponse)
+        time.sleep(ttl * 1.5)
+        error = assert_error(step(client, opened.session_id, [9]), 404, "session_not_found")
+        assert f"expired after {ttl:g} s idle" in error.message
+
+
+def test_sweeper_frees_idle_sessions_without_requests(runner):
+    """Idle sessions' caches are freed by the background sweeper, not only on the next request."""
+    with serve(runner, session_ttl_s=0.3) as client:
+        state = client.app.state.pema
+        open_session(client, [[5, 6, 7]])
+        open_session(client, [[8]])
+        store = state.sessions.store
+        assert len(store) == 2 and store.nbytes > 0
+        wait_until(lambda: len(store) == 0)
+        registry = state.metrics.registry
+        assert registry.get_sample_value("pema_sessions_open") == 0
+        assert registry.get_sample_value("pema_kv_cache_bytes") == 0
+        assert registry.get_sample_value("pema_sessions_evicted_total") == 2
+
+
+def test_sessions_per_key_are_capped(runner):
+    """Past max_sessions_per_key an open is a 429; closing one makes room."""
+    with serve(runner, max_sessions_per_key=2) as client:
+        first, _ = open_session(client, [[5]]), open_session(client, [[6]])
+        error = assert_error(post(client, "/v1/sessions", {"sequences": [[7]]}), 429, "too_many_sessions")
+        assert "DELETE /v1/sessions/{id}" in error.message
+        assert client.delete(f"/v1/sessions/{first.session_id}").status_code == 204
+        open_session(client, [[7]])
+
+
+def test_memory_bound_evicts_the_least_recently_used_session(runner):
+    """Opening past the KV-cache bound evicts the least recently used session; the bound holds."""
+    bound, rows, width = 2**20, 8, 100
+    size = runner.kv_bytes_per_token * rows * width
+    fit = bound // size
+    assert fit >= 3, "the test needs room for several sessions"
+    prompts = [[5 + b] * width for b in range(rows)]
+    with serve(runner, max_kv_cache_mib=1) as client:
+        store = client.app.state.pema.sessions.store
+        ids = [open_session(client, prompts).session_id for _ in range(fit)]
+        assert len(store) == fit and store.nbytes <= bound
+        # Session 0 is used again, so session 1 is now the least recently used.
+        answer(step(client, ids[0], [20] * rows), SessionStepResponse)
+        ids.append(open_session(client, prompts).session_id)
+        assert store.nbytes <= bound
+        assert_error(step(client, ids[1], [21] * rows), 404, "session_not_found")
+        for session_id in [ids[0], *ids[2:]]:
+            answer(step(client, session_id, [21] * rows), SessionStepResponse)
+        assert store.nbytes <= bound
+
+
+def test_session_larger_than_the_bound_is_refused_and_loses_nothing(runner):
+    """A session that could never fit is a 413, and stored sessions are not evicted for it."""
+    rows = 48
+    assert runner.kv_bytes_per_token * rows * 100 > 2**20
+    with serve(runner, max_kv_cache_mib=1) as client:
+        store = client.app.state.pema.sessions.store
+        kept = [open_session(client, [[5] * 100] * 4).session_id for _ in range(2)]
+        before = store.nbytes
+        error = assert_error(
+            post(client, "/v1/sessions", {"sequences": [[6] * 100] * rows}), 413, "session_too_large"
+        )
+        assert "send fewer or shorter prompts" in error.message
+        assert "1.2 MiB" in error.message and "1.0 MiB" in error.message
+        assert len(store) == 2 and store.nbytes == before
+        for session_id in kept:
+            answer(step(client, session_id, [7] * 4), SessionStepResponse)
+
+
+def test_session_outgrowing_the_bound_is_closed(runner):
+    """A step that makes a session alone exceed the bound closes it with a 413."""
+    per_token, bound = runner.kv_bytes_per_token, 2**20
+    rows = 80
+    width = bound // (per_token * rows)  # fills the bound; one more token per row does not fit
+    assert per_token * rows * (width + 1) > bound
+    with serve(runner, max_kv_cache_mib=1) as client:
+        store = client.app.state.pema.sessions.store
+        opened = open_session(client, [[5] * width] * rows)
+        error = assert_error(step(client, opened.session_id, [6] * rows), 413, "session_too_large")
+        assert "fewer rows or fewer new tokens" in error.message
+        assert len(store) == 0
+        assert_error(step(client, opened.session_id, [6] * rows), 404, "session_not_found")
+
+
+# SessionStore on its own, with a fake clock and fake caches.
+
+
+@dataclass
+class FakeCache:
+    nbytes: int
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_session(owner: str = "alice", nbytes: int = 10) -> Session:
+    return Session(owner, FakeCache(nbytes), "float32", prompt_len=1)  # type: ignore[arg-type]
+
+
+def make_store(clock: FakeClock, **limits) -> SessionStore:
+    return SessionStore(**{"ttl_s": 10.0, "max_per_owner": 3, "max_bytes": 100, **limits}, clock=clock)
+
+
+def test_store_expires_sessions_idle_past_the_ttl():
+    """Use resets the idle clock; only sessions idle longer than the TTL are dropped."""
+    clock = FakeClock()
+    store = make_store(clock)
+    old, young = fake_session(), fake_session()
+    store.add(old)
+    clock.now = 6.0
+    store.add(young)
+    clock.now = 9.0
+    store.get(old.id, "alice")  # idle 9 s < 10 s: still there, and its idle clock restarts
+    clock.now = 16.5
+    assert store.expire() == 1
+    with pytest.raises(ApiError) as raised:
+        store.get(young.id, "alice")
+    assert raised.value.status == 404 and raised.value.code == "session_not_found"
+    assert store.get(old.id, "alice") is old
+    clock.now = 30.0
+    assert store.expire() == 1 and len(store) == 0 and store.evicted == 2
+
+
+def test_store_evicts_least_recently_used_to_fit():
+    """Over the byte bound, the least recently used sessions go first; the newest stays."""
+    store = make_store(FakeClock(), max_bytes=100, max_per_owner=10)
+    a, b, c, d = (fake_session(nbytes=30) for _ in range(4))
+    for session in (a, b, c):
+        store.add(session)
+    store.get(a.id, "alice")  # order of use: b, c, a
+    store.add(d)  # 120 > 100: b goes
+    big = fake_session(nbytes=40)
+    store.add(big)  # 130 > 100: c goes, not a, the first one added
+    assert len(store) == 3 and store.nbytes == 100 and store.evicted == 2
+    for gone in (b, c):
+        with pytest.raises(ApiError, match="evicted"):
+            store.get(gone.id, "alice")
+    assert [store.get(s.id, "alice") for s in (a, d, big)] == [a, d, big]
+
+
+def test_store_refuses_what_can_never_fit_and_closes_what_outgrows():
+    """check_room refuses sessions over the bound; update closes one that outgrew it alone."""
+    store = make_store(FakeClock(), max_bytes=100)
+    with pytest.raises(ApiError) as raised:
+        store.check_room("alice", 101)
+    assert (raised.value.status, raised.value.code) == (413, "session_too_large")
+    session = fake_session(nbytes=60)
+    store.add(session)
+    session.state.nbytes = 120
+    with pytest.raises(ApiError) as raised:
+        store.update(session)
+    assert (raised.value.status, raised.value.code) == (413, "session_too_large")
+    assert len(store) == 0
+
+
+def test_store_caps_sessions_per_owner():
+    """The cap counts each owner's sessions separately."""
+    store = make_store(FakeClock(), max_per_owner=2)
+    store.add(fake_session("alice"))
+    store.add(fake_session("alice"))
+    with pytest.raises(ApiError) as raised:
+        store.check_room("alice", 10)
+    assert (raised.value.status, raised.value.code) == (429, "too_many_sessions")
+    store.check_room("bob", 10)
+
+
+def test_store_hides_and_keeps_other_owners_sessions():
+    """Another owner can neither see nor remove a session."""
+    store = make_store(FakeClock())
+    session = fake_session("alice")
+    store.add(session)
+    for call in (store.get, store.remove):
+        with pytest.raises(ApiError) as raised:
+            call(session.id, "bob")
+        assert raised.value.status == 404
+    assert store.get(session.id, "alice") is session
+    store.remove(session.id, "alice")
+    assert len(store) == 0 and store.evicted == 0
+
+
+def test_store_reports_changes():
+    """on_change sees the store after every add, update, removal and expiry."""
+    clock, seen = FakeClock(), []
+    store = SessionStore(10.0, 3, 100, clock=clock, on_change=lambda s: seen.append((len(s), s.nbytes)))
+    session = fake_session(nbytes=40)
+    store.add(session)
+    session.state.nbytes = 50
+    store.update(session)
+    other = fake_session(nbytes=5)
+    store.add(other)
+    store.remove(other.id, "alice")
+    clock.now = 11.0
+    store.expire()
+    assert seen == [(1, 40), (1, 50), (2, 55), (1, 50), (0, 0)]
+
+
+def test_store_with_real_caches_measures_their_bytes(runner):
+    """Real KV caches from the runner are measured as kv_bytes_per_token × rows × width."""
+    store = make_store(FakeClock(), max_bytes=2**20)
+    state, _ = runner.open_session([[5, 6, 7], [8]])
+    session = Session("alice", state, "float32", prompt_len=3)
+    store.add(session)
+    assert store.nbytes == runner.kv_bytes_per_token * 2 * 3
+    runner.step_session(state, [0], [9])
+    store.update(session)
+    assert store.nbytes == runner.kv_bytes_per_token * 1 * 4
