@@ -42,7 +42,7 @@ from plm_owner_server.settings import Settings
 from shared.codec import pack
 from shared.protocol import MSGPACK, HiddenDType, LogitsMode, RepresentRequest
 
-DATA = Path("/work/shared/data/wmt22/train.jsonl")
+DATA = Path(__file__).resolve().parents[2] / "shared/data/wmt22/train.jsonl"  # ../shared/data
 SEQ_LEN = 128  # tokens per sequence for /v1/represent
 BATCHES = (1, 8, 32)
 PROMPT_LEN = 64  # prompt tokens per row of a decoding session
@@ -115,7 +115,7 @@ def seconds(fn: Callable[[], object]) -> float:
 
 
 def paired(samples: dict[str, list[float]], base: str, other: str) -> float:
-    """Median of the per-repeat ratios ``base ÷ other`` of interleaved samples."""
+    """Median of the ratios ``base ÷ other`` of interleaved samples, pair by pair."""
     return statistics.median(a / b for a, b in zip(samples[base], samples[other], strict=True))
 
 
@@ -132,9 +132,10 @@ def bench_represent(
     samples: dict[str, list[float]] = {name: [] for name in sides}
     for fn in sides.values():  # warm-up
         fn()
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            samples[name].append(seconds(fn))
+    for i in range(repeats):
+        # Alternate the order so that neither side always runs right after the other.
+        for name in list(sides)[:: 1 if i % 2 == 0 else -1]:
+            samples[name].append(seconds(sides[name]))
     tokens = sum(map(len, rows))
     return {
         "tokens": tokens,
@@ -145,45 +146,47 @@ def bench_represent(
 
 
 @torch.inference_mode()
-def greedy_in_process(model: Any, prompts: list[list[int]], steps: int) -> list[float]:
-    """Per-step seconds of a KV-cached greedy loop with plain transformers."""
+def greedy_in_process(model: Any, prompts: list[list[int]]) -> Iterator[None]:
+    """A KV-cached greedy loop with plain transformers; each ``next()`` is one step."""
     cache = DynamicCache(config=model.config)
     out = model(input_ids=torch.tensor(prompts), past_key_values=cache, use_cache=True)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    yield  # prefilled
+    while True:
         # The next tokens are each row's argmax, fed back through the cache.
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-    return times
+        yield
 
 
-def greedy_http(client: PemaClient, prompts: list[list[int]], steps: int) -> list[float]:
-    """Per-step seconds of the same greedy loop through a server session (top-1 logits)."""
+def greedy_http(client: PemaClient, prompts: list[list[int]]) -> Iterator[None]:
+    """The same greedy loop through a server session that answers with top-1 logits."""
     session, _, top = client.open_session(prompts, dtype="float16", logits=1)
-    times = []
     try:
-        for _ in range(steps):
-            start = time.perf_counter()
-            nxt = top[1][:, 0].tolist()  # type: ignore[index]
-            _, top = client.step(session, nxt, logits=1)
-            times.append(time.perf_counter() - start)
+        yield  # prefilled
+        while True:
+            _, top = client.step(session, top[1][:, 0].tolist(), logits=1)  # type: ignore[index]
+            yield
     finally:
         client.close_session(session)
-    return times
 
 
 def bench_step(
     model: Any, client: PemaClient, prompts: list[list[int]], steps: int, repeats: int
 ) -> dict[str, Any]:
-    """Median per-step latency in-process and over HTTP, interleaved loop by loop."""
-    greedy_in_process(model, prompts, 2)  # warm-up
-    greedy_http(client, prompts, 2)
+    """Per-step latency of both loops advanced in lockstep, so each HTTP step has a twin."""
     samples: dict[str, list[float]] = {"in_process": [], "http": []}
     for _ in range(repeats):
-        samples["in_process"].append(statistics.median(greedy_in_process(model, prompts, steps)))
-        samples["http"].append(statistics.median(greedy_http(client, prompts, steps)))
+        loops = {
+            "in_process": greedy_in_process(model, prompts),
+            "http": greedy_http(client, prompts),
+        }
+        for loop in loops.values():  # prefill and one warm-up step, untimed
+            next(loop), next(loop)
+        for _ in range(steps):
+            for name, loop in loops.items():
+                samples[name].append(seconds(lambda loop=loop: next(loop)))
+        for loop in loops.values():
+            loop.close()
     return {
         "step_s": {k: statistics.median(v) for k, v in samples.items()},
         "ratio": paired(samples, "http", "in_process"),

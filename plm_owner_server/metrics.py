@@ -45,9 +45,12 @@ class Metrics:
         async def _observe(
             request: Request, call_next: Callable[[Request], Awaitable[Response]]
         ) -> Response:
-            start = time.perf_counter()
-            response = await call_next(request)
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            self.requests.labels(request.method, route, str(response.status_code)).inc()
-            self.latency.labels(route).observe(time.perf_counter() - start)
-            return response
+            start, status = time.perf_counter(), 500  # an unhandled error passes through here
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                route = getattr(request.scope.get("route"), "path", "unmatched")
+                self.requests.labels(request.method, route, str(status)).inc()
+                self.latency.labels(route).observe(time.perf_counter() - start)

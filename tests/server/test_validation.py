@@ -18,7 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from plm_owner_server import api_router
+from plm_owner_server.app import create_app
 from plm_owner_server.runner import ModelRunner
+from plm_owner_server.settings import Settings
 from shared.codec import decode_tensor, pack
 from shared.protocol import (
     MSGPACK,
@@ -441,3 +443,18 @@ def test_metrics_count_the_requests_made(runner):
     }
     tokens = sum(map(len, GOOD.sequences)) * 3
     assert f"pema_represented_tokens_total {float(tokens)}" in response.text
+
+
+def test_model_failure_is_a_counted_500_and_the_server_recovers(runner, monkeypatch):
+    """An unexpected error is a 500 with the error shape, counted; later requests succeed."""
+    represent = runner.represent
+    monkeypatch.setattr(runner, "represent", lambda *args: 1 / 0)
+    app = create_app(Settings(), runner=runner)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        error = assert_error(post(client, "/v1/represent", GOOD), 500, "internal_error")
+        assert "server log" in error.message
+        monkeypatch.setattr(runner, "represent", represent)
+        answer(post(client, "/v1/represent", GOOD), RepresentResponse)
+        counts = request_counts(client.get("/metrics").text)
+    assert counts[("POST", "/v1/represent", "500")] == 1
+    assert counts[("POST", "/v1/represent", "200")] == 1
