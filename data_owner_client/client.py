@@ -76,17 +76,20 @@ class PemaClient:
         timeout: float = 300.0,
         retries: int = 4,
         backoff: float = 0.5,
+        http: httpx.Client | None = None,
     ) -> None:
-        base_url = base_url or os.environ.get("PEMA_SERVER")
-        if not base_url:
-            raise ValueError("no server given: pass --server URL or set PEMA_SERVER")
+        """``http`` replaces the connection (tests pass a FastAPI ``TestClient``)."""
         api_key = api_key or os.environ.get("PEMA_API_KEY")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=10.0),
-        )
+        if http is None:
+            base_url = base_url or os.environ.get("PEMA_SERVER")
+            if not base_url:
+                raise ValueError("no server given: pass --server URL or set PEMA_SERVER")
+            http = httpx.Client(
+                base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10.0)
+            )
+        http.headers.update(headers)
+        self._http = http
         self.retries, self.backoff = retries, backoff
 
     def __enter__(self) -> PemaClient:
