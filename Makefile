@@ -26,6 +26,7 @@ model: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: model lint
 	$(BIN)/pytest

@@ -25,19 +25,24 @@ async def _expire_sessions(state: AppState) -> None:
     """Free idle sessions' caches even when no request comes to trigger it."""
     while True:
         await asyncio.sleep(max(state.settings.session_ttl_s / 4, 0.05))
-        await state.sessions.expire()
+        try:
+            await state.sessions.expire()
+        except Exception:  # a failed sweep must not end the sweeping
+            log.exception("expiring idle sessions failed; trying again later")
 
 
 def create_app(settings: Settings | None = None, runner: ModelRunner | None = None) -> FastAPI:
     """The server app; tests pass a runner over a tiny model."""
-    settings = settings or Settings()
-    keys = ApiKeys.from_file(settings.api_keys_file)  # a bad keys file fails here, before loading
+    config = settings or Settings()
+    keys = ApiKeys.from_file(config.api_keys_file)  # a bad keys file fails here, before loading
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model_runner = runner or await asyncio.to_thread(ModelRunner.load, settings)
-        state = await asyncio.to_thread(AppState.build, settings, model_runner, keys, metrics)
+        model_runner = (
+            runner if runner is not None else await asyncio.to_thread(ModelRunner.load, config)
+        )
+        state = await asyncio.to_thread(AppState.build, config, model_runner, keys, metrics)
         if keys.open:
             log.warning("no API keys configured (--api-keys-file): the server is open to anyone")
         log.info("serving %s (%s)", state.model_info.model_id, state.model_info.fingerprint)

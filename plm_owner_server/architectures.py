@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from shared.protocol import HeadSpec
 
@@ -44,8 +45,8 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
-def architecture_of(model: nn.Module) -> Architecture:
-    model_type = model.config.model_type
+def architecture_of(model: PreTrainedModel) -> Architecture:
+    model_type = str(model.config.model_type)
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"architecture {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
@@ -53,7 +54,7 @@ def architecture_of(model: nn.Module) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def _submodule(model: nn.Module, path: str | None) -> nn.Module | None:
+def _submodule(model: PreTrainedModel, path: str | None) -> nn.Module | None:
     """The module at ``path``, or None where this model has none (OPT-350m has no final norm)."""
     if path is None:
         return None
@@ -68,7 +69,7 @@ def _submodule(model: nn.Module, path: str | None) -> nn.Module | None:
 class ModelHead:
     """The model's own final norm and output head, used in place (never copied)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         arch = architecture_of(model)
         self.norm = _submodule(model, arch.norm)
         self.project_out = _submodule(model, arch.project_out)

@@ -60,7 +60,7 @@ def _convert(source: Path, target: Path, stamp: dict[str, object]) -> None:
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # The GGUF loader dequantizes to float32 but leaves quantizer state save_pretrained rejects.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = MODEL_ID

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from plm_owner_server import embedded
 from plm_owner_server.architectures import ModelHead
@@ -52,7 +52,7 @@ class KVState:
 class ModelRunner:
     """A causal LM that answers with its pre-final-norm hidden states."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, model_id: str | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, model_id: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -62,8 +62,9 @@ class ModelRunner:
         self._captured: torch.Tensor | None = None
         if self.head.capture is not None:
             self.head.capture.register_forward_pre_hook(self._capture)
-        self.device = model.get_input_embeddings().weight.device
-        self.dtype = model.get_input_embeddings().weight.dtype
+        embeddings = next(model.get_input_embeddings().parameters())
+        self.device = embeddings.device
+        self.dtype = embeddings.dtype
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.head.lm_head.weight.shape[0])
         self.max_positions = _max_positions(self.config)
@@ -217,14 +218,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+def _from_pretrained(
+    path: str, dtype: torch.dtype, device: torch.device
+) -> tuple[PreTrainedModel, Any]:
     # Several GPUs: let accelerate shard the model over them.
     shard = device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, device_map="auto" if shard else None
     )
     if not shard:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' stub wraps .to
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -237,7 +240,7 @@ def _max_positions(config: Any) -> int:
     raise ValueError(f"cannot tell the context length of {config.model_type}")
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -251,7 +254,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: PreTrainedModel) -> str:
     """SHA-256 of the config and of every weight as served (names, dtypes, shapes, bytes)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())

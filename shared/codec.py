@@ -19,7 +19,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 _WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # Same-width integer views carry the raw bits, so numpy can fix the byte order (it has no bf16).
-_BITS = {2: (torch.int16, np.dtype("<i2")), 4: (torch.int32, np.dtype("<i4"))}
+_BITS: dict[int, tuple[torch.dtype, np.dtype[Any]]] = {
+    2: (torch.int16, np.dtype("<i2")),
+    4: (torch.int32, np.dtype("<i4")),
+}
 
 M = TypeVar("M", bound=BaseModel)
 

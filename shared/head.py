@@ -31,6 +31,13 @@ class Head(nn.Module):
     def _get(self, name: str) -> torch.Tensor | None:
         return getattr(self, name.replace(".", "_"), None)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output embedding ``[V, d]`` (every head has one)."""
+        weight = self._get("lm_head.weight")
+        assert weight is not None, "checked when the head was built"
+        return weight
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The model's final norm, computed in float32."""
         spec, weight, bias = self.spec, self._get("norm.weight"), self._get("norm.bias")
@@ -48,7 +55,7 @@ class Head(nn.Module):
         project_out = self._get("project_out.weight")
         if project_out is not None:
             h = F.linear(h, project_out.float())
-        logits = F.linear(h, self._get("lm_head.weight").float(), _f32(self._get("lm_head.bias")))
+        logits = F.linear(h, self.output_weight.float(), _f32(self._get("lm_head.bias")))
         if self.spec.logit_scale != 1.0:
             logits = logits * self.spec.logit_scale
         if self.spec.logit_softcap:
