@@ -15,6 +15,7 @@ from fastapi import Request
 from plm_owner_server.errors import ApiError
 
 ANONYMOUS = "anonymous"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}  # RFC 6750: how to authenticate
 KEY_PREFIX = "pema_"
 
 
@@ -70,8 +71,14 @@ class ApiKeys:
                 401,
                 "unauthorized",
                 "missing API key; send the header 'Authorization: Bearer <key>'",
+                headers=CHALLENGE,
             )
         owner = self._owners.get(hash_key(key.strip()))
         if owner is None:
-            raise ApiError(401, "unauthorized", "invalid API key; ask the server's owner for one")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "invalid API key; ask the server's owner for one",
+                headers=CHALLENGE,
+            )
         return owner

@@ -19,9 +19,17 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error a client caused (or may retry); rendered with the error shape."""
 
-    def __init__(self, status: int, code: str, message: str, detail: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.detail = status, code, message, detail
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
@@ -47,7 +55,9 @@ _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.detail)
+        response = error_response(exc.status, exc.code, exc.message, exc.detail)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -70,7 +70,9 @@ def owner_of(keys: ApiKeys, authorization: str) -> str:
 def test_protected_routes_refuse_a_missing_or_wrong_key(client, method, path, authorization, hint):
     """Every model and data route is a 401 with the error shape without a valid key."""
     headers = {"authorization": authorization} if authorization is not None else {}
-    error = assert_error(client.request(method, path, headers=headers), 401, "unauthorized")
+    response = client.request(method, path, headers=headers)
+    error = assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"  # RFC 6750
     assert hint in error.message
 
 
