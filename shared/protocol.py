@@ -6,10 +6,19 @@ Tensors travel as :class:`WireTensor`; bodies that carry them are msgpack
 
 from __future__ import annotations
 
+import base64
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    field_serializer,
+    model_validator,
+)
 
 PROTOCOL_VERSION = "1"
 MSGPACK = "application/x-msgpack"
@@ -24,7 +33,11 @@ TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
 
 
 class WireModel(BaseModel):
-    """Base for protocol models: unknown fields are rejected, bytes are base64 in JSON."""
+    """Base for protocol models: unknown fields are rejected, bytes are base64 in JSON.
+
+    JSON writes the standard alphabet (RFC 4648 section 4, what ``atob`` and ``b64decode``
+    read) and reads both it and the URL-safe one.
+    """
 
     model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
@@ -35,6 +48,10 @@ class WireTensor(WireModel):
     dtype: WireDType
     shape: list[NonNegativeInt]
     data: bytes
+
+    @field_serializer("data", when_used="json")
+    def _standard_base64(self, data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
 
     @model_validator(mode="after")
     def _size_matches(self) -> WireTensor:

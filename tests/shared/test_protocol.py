@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from shared.protocol import RepresentRequest, SessionStepRequest
+from shared.protocol import RepresentRequest, SessionStepRequest, WireTensor
 
 
 @pytest.mark.parametrize(
@@ -44,3 +47,14 @@ def test_represent_request_defaults():
 def test_step_request_rejects(body, message):
     with pytest.raises(ValidationError, match=message):
         SessionStepRequest.model_validate(body)
+
+
+def test_json_bytes_are_standard_base64_and_both_alphabets_are_read() -> None:
+    """JSON tensor bytes use the alphabet ``base64.b64decode`` reads; URL-safe input works too."""
+    raw = b"\xfb\xff\xfb\xff\xfe\xff"  # encodes to '+' and '/' in the standard alphabet
+    wire = WireTensor(dtype="float16", shape=[3], data=raw)
+    text = json.loads(wire.model_dump_json())["data"]
+    assert text == base64.b64encode(raw).decode() == "+//7//7/"
+    for encoded in (text, base64.urlsafe_b64encode(raw).decode()):
+        body = {"dtype": "float16", "shape": [3], "data": encoded}
+        assert WireTensor.model_validate_json(json.dumps(body)).data == raw
