@@ -66,6 +66,7 @@ def model_info(runner: ModelRunner, settings: Settings) -> ModelInfo:
             max_batch_size=settings.max_batch_size,
             max_request_tokens=settings.max_request_tokens,
             max_body_bytes=settings.max_body_bytes,
+            max_logits_values=settings.max_logits_values,
             max_new_tokens=settings.max_new_tokens,
             max_sessions_per_key=settings.max_sessions_per_key,
             session_ttl_s=settings.session_ttl_s,

@@ -93,6 +93,7 @@ class Limits(WireModel):
     max_batch_size: int
     max_request_tokens: int
     max_body_bytes: int
+    max_logits_values: int  # full-logit values (positions × V) in one answer
     max_new_tokens: int
     max_sessions_per_key: int
     session_ttl_s: float
