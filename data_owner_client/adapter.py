@@ -1,0 +1,286 @@
+"""The PEMA adapter (DESIGN §2) and its on-disk format (DESIGN §5).
+
+``A ∈ R^{r×d}`` (Kaiming-uniform), ``B_rct, B_pd ∈ R^{d×r}`` (zero), dropout on the input, no
+residual: ``h_rct = s · B_rct A x`` and ``h_pd = s · B_pd A x`` with ``s = alpha / r``. A saved
+adapter is a directory in the spirit of peft: ``adapter_config.json`` plus
+``adapter_model.safetensors`` holding exactly ``A``, ``B_pd`` and ``B_rct``. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pema-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TENSOR_NAMES = ("A", "B_pd", "B_rct")
+SCHEDULES = ("quadratic", "linear", "constant")
+TMP_PREFIX = ".tmp-"
+
+
+class AdapterError(ValueError):
+    """An adapter directory that is missing, malformed or inconsistent."""
+
+
+class AdapterFingerprintError(AdapterError):
+    """An adapter trained on a model other than the one being served."""
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("pema-offsite")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild and apply an adapter: sizes, hyperparameters, provenance."""
+
+    hidden_size: int  # d: the server's representation size
+    vocab_size: int  # V: the output head's vocabulary size
+    rank: int = 512  # r: adapter rank (paper default), clamped to hidden_size
+    alpha: float = 1.0  # scaling numerator: s = alpha / rank
+    dropout: float = 0.2  # dropout probability on the adapter's input
+    kappa: float = 0.2  # weight of the reconstruction loss in stage 2
+    fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
+    model_id: str = ""  # that model's id, for messages
+    template: str = "{source}"  # the prompt template the memory was built with
+    length_ratio: float | None = None  # target/source token ratio, for Gradual Unrolling horizons
+    schedule: str = "quadratic"  # default GU schedule: quadratic (paper), linear or constant
+    lambda_max: float = 0.9  # default initial PEMA weight λ_0
+    lambda_min: float = 0.0  # default floor of λ over a sequence
+    package_version: str = field(default_factory=_package_version)  # pema-offsite that wrote it
+    format: str = FORMAT  # format tag, checked on load
+    format_version: int = FORMAT_VERSION  # bumped on incompatible changes
+
+    def __post_init__(self) -> None:
+        if self.hidden_size < 1 or self.vocab_size < 1 or self.rank < 1:
+            raise AdapterError("hidden_size, vocab_size and rank must be positive")
+        if self.rank > self.hidden_size:
+            # A rank above d adds parameters but no capacity: B A has rank at most d.
+            log.info("adapter rank %d clamped to hidden size %d", self.rank, self.hidden_size)
+            self.rank = self.hidden_size
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Refuse hyperparameters outside their meaningful ranges."""
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.kappa <= 1.0:
+            raise AdapterError(f"kappa must be in [0, 1], got {self.kappa}")
+        if self.schedule not in SCHEDULES:
+            raise AdapterError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:
+            raise AdapterError("need 0 <= lambda_min <= lambda_max <= 1")
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``s = alpha / rank`` applied to both branches."""
+        return self.alpha / self.rank
+
+    def to_json(self) -> str:
+        """The config as indented JSON (the content of ``adapter_config.json``)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        """Parse ``adapter_config.json``; unknown keys from newer versions are ignored."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise AdapterError("adapter config must be a JSON object")
+        if data.get("format", FORMAT) != FORMAT:
+            raise AdapterError(f"adapter config has format {data['format']!r}, not {FORMAT!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            log.warning("ignoring unknown adapter config keys %s", unknown)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise AdapterError(f"adapter config is incomplete: {exc}") from exc
+
+
+class PemaAdapter(nn.Module):
+    """Shared down-projection ``A`` and two up-projections: ``B_rct`` (reconstruct), ``B_pd``."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        rank: int,
+        alpha: float = 1.0,
+        dropout: float = 0.2,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, hidden_size))
+        self.B_rct = nn.Parameter(torch.zeros(hidden_size, rank))
+        self.B_pd = nn.Parameter(torch.zeros(hidden_size, rank))
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+        self._init_A(generator)
+
+    @classmethod
+    def from_config(
+        cls, config: AdapterConfig, *, generator: torch.Generator | None = None
+    ) -> PemaAdapter:
+        """A freshly initialised adapter of the config's shape."""
+        return cls(
+            config.hidden_size, config.rank, config.alpha, config.dropout, generator=generator
+        )
+
+    @torch.no_grad()
+    def _init_A(self, generator: torch.Generator | None) -> None:
+        # As nn.Linear and peft's LoRA A: uniform with bound 1/sqrt(fan_in). Drawn on the CPU so
+        # a CPU generator seeds it wherever the adapter lives.
+        fresh = torch.empty(self.A.shape)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        self.A.copy_(fresh)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank-r code ``A · drop(x)``."""
+        return F.linear(self.dropout(x.to(self.A.dtype)), self.A)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``h_rct = s · B_rct A drop(x)``, trained to reproduce ``x``."""
+        return self.scaling * F.linear(self.encode(x), self.B_rct)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``h_pd = s · B_pd A drop(x)``, a representation to feed the frozen head."""
+        return self.scaling * F.linear(self.encode(x), self.B_pd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`predict`."""
+        return self.predict(x)
+
+    def predict_and_reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_pd, h_rct)`` from one dropout mask and one code, as stage 2 trains them."""
+        code = self.encode(x)
+        return self.scaling * F.linear(code, self.B_pd), self.scaling * F.linear(code, self.B_rct)
+
+    @torch.no_grad()
+    def reset_for_stage2(self, *, generator: torch.Generator | None = None) -> None:
+        """Fresh ``A``, zero ``B_pd``; ``B_rct`` keeps its stage-1 values and is frozen."""
+        self._init_A(generator)
+        self.B_pd.zero_()
+        self.B_rct.requires_grad_(False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The three tensors under their file names, detached, contiguous, on the CPU."""
+        return {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``target``, flush it, then rename it over ``target``."""
+    # Not mkstemp: its files are private (0600), these should get the usual umask permissions.
+    tmp = target.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{target.name}"
+    try:
+        with tmp.open("xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(directory: str | Path, adapter: PemaAdapter, config: AdapterConfig) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_shapes(adapter.tensors(), config, directory)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    write_atomic(directory / WEIGHTS_FILE, save(adapter.tensors(), metadata=metadata))
+    # The config goes last: a directory with a config always has matching weights next to it.
+    write_atomic(directory / CONFIG_FILE, config.to_json().encode())
+    return directory
+
+
+def load_adapter(
+    directory: str | Path,
+    *,
+    fingerprint: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[PemaAdapter, AdapterConfig]:
+    """Load a saved adapter (in eval mode); with ``fingerprint``, refuse one trained elsewhere."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    if fingerprint is not None:
+        check_fingerprint(directory, config, fingerprint)
+    tensors = _read_tensors(directory)
+    _check_shapes(tensors, config, directory)
+    adapter = PemaAdapter.from_config(config)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            getattr(adapter, name).copy_(tensor)
+    return adapter.to(device).eval(), config
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    """The config of the adapter saved in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"no adapter directory at {directory}: train one with pema-client train")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{directory} has no {CONFIG_FILE}; is it an adapter directory?")
+    try:
+        return AdapterConfig.from_json(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def check_fingerprint(directory: Path, config: AdapterConfig, fingerprint: str) -> None:
+    """Refuse an adapter trained on representations of a model other than ``fingerprint``."""
+    if config.fingerprint == fingerprint:
+        return
+    trained_on = config.model_id or "an unnamed model"
+    raise AdapterFingerprintError(
+        f"adapter at {directory} was trained on {trained_on} (fingerprint {config.fingerprint!r}), "
+        f"but the server serves fingerprint {fingerprint!r}: use the server that hosts the model "
+        "it was trained on, or train a new adapter against this one"
+    )
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``, exactly the expected names."""
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise AdapterError(f"{directory} has a config but no {WEIGHTS_FILE}: save it again")
+    try:
+        tensors = load(path.read_bytes())
+    except SafetensorError as exc:
+        raise AdapterError(f"{path} is not a valid safetensors file: {exc}") from exc
+    if sorted(tensors) != sorted(TENSOR_NAMES):
+        raise AdapterError(f"{path} holds tensors {sorted(tensors)}, expected {list(TENSOR_NAMES)}")
+    return tensors
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], config: AdapterConfig, where: Path) -> None:
+    """Every tensor has the shape the config implies."""
+    d, r = config.hidden_size, config.rank
+    expected = {"A": (r, d), "B_pd": (d, r), "B_rct": (d, r)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise AdapterError(
+                f"adapter {name} at {where} has shape {tuple(tensors[name].shape)}, but the "
+                f"config (d={d}, rank={r}) needs {shape}"
+            )

@@ -1,0 +1,145 @@
+"""Synthetic memories for training tests, and (run as a module) the DDP worker.
+
+The task is one the PLM cannot do: keys come from Gaussian clusters, and each cluster's label is a
+token other than the one a random frozen head predicts for it, so the head alone scores about 0
+and only an adapter that learns the cipher scores high.
+
+``python -m torch.distributed.run --nproc-per-node 2 -m tests.client.synthetic OUT_DIR`` trains
+on the small task under DDP and writes the adapter to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from data_owner_client.adapter import AdapterConfig
+from data_owner_client.train import TrainConfig, init_distributed, train
+from shared.head import Head
+from shared.protocol import HeadSpec
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TensorSource:
+    """An in-RAM batch source with the semantics of ``Memory.batches``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys.float(), values.long()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        """Batches each rank gets per epoch (leftover global batches are dropped)."""
+        return math.ceil(len(self) / batch_size) // world_size
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> Iterator[Batch]:
+        """Global batches in a (seed, epoch) order; rank r takes batches r, r + world_size, ..."""
+        order = torch.arange(len(self))
+        if shuffle:
+            digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            order = torch.randperm(len(self), generator=generator)
+        chunks = order.split(batch_size)[: self.num_batches(batch_size, world_size) * world_size]
+        for index, rows in enumerate(chunks):
+            if index % world_size == rank:
+                yield self.keys[rows], self.values[rows]
+
+
+def random_head(d: int = 32, v: int = 64, seed: int = 0) -> Head:
+    """A LayerNorm + output projection head with random weights."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "norm.weight": 1.0 + 0.1 * torch.randn(d, generator=g),
+        "norm.bias": 0.1 * torch.randn(d, generator=g),
+        "lm_head.weight": torch.randn(v, d, generator=g),
+    }
+    return Head(tensors, HeadSpec(norm="layernorm"))
+
+
+@dataclass
+class CipherTask:
+    """Clusters of keys whose labels are never the frozen head's own prediction."""
+
+    head: Head  # the frozen output head
+    centers: torch.Tensor  # [K, d] cluster centres
+    labels: torch.Tensor  # [K] the next token of each cluster
+    noise: float  # per-dimension standard deviation around a centre
+
+    def sample(self, n: int, seed: int) -> TensorSource:
+        """``n`` pairs drawn from the clusters."""
+        g = torch.Generator().manual_seed(seed)
+        cluster = torch.randint(len(self.centers), (n,), generator=g)
+        keys = self.centers[cluster] + self.noise * torch.randn(
+            n, self.centers.shape[1], generator=g
+        )
+        return TensorSource(keys, self.labels[cluster])
+
+
+def cipher_task(d: int = 32, v: int = 64, clusters: int = 12, seed: int = 0) -> CipherTask:
+    """A task whose labels shift the head's prediction for each cluster by a nonzero offset."""
+    head = random_head(d, v, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    centers = torch.randn(clusters, d, generator=g)
+    own = head(centers).argmax(-1)
+    labels = (own + torch.randint(1, v, (clusters,), generator=g)) % v
+    return CipherTask(head, centers, labels, noise=0.3)
+
+
+def small_configs(
+    d: int = 32, v: int = 64, **train_overrides: object
+) -> tuple[AdapterConfig, TrainConfig]:
+    """A rank-16 adapter and a few seconds of training on the CPU."""
+    adapter = AdapterConfig(hidden_size=d, vocab_size=v, rank=16, fingerprint="synthetic")
+    options: dict = dict(
+        lr=1e-2,
+        stage1_batch_size=64,
+        stage2_batch_size=64,
+        stage1_epochs=4,
+        stage2_epochs=4,
+        val_batch_size=128,
+        ce_chunk=16,
+        device="cpu",
+    )
+    return adapter, TrainConfig(**{**options, **train_overrides})
+
+
+def main() -> None:
+    """DDP worker: train on the small task (dropout 0, so ranks and a single process agree)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    init_distributed()
+    task = cipher_task()
+    adapter_config, train_config = small_configs()
+    adapter_config.dropout = 0.0
+    train(
+        adapter_config,
+        task.sample(512, 1),
+        task.sample(256, 2),
+        task.head,
+        args.out_dir,
+        train_config,
+        progress=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
