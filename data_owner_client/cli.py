@@ -1,36 +1,362 @@
-"""`pema-client`: the data owner's command line."""
+"""`pema-client`: the data owner's command line.
+
+``pema-client train --server URL --data FILE --out DIR`` builds the external memory through the
+server, then trains both PEMA stages locally; ``pema-client memory build`` and
+``pema-client train --memory DIR`` split those steps.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import httpx
+import torch.distributed as dist
+from rich.logging import RichHandler
+
+from data_owner_client.adapter import AdapterConfig
 from data_owner_client.client import PemaClient, ServerError
+from data_owner_client.data import (
+    TEMPLATES,
+    DataError,
+    Example,
+    load_examples,
+    resolve_template,
+    split_dev,
+)
+from data_owner_client.memory import DTYPES, Memory, build_memory
+from data_owner_client.served_model import ServedModel
+from data_owner_client.train import TrainConfig, init_distributed, train
+
+log = logging.getLogger("pema-client")
+TRAIN, DEV = "train", "dev"  # the two memories under a memory directory
+# Errors a user can cause and fix (bad data, a foreign memory or adapter, a refusing server):
+# printed as one line; --verbose shows the traceback.
+USER_ERRORS = (ServerError, ValueError, OSError)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def _config_flag(
+    group: argparse._ArgumentGroup, config: type, name: str, help: str, **kwargs: Any
+) -> None:
+    """``--name`` for a config dataclass field, with the field's default and type."""
+    default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    flag = "--" + name.replace("_", "-")
+    group.add_argument(flag, type=type(default), default=default, help=help, **kwargs)
+
+
+# ---- flags -------------------------------------------------------------------------------------
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("server")
+    group.add_argument("--server", help="server URL (default: $PEMA_SERVER)")
+    group.add_argument("--api-key", help="API key (default: $PEMA_API_KEY)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return flags
+
+
+def _data_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("data and memory")
+    group.add_argument(
+        "--data",
+        help="training pairs: .jsonl, .json, .csv, .tsv, a saved datasets directory[:SPLIT] or "
+        "hf:NAME[:CONFIG][@SPLIT]",
+    )
+    group.add_argument("--source-field", default="source", help="field holding the input text")
+    group.add_argument("--target-field", default="target", help="field holding the target text")
+    group.add_argument(
+        "--template",
+        default="plain",
+        help=f"prompt template: one of {', '.join(TEMPLATES)}, or a string containing {{source}} "
+        "(write \\n for a newline)",
+    )
+    group.add_argument("--limit", type=int, help="use only the first N training examples")
+    group.add_argument("--dev-data", help="validation pairs (same format and fields as --data)")
+    group.add_argument(
+        "--dev-fraction",
+        type=float,
+        default=0.1,
+        help="hold out this fraction of --data for validation when --dev-data is not given",
+    )
+    group.add_argument(
+        "--context",
+        choices=("teacher", "generated"),
+        default="teacher",
+        help="memory keys from the gold prefix (teacher forcing), or from the model's own greedy "
+        "continuation (the paper's variant; slower)",
+    )
+    group.add_argument(
+        "--memory-dtype", choices=tuple(DTYPES), default="float16", help="dtype of stored keys"
+    )
+    group.add_argument(
+        "--memory-batch-size", type=int, default=32, help="examples per server request"
+    )
+    group.add_argument(
+        "--shard-examples", type=int, default=512, help="examples per memory shard file"
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace a memory of another build in place"
+    )
+    return flags
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    adapter = parser.add_argument_group("adapter (paper defaults)")
+    for name, help in (
+        ("rank", "r, clamped to the hidden size"),
+        ("alpha", "scaling s = alpha / rank"),
+        ("dropout", "dropout on the adapter's input"),
+        ("kappa", "weight of the reconstruction loss in stage 2"),
+        ("lambda_max", "default λ_max of Gradual Unrolling, stored with the adapter"),
+        ("lambda_min", "default λ floor of Gradual Unrolling"),
+    ):
+        _config_flag(adapter, AdapterConfig, name, help)
+    _config_flag(
+        adapter,
+        AdapterConfig,
+        "schedule",
+        "default Gradual Unrolling schedule",
+        choices=("quadratic", "linear", "constant"),
+    )
+    opt = parser.add_argument_group("optimisation")
+    for name, help in (
+        ("lr", "Adam learning rate"),
+        ("stage1_batch_size", "pairs per reconstruction step (over all processes)"),
+        ("stage2_batch_size", "pairs per joint-retraining step (over all processes)"),
+        ("stage1_epochs", "most reconstruction epochs (early stopping usually ends sooner)"),
+        ("stage2_epochs", "most joint-retraining epochs"),
+        ("patience", "validations without improvement before a stage stops"),
+        ("min_delta", "least improvement of the validation loss that counts"),
+        ("val_batch_size", "pairs per validation batch"),
+        ("seed", "seeds initialisation, shuffling and dropout"),
+        ("device", "auto (cuda, then mps, then cpu), or a torch device name"),
+    ):
+        _config_flag(opt, TrainConfig, name, help)
+    opt.add_argument(
+        "--val-every", type=int, help="validate every N steps (default: after each epoch)"
+    )
+    opt.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint when there is one"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pema-client", description="Adapt a language model you cannot see, with PEMA."
     )
-    parser.add_argument(
-        "--server", default=None, help="server URL (default: the PEMA_SERVER environment variable)"
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    connection, data = _connection_flags(), _data_flags()
+    formatter = _HelpFormatter
+
+    commands.add_parser(
+        "info",
+        parents=[connection],
+        formatter_class=formatter,
+        help="print the served model's description (GET /v1/model)",
     )
-    parser.add_argument(
-        "--api-key", default=None, help="API key (default: the PEMA_API_KEY environment variable)"
+
+    memory = commands.add_parser("memory", help="external memory commands (build)")
+    memory_commands = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    build = memory_commands.add_parser(
+        "build",
+        parents=[connection, data],
+        formatter_class=formatter,
+        help="build the train and dev memories of a dataset into OUT/train and OUT/dev",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="print the served model's description (GET /v1/model)")
+    build.add_argument("--out", required=True, type=Path, help="memory directory")
+
+    trainer = commands.add_parser(
+        "train",
+        parents=[connection, data],
+        formatter_class=formatter,
+        help="build the memory (unless --memory), then train both PEMA stages into OUT",
+    )
+    trainer.add_argument("--out", required=True, type=Path, help="adapter directory")
+    trainer.add_argument(
+        "--memory",
+        type=Path,
+        help="train on this memory directory (from `pema-client memory build`) instead of "
+        "building one from --data into OUT/memory",
+    )
+    _add_train_flags(trainer)
     return parser
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def _template(args: argparse.Namespace) -> str:
+    return resolve_template(args.template.replace("\\n", "\n"))
+
+
+def build_memories(
+    args: argparse.Namespace, client: PemaClient, served: ServedModel, out: Path
+) -> tuple[Memory, Memory]:
+    """The train and dev memories of ``--data`` in ``out/train`` and ``out/dev``."""
+    if not args.data:
+        raise DataError("no data: pass --data FILE (or --memory DIR to train on a built memory)")
+    template = _template(args)  # a bad one fails before a large file is read
+    fields = {"source_field": args.source_field, "target_field": args.target_field}
+    examples = load_examples(args.data, **fields, limit=args.limit)
+    if args.dev_data:
+        train_set, dev_set = examples, load_examples(args.dev_data, **fields)
+    else:
+        train_set, dev_set = split_dev(examples, args.dev_fraction)
+    if not dev_set:
+        raise DataError("no validation examples: pass --dev-data, or a --dev-fraction above 0")
+    log.info("memory: %d train and %d dev examples", len(train_set), len(dev_set))
+
+    def build(name: str, part: list[Example]) -> Memory:
+        return build_memory(
+            client,
+            served.tokenizer,
+            part,
+            out / name,
+            template=template,
+            context=args.context,
+            dtype=args.memory_dtype,
+            batch_size=args.memory_batch_size,
+            shard_examples=args.shard_examples,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+
+    return build(TRAIN, train_set), build(DEV, dev_set)
+
+
+def open_memories(folder: Path, fingerprint: str) -> tuple[Memory, Memory]:
+    """A built memory directory's train and dev memories, checked against the served model."""
+    memories = Memory.open(folder / TRAIN), Memory.open(folder / DEV)
+    for memory in memories:
+        memory.check_fingerprint(fingerprint)
+    return memories
+
+
+def _memory_command(args: argparse.Namespace, client: PemaClient) -> None:
+    served = ServedModel.fetch(client, need_head=False)
+    train_memory, dev_memory = build_memories(args, client, served, args.out)
+    log.info(
+        "memory %s: %d train pairs, %d dev pairs, target/source length ratio %.3f",
+        args.out,
+        len(train_memory),
+        len(dev_memory),
+        train_memory.manifest.length_ratio,
+    )
+
+
+def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
+    if args.memory and args.data:
+        raise DataError("pass either --data (build the memory) or --memory DIR (use a built one)")
+    world = init_distributed()
+    served = ServedModel.fetch(client) if world.main else None
+    memory_dir = args.memory or args.out / "memory"
+    if served is not None and args.memory is None:
+        build_memories(args, client, served, memory_dir)
+    if world.size > 1:
+        dist.barrier()  # the other ranks read the cache and the memory once rank 0 wrote them
+    if served is None:
+        served = ServedModel.fetch(client)
+    assert served.head is not None  # fetch() refuses a server that does not share it
+    train_memory, dev_memory = open_memories(memory_dir, served.info.fingerprint)
+    manifest = train_memory.manifest
+    adapter_config = AdapterConfig(
+        hidden_size=served.info.hidden_size,
+        vocab_size=served.info.vocab_size,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        kappa=args.kappa,
+        fingerprint=served.info.fingerprint,
+        model_id=served.info.model_id,
+        template=manifest.template,
+        length_ratio=manifest.length_ratio,
+        schedule=args.schedule,
+        lambda_max=args.lambda_max,
+        lambda_min=args.lambda_min,
+    )
+    result = train(
+        adapter_config,
+        train_memory,
+        dev_memory,
+        served.head,
+        args.out,
+        _train_config(args),
+        progress=not args.no_progress,
+    )
+    if world.main:
+        log.info(
+            "adapter written to %s: %d steps, validation accuracy %.4f, stage 2 loss %.4f",
+            result.out_dir,
+            result.steps,
+            result.val_accuracy,
+            result.stage2_val_loss,
+        )
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        lr=args.lr,
+        stage1_batch_size=args.stage1_batch_size,
+        stage2_batch_size=args.stage2_batch_size,
+        stage1_epochs=args.stage1_epochs,
+        stage2_epochs=args.stage2_epochs,
+        patience=args.patience,
+        min_delta=args.min_delta,
+        val_every_steps=args.val_every,
+        val_batch_size=args.val_batch_size,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+    )
+
+
+def _info_command(args: argparse.Namespace, client: PemaClient) -> None:
+    sys.stdout.write(json.dumps(client.model_info().model_dump(), indent=2) + "\n")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, PemaClient], None]] = {
+    "info": _info_command,
+    "memory": _memory_command,
+    "train": _train_command,
+}
+
+
+def connect(args: argparse.Namespace) -> PemaClient:
+    """The client for ``--server``/``--api-key`` (tests replace this to serve in-process)."""
+    return PemaClient(args.server, args.api_key)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    handler = RichHandler(show_path=False, show_time=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(level if args.verbose else logging.WARNING)  # per request
     try:
-        with PemaClient(args.server, args.api_key) as client:
-            if args.command == "info":
-                sys.stdout.write(json.dumps(client.model_info().model_dump(), indent=2) + "\n")
-    except (ServerError, ValueError, OSError) as exc:
+        with connect(args) as client:
+            COMMANDS[args.command](args, client)
+    except httpx.TransportError as exc:
+        message = f"cannot reach the server ({exc}); is pema-server running at that URL?"
+        raise SystemExit(f"pema-client: {message}") from exc
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
         raise SystemExit(f"pema-client: {exc}") from exc

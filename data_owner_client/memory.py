@@ -233,9 +233,10 @@ class Memory:
             )
             del window_keys, window_values  # at most one buffer alive while the next loads
             full = len(keys) // batch_size * batch_size
-            yield from zip(
-                keys[:full].split(batch_size), values[:full].split(batch_size), strict=True
-            )
+            if full:  # split() of an empty tensor would yield one empty batch
+                yield from zip(
+                    keys[:full].split(batch_size), values[:full].split(batch_size), strict=True
+                )
             carry_keys, carry_values = keys[full:].clone(), values[full:].clone()
             del keys, values
         if len(carry_keys):
@@ -545,12 +546,15 @@ def build_memory(
         todo = [i for i in range(fresh.num_shards) if not _recorded(out, manifest, i)]
         done_pairs = sum(pairs) - sum(_pairs_of(pairs, i, shard_examples) for i in todo)
         started = time.monotonic()
-        with _progress(progress, sum(pairs), done_pairs) as advance:
+        with _progress(progress and bool(todo), sum(pairs), done_pairs) as advance:
             builder.advance = advance
             for index in todo:
                 manifest = _build_shard(out, builder, manifest, index)
         write_manifest(out, manifest.model_copy(update={"complete": True}))
-    log.info("memory %s: %d pairs, %.1f s", out, sum(pairs), time.monotonic() - started)
+    if todo:
+        log.info("memory %s: %d pairs, %.1f s", out, sum(pairs), time.monotonic() - started)
+    else:
+        log.info("memory %s: already built (%d pairs)", out, sum(pairs))
     return Memory.open(out)
 
 

@@ -30,7 +30,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -511,21 +510,21 @@ class _Trainer:
     def _run_stage(self) -> None:
         """Epochs until the limit or early stopping, then a last validation if one is due."""
         stage, config = self.state.stage, self.config
-        task = self.bar.add_task(f"stage {stage}", total=None, loss=math.nan)
+        self.task = self.bar.add_task(f"stage {stage}", total=None, loss="", val="")
         while self.state.epoch < config.epochs(stage) and self.state.bad < config.patience:
-            self._run_epoch(task)
+            self._run_epoch()
         if self.state.since_val and self.state.bad < config.patience:
             self._validate()
-        self.bar.remove_task(task)
+        self.bar.remove_task(self.task)
 
-    def _run_epoch(self, task: TaskID) -> None:
+    def _run_epoch(self) -> None:
         """One epoch, or its rest after a resume; validations as configured."""
         state, config = self.state, self.config
         skip = state.step  # batches a resumed run already trained on
-        self._reset_bar(task)
+        self._reset_bar()
         for batch in _in_lockstep(self._epoch_batches(skip), self.world, self.device):
             self._train_step(batch)
-            self._after_step(task)
+            self._after_step()
             if config.val_every_steps and state.since_val >= config.val_every_steps:
                 self._validate()
                 if state.bad >= config.patience:
@@ -571,7 +570,7 @@ class _Trainer:
         for window in self.windows.values():
             window.add(losses)
 
-    def _after_step(self, task: TaskID) -> None:
+    def _after_step(self) -> None:
         """Count the step; log and show the training loss every ``log_every_steps``."""
         state = self.state
         state.step, state.global_step, state.since_val = (
@@ -579,11 +578,11 @@ class _Trainer:
             state.global_step + 1,
             state.since_val + 1,
         )
-        self.bar.advance(task)
+        self.bar.advance(self.task)
         if state.global_step % self.config.log_every_steps == 0:
             means = self.windows["log"].pop()
             self.log.write(self._record("train", means))
-            self.bar.update(task, loss=means["loss"])
+            self.bar.update(self.task, loss=f"loss {means['loss']:.4g}")
 
     def _enter_stage2(self) -> None:
         """Restore stage 1's best state, then re-initialise ``A`` and ``B_pd`` for stage 2."""
@@ -613,6 +612,7 @@ class _Trainer:
         state.since_val = 0
         train_means = self.windows["val"].pop()
         self.log.write(self._record("val", {**train_means, **metrics}))
+        self.bar.update(self.task, val=f"val {metrics['val_loss']:.4g}")
         self._save_checkpoint()
 
     def _val_metrics(self) -> dict[str, float]:
@@ -676,12 +676,12 @@ class _Trainer:
 
     # -- progress --
 
-    def _reset_bar(self, task: TaskID) -> None:
+    def _reset_bar(self) -> None:
         """Point the stage's bar at the current epoch."""
         stage, epochs = self.state.stage, self.config.epochs(self.state.stage)
         total = _steps_per_epoch(self.train_source, self._local_batch(), self.world.size)
         description = f"stage {stage} epoch {self.state.epoch + 1}/{epochs}"
-        self.bar.reset(task, total=total, completed=self.state.step, description=description)
+        self.bar.reset(self.task, total=total, completed=self.state.step, description=description)
 
 
 class _Mean:
@@ -749,7 +749,8 @@ def _progress_bar(enabled: bool) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}"),
+        TextColumn("{task.fields[loss]}"),
+        TextColumn("{task.fields[val]}"),
         disable=not enabled,
     )
 

@@ -388,6 +388,14 @@ def test_an_epoch_covers_every_pair_once(tmp_path):
     assert pairs([memory.load_all()]) == list(range(29))
 
 
+@pytest.mark.parametrize("buffer_shards", [1, 4])
+def test_batch_larger_than_the_memory_is_the_whole_memory(tmp_path, buffer_shards):
+    memory = synthetic(tmp_path, COUNTS)
+    batches = list(memory.batches(100, seed=0, epoch=0, buffer_shards=buffer_shards))
+    assert [len(v) for _, v in batches] == [29]
+    assert sorted(pairs(batches)) == list(range(29))
+
+
 def test_order_depends_on_seed_and_epoch_only(tmp_path):
     memory = synthetic(tmp_path, COUNTS)
 

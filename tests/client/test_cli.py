@@ -1,0 +1,193 @@
+"""`pema-client` end to end over the in-process tiny server: memory, training, errors, help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_owner_client import cli
+from data_owner_client.adapter import load_adapter
+from data_owner_client.client import PemaClient
+from data_owner_client.memory import Memory
+from tests.server.helpers import serve
+
+# A cipher the random PLM cannot do: a source word from w5..w12 becomes two words, the first
+# from w13..w20, the second from w21..w28, each a fixed permutation of the word before it.
+FIRST, WIDTH, TARGET_WORDS = 5, 8, 2
+TEMPLATE = "{source}"
+
+
+def cipher(word: int) -> int:
+    """The word after ``word``: the next band of WIDTH words, permuted."""
+    band, offset = divmod(word - FIRST, WIDTH)
+    return FIRST + (band + 1) * WIDTH + (7 * offset + 3) % WIDTH
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def cipher_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
+    """Rows ``{"src": "w<a>", "tgt": "w<c(a)> w<c(c(a))>"}``."""
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[dict[str, object]] = []
+    for start in torch.randint(FIRST, FIRST + WIDTH, (n,), generator=generator).tolist():
+        chain = [start]
+        for _ in range(TARGET_WORDS):
+            chain.append(cipher(chain[-1]))
+        rows.append({"src": f"w{start}", "tgt": " ".join(f"w{w}" for w in chain[1:])})
+    return rows
+
+
+@pytest.fixture
+def run(make_runner, tmp_path, monkeypatch) -> Callable[..., None]:
+    """``run(*argv, arch="llama")``: pema-client against an in-process tiny server."""
+    monkeypatch.setenv("PEMA_CLIENT_CACHE", str(tmp_path / "cache"))
+    stack = ExitStack()
+    served = {"arch": "llama"}
+
+    def connect(args: argparse.Namespace) -> PemaClient:
+        http = stack.enter_context(serve(make_runner(served["arch"])))
+        return PemaClient(http=http, retries=0)
+
+    monkeypatch.setattr(cli, "connect", connect)
+
+    def run(*argv: str, arch: str = "llama") -> None:
+        served["arch"] = arch
+        cli.main([*argv, "--no-progress"])
+
+    with stack:
+        yield run
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", cipher_rows(120))
+
+
+MEMORY_FLAGS = (
+    "--source-field=src",
+    "--target-field=tgt",
+    f"--template={TEMPLATE}",
+    "--memory-batch-size=16",
+    "--memory-dtype=float32",
+)
+TRAIN_FLAGS = (
+    *MEMORY_FLAGS,
+    "--rank=32",
+    "--dropout=0",
+    "--lr=0.01",
+    "--stage1-batch-size=64",
+    "--stage2-batch-size=32",
+    "--stage1-epochs=3",
+    "--stage2-epochs=25",
+    "--patience=25",
+)
+
+
+def test_train_builds_the_memory_and_learns_what_the_plm_cannot(run, data, tmp_path, make_runner):
+    runner = make_runner("llama")
+    out = tmp_path / "adapter"
+    run("train", "--data", str(data), "--out", str(out), *TRAIN_FLAGS)
+
+    train_memory = Memory.open(out / "memory" / "train")
+    dev_memory = Memory.open(out / "memory" / "dev")
+    assert len(train_memory) == 108 * 3 and len(dev_memory) == 12 * 3  # 2 words + EOS each
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["template"] == TEMPLATE and config["rank"] == 32
+    assert config["length_ratio"] == pytest.approx(TARGET_WORDS)  # target tokens per source token
+    assert config["fingerprint"] == train_memory.manifest.fingerprint
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    val = [r for r in log if r["kind"] == "val"]
+    assert {r["stage"] for r in val} == {1, 2}
+    assert max(r["val_acc"] for r in val if r["stage"] == 2) >= 0.95
+    keys, values = dev_memory.load_all()
+    plm_accuracy = (runner.head(keys).argmax(-1) == values).float().mean().item()
+    assert plm_accuracy <= 0.4  # the PLM alone gets the EOS after the last word at most
+    adapter, _ = load_adapter(out, fingerprint=config["fingerprint"])
+    assert adapter.A.shape == (32, 32)
+
+
+def test_memory_build_then_train_on_it_equals_train_from_data(run, data, tmp_path):
+    run("train", "--data", str(data), "--out", str(tmp_path / "one"), *MEMORY_FLAGS,
+        "--stage2-epochs=2")  # fmt: skip
+    run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"), *MEMORY_FLAGS)
+    run("train", "--memory", str(tmp_path / "mem"), "--out", str(tmp_path / "two"),
+        "--stage2-epochs=2")  # fmt: skip
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=0, atol=0)
+
+
+def test_template_flag_reads_backslash_n_as_a_newline(run, data, tmp_path):
+    run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"),
+        "--source-field=src", "--target-field=tgt", "--template=w3 {source}\\nw4")  # fmt: skip
+    assert Memory.open(tmp_path / "mem" / "train").manifest.template == "w3 {source}\nw4"
+
+
+def test_memory_of_another_model_is_refused(run, data, tmp_path):
+    run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"),
+        "--source-field=src", "--target-field=tgt")  # fmt: skip
+    with pytest.raises(SystemExit, match=r"fingerprint .* rebuild it with pema-client memory"):
+        run("train", "--memory", str(tmp_path / "mem"), "--out", str(tmp_path / "a"), arch="qwen2")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"src": "w5", "tgt": "w6"}, {"src": "w7"}], r"train\.jsonl:2: field 'tgt' is missing"),
+        ([{"src": "w5", "tgt": 3}], r"train\.jsonl:1: field 'tgt' is a int, not text"),
+        ([{"source": "w5", "tgt": "w6"}], r"field 'src' is missing \(the row has: source, tgt\)"),
+    ],
+)
+def test_bad_data_names_file_line_and_field(run, tmp_path, rows, message):
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(SystemExit, match=message):
+        run("train", "--data", str(data), "--out", str(tmp_path / "a"), *TRAIN_FLAGS[:2])
+    assert not (tmp_path / "a" / "memory" / "train" / "manifest.json").exists()
+
+
+def test_bad_invocations_say_what_to_do(run, data, tmp_path):
+    out = str(tmp_path / "a")
+    with pytest.raises(SystemExit, match="either --data .* or --memory"):
+        run("train", "--data", str(data), "--memory", out, "--out", out)
+    with pytest.raises(SystemExit, match="no data: pass --data"):
+        run("train", "--out", out)
+    with pytest.raises(SystemExit, match="neither a built-in .* nor a string containing"):
+        run("memory", "build", "--data", str(data), "--out", out, "--template", "nonsense")
+    with pytest.raises(SystemExit, match="no memory at .* build one with pema-client memory"):
+        run("train", "--memory", str(tmp_path / "nowhere"), "--out", out)
+
+
+def test_no_server_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("PEMA_SERVER", raising=False)
+    with pytest.raises(SystemExit, match="no server given: pass --server URL or set PEMA_SERVER"):
+        cli.main(["info"])
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    for action in train._actions:
+        assert action.help, f"{action.option_strings} has no help"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            flag = action.option_strings[-1]
+            assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(action.default))}\)", text)
+    for default in ("--rank RANK r, clamped to the hidden size (default: 512)", "(default: 20480)"):
+        assert default in text
