@@ -35,7 +35,9 @@ serve: model
 	$(BIN)/pema-server
 
 bench: model
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/bench_server.py
+	$(BIN)/python bench/bench_train.py
 
 # Checks docker-compose.yml; needs Docker with the compose plugin.
 docker-config:

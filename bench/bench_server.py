@@ -17,14 +17,8 @@ of the ratios of adjacent pairs, so drift of the machine's speed cancels out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +27,7 @@ from typing import Any
 
 import httpx
 import torch
-import transformers
+from bench_common import DATA, machine, running_server, seconds
 from transformers import DynamicCache
 
 from data_owner_client.client import PemaClient
@@ -42,7 +36,6 @@ from plm_owner_server.settings import Settings
 from shared.codec import pack
 from shared.protocol import MSGPACK, HiddenDType, LogitsMode, RepresentRequest
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/wmt22/train.jsonl"  # ../shared/data
 SEQ_LEN = 128  # tokens per sequence for /v1/represent
 BATCHES = (1, 8, 32)
 PROMPT_LEN = 64  # prompt tokens per row of a decoding session
@@ -50,49 +43,6 @@ STEP_BATCHES = (1, 8)
 WIRE_DTYPES: tuple[HiddenDType, ...] = ("float16", "float32")
 THROUGHPUT_GOAL = 0.95  # HTTP ÷ in-process throughput at the largest batch
 STEP_GOAL = 1.1  # HTTP ÷ in-process step latency
-READY_TIMEOUT_S = 300.0
-SERVER_CMD = ("import sys; from plm_owner_server.cli import main; sys.exit(main())",)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Poll ``/v1/health`` until the server answers; fail clearly if it dies or is too slow."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"pema-server exited with {proc.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"pema-server not ready at {url} after {READY_TIMEOUT_S:.0f} s (log: {log})")
-
-
-@contextlib.contextmanager
-def running_server(threads: int, log: Path) -> Iterator[str]:
-    """A `pema-server` subprocess with ``threads`` torch threads; yields its base URL."""
-    port = free_port()
-    argv = [sys.executable, "-c", *SERVER_CMD, "--port", str(port), "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(proc, url, log)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def token_windows(
@@ -106,12 +56,6 @@ def token_windows(
             if len(ids) >= length * count:
                 return [ids[i * length : (i + 1) * length] for i in range(count)]
     raise ValueError(f"{path} holds fewer than {length * count} tokens of {field!r}")
-
-
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def paired(samples: dict[str, list[float]], base: str, other: str) -> float:
@@ -245,16 +189,6 @@ def table(results: dict[str, Any]) -> str:
         f"| {b['ratio']:.0f}× the float16 body | |"
     )
     return "\n".join(lines)
-
-
-def machine(threads: int) -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": threads,
-    }
 
 
 def run(args: argparse.Namespace, runner: ModelRunner, url: str) -> dict[str, Any]:

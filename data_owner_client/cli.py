@@ -65,8 +65,9 @@ def _config_flag(
 def _connection_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     group = flags.add_argument_group("server")
-    group.add_argument("--server", help="server URL (default: $PEMA_SERVER)")
-    group.add_argument("--api-key", help="API key (default: $PEMA_API_KEY)")
+    # SUPPRESS: an absent flag leaves the value given before the command (or None) in place.
+    group.add_argument("--server", default=argparse.SUPPRESS, help="server URL ($PEMA_SERVER)")
+    group.add_argument("--api-key", default=argparse.SUPPRESS, help="API key ($PEMA_API_KEY)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return flags
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pema-client", description="Adapt a language model you cannot see, with PEMA."
     )
+    parser.add_argument("--server", help="server URL, also accepted after the command")
+    parser.add_argument("--api-key", help="API key, also accepted after the command")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     connection, data = _connection_flags(), _data_flags()
     formatter = _HelpFormatter

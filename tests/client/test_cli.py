@@ -178,6 +178,20 @@ def test_no_server_is_a_clear_error(monkeypatch, tmp_path):
         cli.main(["info"])
 
 
+@pytest.mark.parametrize(
+    ("argv", "server"),
+    [
+        (["--server", "http://a", "info"], "http://a"),
+        (["info", "--server", "http://b"], "http://b"),
+        (["--server", "http://a", "info", "--server", "http://b"], "http://b"),
+        (["info"], None),
+    ],
+)
+def test_server_flag_before_or_after_the_command(argv, server):
+    args = cli.build_parser().parse_args(argv)
+    assert args.server == server and args.api_key is None
+
+
 def test_help_documents_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

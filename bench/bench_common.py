@@ -1,0 +1,79 @@
+"""What the benchmarks share: a `pema-server` subprocess, timing, and the machine's description."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import transformers
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/wmt22/train.jsonl"  # ../shared/data
+READY_TIMEOUT_S = 300.0
+SERVER_CMD = ("import sys; from plm_owner_server.cli import main; sys.exit(main())",)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    """Poll ``/v1/health`` until the server answers; fail clearly if it dies or is too slow."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"pema-server exited with {proc.returncode}:\n{tail}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"pema-server not ready at {url} after {READY_TIMEOUT_S:.0f} s (log: {log})")
+
+
+@contextlib.contextmanager
+def running_server(threads: int, log: Path) -> Iterator[str]:
+    """A `pema-server` subprocess with ``threads`` torch threads; yields its base URL."""
+    port = free_port()
+    argv = [sys.executable, "-c", *SERVER_CMD, "--port", str(port), "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, url, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def machine(threads: int) -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": threads,
+    }

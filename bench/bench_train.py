@@ -1,0 +1,232 @@
+"""PEMA training versus LoRA fine-tuning of the whole local model, on the same pairs, in one run.
+
+    python bench/bench_train.py [--pairs 128] [--epochs 2] [--json PATH]
+
+On SmolLM2 and WMT22 en→de pairs (the paper's translation prompt):
+
+1. External memory through a `pema-server` subprocess, with the library's ``build_memory``:
+   teacher forcing versus the generated context (seconds; goal ≥ 10×).
+2. PEMA: ``pema-client train --memory DIR`` in its own process, ``--epochs`` epochs of stage 1
+   and of stage 2 (no early stop), the paper's batch sizes.
+3. LoRA with peft (r = 8 on every linear layer, AdamW) on the whole local model in its own
+   process, ``--epochs`` epochs over the same training examples, the loss on the same target
+   tokens + EOS that the memory holds, so both see the same number of target tokens.
+
+Peak memory is each trainer process's peak resident set (VmHWM; on CUDA, peak allocated), also
+counted above the same process right after its imports. Wall time is the whole trainer process
+(loading included); PEMA is also shown with its memory build included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import DATA, machine, running_server
+
+TEMPLATE = "translate"
+LORA_BATCH = 8  # sequences per LoRA step
+MEMORY_GOAL, TIME_GOAL, BUILD_GOAL = 0.1, 1 / 3, 10.0
+
+
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc (VmRSS now, VmHWM peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def examples(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The train and dev examples, split exactly as ``pema-client`` splits them."""
+    from data_owner_client.data import load_examples, split_dev
+
+    return split_dev(load_examples(args.data, "en", "du", limit=args.pairs), 0.1)
+
+
+# ---- the trainer processes --------------------------------------------------------------------
+
+
+def pema_worker(cli_args: list[str]) -> None:
+    """``pema-client train`` in this process."""
+    from data_owner_client import cli
+
+    cli.main(cli_args)
+
+
+def lora_worker(args: argparse.Namespace) -> None:
+    """LoRA fine-tuning of the whole model on the prompts + targets of the training examples."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_owner_client.data import encode_prompt, encode_target, resolve_template
+    from plm_owner_server.embedded import ensure_embedded_model
+    from plm_owner_server.settings import Settings
+
+    path = ensure_embedded_model(Settings().cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    model = get_peft_model(model, config)
+    template, eos = resolve_template(TEMPLATE), tokenizer.eos_token_id
+    rows = []
+    for example in examples(args)[0]:
+        prompt = encode_prompt(tokenizer, template, example.source)
+        target = encode_target(tokenizer, template, example.target) + [eos]
+        rows.append((prompt + target, [-100] * len(prompt) + target))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for first in range(0, len(order), LORA_BATCH):
+            ids, labels, mask = _pad([rows[i] for i in order[first : first + LORA_BATCH]])
+            loss = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
+            ).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def _pad(batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for b, (row, row_labels) in enumerate(batch):
+        ids[b, : len(row)], labels[b, : len(row)], mask[b, : len(row)] = (
+            torch.tensor(row),
+            torch.tensor(row_labels),
+            1,
+        )
+    return ids, labels, mask
+
+
+def worker(kind: str, result: Path, args: argparse.Namespace, rest: list[str]) -> None:
+    """Run one trainer; write its wall time and memory figures to ``result``."""
+    import transformers  # noqa: F401  (both trainers import it: part of the baseline)
+
+    base = rss_bytes("VmRSS")
+    started = time.perf_counter()
+    if kind == "pema":
+        pema_worker(rest)
+    else:
+        lora_worker(args)
+    figures = {"wall_s": time.perf_counter() - started, "base_rss": base}
+    figures["peak_rss"] = rss_bytes("VmHWM")
+    if torch.cuda.is_available():
+        figures["cuda_peak"] = torch.cuda.max_memory_allocated()
+    result.write_text(json.dumps(figures))
+
+
+def run_worker(kind: str, args: argparse.Namespace, rest: list[str], tmp: Path) -> dict[str, Any]:
+    result = tmp / f"{kind}.json"
+    argv = [sys.executable, __file__, "--worker", kind, "--result", str(result)]
+    argv += ["--pairs", str(args.pairs), "--epochs", str(args.epochs), "--data", str(args.data)]
+    subprocess.run([*argv, "--", *rest], check=True)
+    figures: dict[str, Any] = json.loads(result.read_text())
+    figures["above_base"] = figures["peak_rss"] - figures["base_rss"]
+    return figures
+
+
+# ---- the parent ---------------------------------------------------------------------------------
+
+
+def build_memories(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Time teacher-forced and generated-context builds of the same train and dev examples."""
+    from data_owner_client.client import PemaClient
+    from data_owner_client.data import resolve_template
+    from data_owner_client.memory import build_memory
+    from data_owner_client.served_model import ServedModel
+
+    train, dev = examples(args)
+    seconds: dict[str, float] = {}
+    with PemaClient(url) as client:
+        served = ServedModel.fetch(client)
+        for context in ("teacher", "generated"):
+            started = time.perf_counter()
+            for name, part in (("train", train), ("dev", dev)):
+                build_memory(client, served.tokenizer, part, tmp / context / name,
+                             template=resolve_template(TEMPLATE), context=context)  # fmt: skip
+            seconds[context] = time.perf_counter() - started
+    return {"seconds": seconds, "train_examples": len(train), "dev_examples": len(dev)}
+
+
+def table(r: dict[str, Any]) -> str:
+    pema, lora, build = r["pema"], r["lora"], r["memory"]["seconds"]
+    gib = 1024**3
+
+    def goal(value: float, target: float, at_least: bool = False) -> str:
+        met = value >= target if at_least else value <= target
+        return f"{'≥' if at_least else '≤'} {target:.3g} {'✓' if met else '✗'}"
+
+    with_build = pema["wall_s"] + build["teacher"]
+    rows = [
+        "| measurement | PEMA | LoRA | ratio | goal |",
+        "|---|---|---|---|---|",
+        f"| peak RSS of the trainer (GiB) | {pema['peak_rss'] / gib:.2f} | "
+        f"{lora['peak_rss'] / gib:.2f} | {pema['peak_rss'] / lora['peak_rss']:.3f} | |",
+        f"| peak RSS above imports (GiB) | {pema['above_base'] / gib:.2f} | "
+        f"{lora['above_base'] / gib:.2f} | {pema['above_base'] / lora['above_base']:.3f} | "
+        f"{goal(pema['above_base'] / lora['above_base'], MEMORY_GOAL)} |",
+        f"| training wall time, memory build excluded (s) | {pema['wall_s']:.0f} | "
+        f"{lora['wall_s']:.0f} | {pema['wall_s'] / lora['wall_s']:.3f} | "
+        f"{goal(pema['wall_s'] / lora['wall_s'], TIME_GOAL)} |",
+        f"| training wall time, memory build included (s) | {with_build:.0f} | "
+        f"{lora['wall_s']:.0f} | {with_build / lora['wall_s']:.3f} | "
+        f"{goal(with_build / lora['wall_s'], TIME_GOAL)} |",
+        f"| memory build: generated ÷ teacher-forced (s) | {build['generated']:.0f} ÷ "
+        f"{build['teacher']:.0f} | | {build['generated'] / build['teacher']:.2f}× | "
+        f"{goal(build['generated'] / build['teacher'], BUILD_GOAL, True)} |",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=128, help="WMT22 examples (train + dev)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each method and stage")
+    parser.add_argument("--data", type=Path, default=DATA, help="JSONL with en and du fields")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=("pema", "lora"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    rest = [a for a in rest if a != "--"]
+    if args.worker:
+        return worker(args.worker, args.result, args, rest)
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        with running_server(threads, tmp / "log") as url:
+            results: dict[str, Any] = {"memory": build_memories(url, args, tmp)}
+            epochs = str(args.epochs)
+            pema_args = ["train", "--server", url, "--memory", str(tmp / "teacher"), "--out",
+                         str(tmp / "adapter"), "--stage1-epochs", epochs, "--stage2-epochs",
+                         epochs, "--patience", str(args.epochs + 1), "--no-progress"]  # fmt: skip
+            results["pema"] = run_worker("pema", args, pema_args, tmp)
+        results["lora"] = run_worker("lora", args, [], tmp)  # the server stopped: RAM to spare
+    results["machine"] = machine(threads)
+    results["wall_s"] = time.perf_counter() - started
+    m, r = results["machine"], results["memory"]
+    print(
+        f"\nSmolLM2-135M-Instruct, {r['train_examples']} WMT22 train + {r['dev_examples']} dev "
+        f"examples, {args.epochs} epochs; {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}; "
+        f"{results['wall_s']:.0f} s\n"
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
