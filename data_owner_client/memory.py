@@ -186,8 +186,7 @@ class Memory:
 
     def num_batches(self, batch_size: int, world_size: int = 1, *, drop_last: bool = False) -> int:
         """Batches each rank gets from :meth:`batches` per epoch."""
-        whole = len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
-        return whole // world_size
+        return split_batches(len(self), batch_size, world_size, drop_last)
 
     def batches(
         self,
@@ -204,15 +203,17 @@ class Memory:
         """One epoch of (keys float32 [b, d], values int64 [b]) for this rank.
 
         Shards stream through a shuffle buffer of ``buffer_shards`` shards; shard order and
-        in-buffer order come from (seed, epoch) alone. Every rank walks the same global batch
-        sequence and takes batches ``rank, rank + world_size, ...``; the global batches left over
-        when their count does not divide by ``world_size`` are dropped, so all ranks take the same
-        number of steps (DDP needs that).
+        in-buffer order come from (seed, epoch) alone. Every rank walks the same sequence of
+        global batches of ``batch_size * world_size`` pairs and takes its slice of each, so a step
+        of ``world_size`` ranks sees the pairs one process sees with the global batch. The last,
+        partial global batch is split as evenly as it goes (dropped with ``drop_last``, or when it
+        has fewer pairs than ranks): every rank takes the same number of steps (DDP needs that).
         """
         _check_split(batch_size, rank, world_size, buffer_shards)
-        stream = self._global_batches(batch_size, _generator(seed, epoch), shuffle, buffer_shards)
-        wanted = self.num_batches(batch_size, world_size, drop_last=drop_last) * world_size
-        return _every_nth(itertools.islice(stream, wanted), rank, world_size)
+        whole = batch_size * world_size
+        stream = self._global_batches(whole, _generator(seed, epoch), shuffle, buffer_shards)
+        count = self.num_batches(batch_size, world_size, drop_last=drop_last)
+        return _rank_slices(itertools.islice(stream, count), rank, world_size)
 
     def load_all(self) -> Batch:
         """Every pair in shard order (keys float32, values int64): for small memories only."""
@@ -276,12 +277,18 @@ class Memory:
         return keys, values
 
 
-def _every_nth(stream: Iterator[Batch], rank: int, world_size: int) -> Iterator[Batch]:
-    """Batches ``rank, rank + world_size, ...`` as float32 keys and int64 values."""
-    for index, (keys, values) in enumerate(stream):
-        if index % world_size == rank:
-            # Copies, so a batch the caller holds does not pin the whole shuffle buffer.
-            yield keys.to(torch.float32, copy=True), values.to(torch.int64, copy=True)
+def _rank_slices(stream: Iterator[Batch], rank: int, world_size: int) -> Iterator[Batch]:
+    """Slice ``rank`` of each global batch, as float32 keys and int64 values."""
+    for keys, values in stream:
+        keys, values = (t.tensor_split(world_size)[rank] for t in (keys, values))
+        # Copies, so a batch the caller holds does not pin the whole shuffle buffer.
+        yield keys.to(torch.float32, copy=True), values.to(torch.int64, copy=True)
+
+
+def split_batches(pairs: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    """Steps per epoch over ``pairs`` at ``batch_size`` per rank (see :meth:`Memory.batches`)."""
+    whole, rest = divmod(pairs, batch_size * world_size)
+    return whole + (0 < rest and rest >= world_size and not drop_last)
 
 
 def _check_split(batch_size: int, rank: int, world_size: int, buffer_shards: int) -> None:

@@ -618,14 +618,12 @@ class _Trainer:
     def _val_metrics(self) -> dict[str, float]:
         """Validation loss of the current stage (and its parts), summed over all ranks."""
         stage2 = self.state.stage == 2
-        batches = self.val_source.batches(
-            self.config.val_batch_size,
-            seed=self.config.seed,
-            epoch=0,
-            rank=self.world.rank,
-            world_size=self.world.size,
-            shuffle=False,
+        every = self.val_source.batches(
+            self.config.val_batch_size, seed=self.config.seed, epoch=0, shuffle=False
         )
+        # Every pair counts, the remainder batches too (no lockstep needed without gradients):
+        # each rank takes every world-size-th batch of the whole set.
+        batches = itertools.islice(every, self.world.rank, None, self.world.size)
         self.adapter.eval()
         sums = _eval_sums(self.adapter, self.head, batches, self.device, self.chunk_rows, stage2)
         self.adapter.train()

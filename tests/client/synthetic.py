@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from data_owner_client.adapter import AdapterConfig
+from data_owner_client.memory import split_batches
 from data_owner_client.train import TrainConfig, init_distributed, train
 from shared.head import Head
 from shared.protocol import HeadSpec
@@ -37,8 +37,8 @@ class TensorSource:
         return len(self.values)
 
     def num_batches(self, batch_size: int, world_size: int = 1) -> int:
-        """Batches each rank gets per epoch (leftover global batches are dropped)."""
-        return math.ceil(len(self) / batch_size) // world_size
+        """Batches each rank gets per epoch."""
+        return split_batches(len(self), batch_size, world_size)
 
     def batches(
         self,
@@ -50,16 +50,16 @@ class TensorSource:
         world_size: int = 1,
         shuffle: bool = True,
     ) -> Iterator[Batch]:
-        """Global batches in a (seed, epoch) order; rank r takes batches r, r + world_size, ..."""
+        """Global batches in a (seed, epoch) order; rank r takes its slice of each."""
         order = torch.arange(len(self))
         if shuffle:
             digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
             order = torch.randperm(len(self), generator=generator)
-        chunks = order.split(batch_size)[: self.num_batches(batch_size, world_size) * world_size]
-        for index, rows in enumerate(chunks):
-            if index % world_size == rank:
-                yield self.keys[rows], self.values[rows]
+        steps = self.num_batches(batch_size, world_size)
+        for rows in order.split(batch_size * world_size)[:steps]:
+            mine = rows.tensor_split(world_size)[rank]
+            yield self.keys[mine], self.values[mine]
 
 
 def random_head(d: int = 32, v: int = 64, seed: int = 0) -> Head:
@@ -133,7 +133,7 @@ def main() -> None:
     train(
         adapter_config,
         task.sample(512, 1),
-        task.sample(256, 2),
+        task.sample(300, 2),  # 3 validation batches: one more than the ranks
         task.head,
         args.out_dir,
         train_config,

@@ -409,21 +409,22 @@ def test_order_depends_on_seed_and_epoch_only(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_take_turns_at_one_global_batch_sequence(tmp_path, world_size):
-    """Disjoint pairs, the same number of steps on every rank (DDP), leftover batches dropped."""
-    memory = synthetic(tmp_path, COUNTS)
-    every = list(memory.batches(4, seed=3, epoch=2))
+def test_ranks_split_each_global_batch(tmp_path, world_size):
+    """A step of all ranks sees what one process sees at the global batch; nothing is dropped."""
+    memory = synthetic(tmp_path, COUNTS)  # 29 pairs: 3 global batches of 8, or 2 of 12, + 5
+    whole = list(memory.batches(4 * world_size, seed=3, epoch=2))
     ranks = [
         list(memory.batches(4, seed=3, epoch=2, rank=r, world_size=world_size))
         for r in range(world_size)
     ]
-    steps = 8 // world_size  # 8 global batches of 4 (the last one of 1)
-    assert [len(r) for r in ranks] == [memory.num_batches(4, world_size)] * world_size
-    assert memory.num_batches(4, world_size) == steps
-    for r, batches in enumerate(ranks):
-        assert pairs(batches) == pairs(every[r : steps * world_size : world_size])
-    seen = [v for batches in ranks for v in pairs(batches)]
-    assert len(seen) == len(set(seen)) == (29 if world_size == 2 else 24)
+    steps = memory.num_batches(4, world_size)
+    assert [len(r) for r in ranks] == [steps] * world_size and steps == len(whole)
+    for step, batch in enumerate(whole):
+        assert [v for r in ranks for v in pairs([r[step]])] == pairs([batch])
+    assert [len(v) for _, v in (r[-1] for r in ranks)] == [5 // world_size + (r < 5 % world_size)
+                                                           for r in range(world_size)]  # fmt: skip
+    assert memory.num_batches(4, world_size, drop_last=True) == steps - 1
+    assert memory.num_batches(14, 2) == 1  # a 1-pair remainder cannot feed 2 ranks: dropped
     with pytest.raises(ValueError, match="rank 3 is outside"):
         memory.batches(4, seed=0, epoch=0, rank=3, world_size=3)
 

@@ -293,7 +293,7 @@ def test_ddp_on_two_processes_matches_one_process(task, tmp_path):
     single = train(
         adapter_config,
         task.sample(512, 1),
-        task.sample(256, 2),
+        task.sample(300, 2),
         task.head,
         tmp_path / "single",
         train_config,
@@ -309,3 +309,6 @@ def test_ddp_on_two_processes_matches_one_process(task, tmp_path):
         read_log(tmp_path / "single" / LOG_FILE),
     )
     assert [r["global_step"] for r in ddp_log] == [r["global_step"] for r in single_log]
+    # Validation covers every pair on both, the batch the ranks cannot share evenly included.
+    val = [[r["val_loss"] for r in log if r["kind"] == "val"] for log in (ddp_log, single_log)]
+    assert val[0] == pytest.approx(val[1], rel=1e-5)
