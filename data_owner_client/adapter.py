@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
+from data_owner_client.schedule import SCHEDULES
+
 log = logging.getLogger(__name__)
 
 FORMAT = "pema-adapter"
@@ -31,7 +33,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TENSOR_NAMES = ("A", "B_pd", "B_rct")
-SCHEDULES = ("quadratic", "linear", "constant")
 TMP_PREFIX = ".tmp-"
 
 

@@ -13,14 +13,16 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import httpx
+import rich
 import torch.distributed as dist
 from rich.logging import RichHandler
 
-from data_owner_client.adapter import AdapterConfig
+from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import (
     TEMPLATES,
@@ -30,7 +32,10 @@ from data_owner_client.data import (
     resolve_template,
     split_dev,
 )
+from data_owner_client.evaluate import evaluate, markdown_table
+from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.memory import DTYPES, Memory, build_memory
+from data_owner_client.schedule import SCHEDULES
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import TrainConfig, init_distributed, train
 
@@ -73,23 +78,31 @@ def _connection_flags() -> argparse.ArgumentParser:
     return flags
 
 
+DATA_FORMATS = (
+    ".jsonl, .json, .csv, .tsv, a saved datasets directory[:SPLIT] or hf:NAME[:CONFIG][@SPLIT]"
+)
+TEMPLATE_HELP = (
+    f"prompt template: one of {', '.join(TEMPLATES)}, or a string containing {{source}} "
+    "(write \\n for a newline)"
+)
+
+
+def _input_flags(group: argparse._ArgumentGroup, data_help: str, template_default: str | None):
+    """--data, its fields, --template and --limit (training and decoding read data alike)."""
+    group.add_argument("--data", help=f"{data_help}: {DATA_FORMATS}")
+    group.add_argument("--source-field", default="source", help="field holding the input text")
+    group.add_argument("--target-field", default="target", help="field holding the target text")
+    template_help = (
+        TEMPLATE_HELP if template_default else TEMPLATE_HELP + "; default: the adapter's"
+    )
+    group.add_argument("--template", default=template_default, help=template_help)
+    group.add_argument("--limit", type=int, help="use only the first N examples")
+
+
 def _data_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     group = flags.add_argument_group("data and memory")
-    group.add_argument(
-        "--data",
-        help="training pairs: .jsonl, .json, .csv, .tsv, a saved datasets directory[:SPLIT] or "
-        "hf:NAME[:CONFIG][@SPLIT]",
-    )
-    group.add_argument("--source-field", default="source", help="field holding the input text")
-    group.add_argument("--target-field", default="target", help="field holding the target text")
-    group.add_argument(
-        "--template",
-        default="plain",
-        help=f"prompt template: one of {', '.join(TEMPLATES)}, or a string containing {{source}} "
-        "(write \\n for a newline)",
-    )
-    group.add_argument("--limit", type=int, help="use only the first N training examples")
+    _input_flags(group, "training pairs", "plain")
     group.add_argument("--dev-data", help="validation pairs (same format and fields as --data)")
     group.add_argument(
         "--dev-fraction",
@@ -159,6 +172,54 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
+    """Flags of `generate` and `evaluate`: the adapter, Gradual Unrolling and decoding."""
+    flags = argparse.ArgumentParser(add_help=False)
+    mixing = flags.add_argument_group("adapter and Gradual Unrolling (default: the adapter's)")
+    mixing.add_argument(
+        "--adapter",
+        type=Path,
+        required=adapter_required,
+        help="adapter directory from pema-client train"
+        + ("" if adapter_required else " (without it: the PLM alone)"),
+    )
+    mixing.add_argument(
+        "--lambda-max", type=float, help="initial PEMA weight λ_0; 0 decodes with the PLM alone"
+    )
+    mixing.add_argument("--lambda-min", type=float, help="floor of λ over a sequence")
+    mixing.add_argument("--schedule", choices=SCHEDULES, help="how λ decays over a sequence")
+    mixing.add_argument(
+        "--gu-horizon",
+        type=float,
+        help="fixed horizon L in tokens (default: the adapter's length ratio × source tokens)",
+    )
+    decoding = flags.add_argument_group("decoding")
+    for name, help in (
+        ("max_new_tokens", "most new tokens per input"),
+        ("temperature", "0 decodes greedily; above 0 samples"),
+        ("top_k", "when sampling, only the k most likely tokens (0: all)"),
+        ("top_p", "when sampling, only the smallest set holding this probability"),
+        ("seed", "seeds sampling"),
+        ("batch_size", "inputs decoded together in one server session"),
+        ("device", "where the head and adapter run: auto (cuda, mps, cpu) or a torch device"),
+    ):
+        _config_flag(decoding, GenerationConfig, name, help)
+    _config_flag(
+        decoding,
+        GenerationConfig,
+        "hidden_dtype",
+        "representations on the wire",
+        choices=tuple(DTYPES),
+    )
+    decoding.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="end an output where this text appears (not kept); repeat for several",
+    )
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pema-client", description="Adapt a language model you cannot see, with PEMA."
@@ -200,6 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
         "building one from --data into OUT/memory",
     )
     _add_train_flags(trainer)
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[connection, _decode_flags(adapter_required=False)],
+        formatter_class=formatter,
+        help="decode prompts with the PLM and the adapter mixed by Gradual Unrolling",
+    )
+    inputs = generate.add_argument_group("inputs and outputs")
+    inputs.add_argument(
+        "--prompt", action="append", help="a source text to answer (repeat for several)"
+    )
+    _input_flags(inputs, "inputs (a target field, when present, is kept as the reference)", None)
+    inputs.add_argument(
+        "--output", type=Path, help="JSONL file of the outputs of --data (default: stdout)"
+    )
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[connection, _decode_flags(adapter_required=True)],
+        formatter_class=formatter,
+        help="score the PLM alone and PEMA on the same inputs with sacreBLEU",
+    )
+    inputs = evaluate.add_argument_group("inputs and report")
+    _input_flags(inputs, "evaluation pairs", None)
+    inputs.add_argument(
+        "--report",
+        type=Path,
+        help="directory for report.json, report.md and both predictions files "
+        "(default: ADAPTER/evaluation)",
+    )
     return parser
 
 
@@ -331,6 +422,86 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _decoder(
+    args: argparse.Namespace, client: PemaClient
+) -> tuple[ServedModel, GenerationConfig, str, PemaAdapter | None, AdapterConfig | None]:
+    """The served model, decoding settings, template and adapter of `generate` and `evaluate`."""
+    served = ServedModel.fetch(client)
+    adapter = adapter_config = None
+    if args.adapter is not None:
+        adapter, adapter_config = load_adapter(args.adapter, fingerprint=served.info.fingerprint)
+    if args.template is not None:
+        template = _template(args)
+    else:
+        template = adapter_config.template if adapter_config is not None else TEMPLATES["plain"]
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        lambda_max=args.lambda_max,
+        lambda_min=args.lambda_min,
+        schedule=args.schedule,
+        gu_horizon=args.gu_horizon,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        batch_size=args.batch_size,
+        hidden_dtype=args.hidden_dtype,
+        device=args.device,
+    )
+    return served, config, template, adapter, adapter_config
+
+
+def _inputs(args: argparse.Namespace, require_target: bool) -> list[Example]:
+    return load_examples(
+        args.data,
+        args.source_field,
+        args.target_field,
+        limit=args.limit,
+        require_target=require_target,
+    )
+
+
+def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
+    if bool(args.prompt) == bool(args.data):
+        raise DataError("pass either --prompt TEXT or --data FILE")
+    served, config, template, adapter, adapter_config = _decoder(args, client)
+    generator = Generator(client, served, config, template, adapter, adapter_config)
+    if args.prompt:
+        for output in generator.generate([Example(p, None) for p in args.prompt]):
+            sys.stdout.write(output.prediction + "\n")
+        return
+    examples = _inputs(args, require_target=False)
+    outputs = generator.generate(examples, progress=not args.no_progress)
+    with args.output.open("w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as f:
+        for output in outputs:
+            f.write(json.dumps(output.to_dict(), ensure_ascii=False) + "\n")
+            f.flush()
+    if args.output:
+        log.info("%d outputs written to %s", len(examples), args.output)
+
+
+def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:
+    if not args.data:
+        raise DataError("pass --data FILE with sources and references")
+    served, config, template, adapter, adapter_config = _decoder(args, client)
+    assert adapter is not None and adapter_config is not None  # --adapter is required
+    report_dir = args.report or args.adapter / "evaluation"
+    report = evaluate(
+        client,
+        served,
+        _inputs(args, require_target=True),
+        adapter,
+        adapter_config,
+        config,
+        template,
+        report_dir,
+        progress=not args.no_progress,
+    )
+    sys.stdout.write(markdown_table(report))
+    log.info("report written to %s", report_dir)
+
+
 def _info_command(args: argparse.Namespace, client: PemaClient) -> None:
     sys.stdout.write(json.dumps(client.model_info().model_dump(), indent=2) + "\n")
 
@@ -339,6 +510,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PemaClient], None]] = {
     "info": _info_command,
     "memory": _memory_command,
     "train": _train_command,
+    "generate": _generate_command,
+    "evaluate": _evaluate_command,
 }
 
 
@@ -350,6 +523,7 @@ def connect(args: argparse.Namespace) -> PemaClient:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
+    rich.reconfigure(stderr=True)  # logs and progress bars; stdout carries only results
     handler = RichHandler(show_path=False, show_time=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(level if args.verbose else logging.WARNING)  # per request

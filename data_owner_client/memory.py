@@ -28,20 +28,13 @@ from typing import Any, Final, Literal
 import torch
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors import safe_open
 from safetensors.torch import save
 
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, dataset_hash, encode_prompt, encode_target
 from data_owner_client.data import source_length as count_source_tokens
+from data_owner_client.progress import progress_bar
 from shared.protocol import HiddenDType, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -553,7 +546,9 @@ def build_memory(
         todo = [i for i in range(fresh.num_shards) if not _recorded(out, manifest, i)]
         done_pairs = sum(pairs) - sum(_pairs_of(pairs, i, shard_examples) for i in todo)
         started = time.monotonic()
-        with _progress(progress and bool(todo), sum(pairs), done_pairs) as advance:
+        with progress_bar(
+            "memory", "pairs", sum(pairs), done_pairs, enabled=progress and bool(todo)
+        ) as advance:
             builder.advance = advance
             for index in todo:
                 manifest = _build_shard(out, builder, manifest, index)
@@ -654,27 +649,3 @@ def _build_shard(out: Path, builder: _Builder, manifest: Manifest, index: int) -
     manifest = manifest.with_shard(write_shard(out, index, keys, values, (first, end), tokens))
     write_manifest(out, manifest)
     return manifest
-
-
-@contextmanager
-def _progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar over pairs with the server's tokens/s; yields ``advance(pairs, tokens)``."""
-    columns = (
-        TextColumn("memory"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("pairs {task.fields[speed]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    started, sent = time.monotonic(), 0
-    with Progress(*columns, disable=not enabled) as bar:
-        task = bar.add_task("memory", total=total, completed=done, speed="")
-
-        def advance(pairs: int, tokens: int) -> None:
-            nonlocal sent
-            sent += tokens
-            speed = f"{sent / max(time.monotonic() - started, 1e-9):,.0f} tokens/s"
-            bar.update(task, advance=pairs, speed=speed)
-
-        yield advance

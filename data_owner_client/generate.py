@@ -1,0 +1,291 @@
+"""Decoding through a server session, mixing the PLM with the adapter under Gradual Unrolling.
+
+Each step the server returns every live row's representation ``f(c_t)``; the client computes
+``log P_LM = log softmax H(f(c_t))`` with the cached head and ``log P_PEMA`` from the adapter's
+``h_pd``, mixes them with that row's λ_t (:mod:`data_owner_client.schedule`), picks the next token
+and steps only the rows still alive. With λ_max = 0 this is exactly the PLM's own decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data_owner_client.adapter import AdapterConfig, PemaAdapter
+from data_owner_client.client import PemaClient, ServerError
+from data_owner_client.data import DataError, Example, encode_prompt, source_length
+from data_owner_client.progress import progress_bar
+from data_owner_client.schedule import SCHEDULES, gu_lambdas, mix_log_probs
+from data_owner_client.served_model import ServedModel
+from data_owner_client.train import resolve_device
+from shared.protocol import HiddenDType
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode; ``None`` mixing settings take the adapter's saved defaults."""
+
+    max_new_tokens: int = 128  # most new tokens per row (EOS included)
+    lambda_max: float | None = None  # λ_0 of Gradual Unrolling; 0 decodes with the PLM alone
+    lambda_min: float | None = None  # floor of λ over a sequence
+    schedule: str | None = None  # quadratic (paper), linear, or constant (no unrolling)
+    gu_horizon: float | None = None  # fixed horizon L in tokens, instead of ratio × source length
+    temperature: float = 0.0  # 0 is greedy; above 0 samples from the mixed distribution
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    top_p: float = 1.0  # sample from the smallest set holding this much probability
+    seed: int = 0  # seeds sampling
+    stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
+    batch_size: int = 8  # rows decoded together in one server session
+    hidden_dtype: HiddenDType = "float32"  # representations on the wire
+    device: str = "auto"  # where the head and adapter run: auto (cuda, mps, cpu) or a name
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be at least 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.gu_horizon is not None and self.gu_horizon <= 0:
+            raise ValueError(f"the GU horizon must be positive, got {self.gu_horizon}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """The resolved Gradual Unrolling settings of one run."""
+
+    lambda_max: float
+    lambda_min: float
+    schedule: str
+    length_ratio: float | None  # target/source tokens learned in training
+    horizon: float | None  # fixed horizon; overrides the ratio
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:
+            raise ValueError(
+                f"need 0 <= lambda_min <= lambda_max <= 1, got {self.lambda_min}, {self.lambda_max}"
+            )
+        if self.needs_horizon and self.horizon is None and self.length_ratio is None:
+            raise ValueError(
+                "the adapter has no learned length ratio for Gradual Unrolling; pass a fixed "
+                "horizon (--gu-horizon N) or use --schedule constant"
+            )
+
+    @property
+    def needs_horizon(self) -> bool:
+        return self.lambda_max > 0 and self.schedule != "constant"
+
+    def horizon_of(self, source_tokens: int) -> float:
+        """The row's horizon L: fixed, or the learned ratio × its source length."""
+        if self.horizon is not None:
+            return self.horizon
+        return (self.length_ratio or 0.0) * source_tokens
+
+    @classmethod
+    def resolve(cls, config: GenerationConfig, adapter: AdapterConfig | None) -> Mixing:
+        """The config's settings, falling back to the adapter's (λ = 0 without an adapter)."""
+
+        def pick(name: str, no_adapter: Any) -> Any:
+            value = getattr(config, name)
+            if value is not None:
+                return value
+            return getattr(adapter, name) if adapter is not None else no_adapter
+
+        mixing = cls(
+            lambda_max=pick("lambda_max", 0.0),
+            lambda_min=pick("lambda_min", 0.0),
+            schedule=pick("schedule", "constant"),
+            length_ratio=adapter.length_ratio if adapter is not None else None,
+            horizon=config.gu_horizon,
+        )
+        if mixing.lambda_max > 0 and adapter is None:
+            raise ValueError("mixing with λ_max > 0 needs an adapter: pass --adapter DIR")
+        return mixing
+
+
+@dataclass
+class Generation:
+    """One row's output."""
+
+    source: str
+    prediction: str  # the decoded text, without EOS or the stop string
+    reference: str | None
+    token_ids: list[int]  # the new tokens (EOS included when the row ended on it)
+    seconds: float  # from the batch's session opening until this row finished
+    finish_reason: str  # "eos", "stop" or "length"
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSONL record: source, prediction, reference (when known), token count, time."""
+        record: dict[str, Any] = {"source": self.source, "prediction": self.prediction}
+        if self.reference is not None:
+            record["reference"] = self.reference
+        record.update(tokens=self.tokens, seconds=self.seconds, finish_reason=self.finish_reason)
+        return record
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    horizon: float
+    budget: int  # new tokens this row may take
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    seconds: float = 0.0
+
+
+class Generator:
+    """Decodes examples through ``client`` with the served model's head and an optional adapter."""
+
+    def __init__(
+        self,
+        client: PemaClient,
+        served: ServedModel,
+        config: GenerationConfig,
+        template: str,
+        adapter: PemaAdapter | None = None,
+        adapter_config: AdapterConfig | None = None,
+    ) -> None:
+        if served.head is None:
+            raise ValueError("decoding needs the served model's output head")
+        self.client, self.served, self.config, self.template = client, served, config, template
+        self.mixing = Mixing.resolve(config, adapter_config)
+        self.device = resolve_device(config.device)
+        self.head = served.head.to(self.device).eval()
+        self.adapter = adapter.to(self.device).eval() if adapter is not None else None
+        self.eos = set(served.info.eos_token_ids)
+        self.sampler = torch.Generator(self.device).manual_seed(config.seed)
+        limits = served.info.limits
+        # The session's first token comes with its opening; each later one is a step.
+        self.max_new_tokens = min(config.max_new_tokens, limits.max_new_tokens + 1)
+        if self.max_new_tokens < config.max_new_tokens:
+            log.warning("the server decodes at most %d new tokens per row", self.max_new_tokens)
+        self.batch_size = min(config.batch_size, limits.max_batch_size)
+
+    def generate(self, examples: Sequence[Example], progress: bool = False) -> Iterator[Generation]:
+        """Each example's generation, in order, a batch at a time."""
+        with progress_bar("generate", "rows", len(examples), enabled=progress) as advance:
+            for first in range(0, len(examples), self.batch_size):
+                batch = examples[first : first + self.batch_size]
+                rows = [self._row(first + i, e) for i, e in enumerate(batch)]
+                self._decode(rows)
+                advance(len(rows), sum(len(r.tokens) for r in rows))
+                for example, row in zip(batch, rows, strict=True):
+                    yield Generation(
+                        example.source,
+                        row.text,
+                        example.target,
+                        row.tokens,
+                        round(row.seconds, 4),
+                        row.finish_reason or "length",
+                    )
+
+    def _row(self, index: int, example: Example) -> _Row:
+        tokenizer, info = self.served.tokenizer, self.served.info
+        prompt = encode_prompt(tokenizer, self.template, example.source)
+        room = min(info.max_positions, info.limits.max_request_tokens) - len(prompt)
+        if not prompt or room < 1:
+            raise DataError(
+                f"example {index}: the prompt has {len(prompt)} tokens, leaving no room to "
+                f"generate within the model's {info.max_positions} positions; shorten it"
+            )
+        horizon = self.mixing.horizon_of(source_length(tokenizer, example.source))
+        return _Row(prompt, horizon, min(self.max_new_tokens, room))
+
+    def _decode(self, rows: list[_Row]) -> None:
+        """Decode ``rows`` together until each ends on EOS, a stop string or its budget."""
+        started = time.perf_counter()
+        session, hidden, _ = self.client.open_session(
+            [r.prompt for r in rows], dtype=self.config.hidden_dtype
+        )
+        try:
+            live = list(range(len(rows)))
+            for step in range(self.max_new_tokens):
+                # Each live row's next token from its mixed distribution.
+                horizons = torch.tensor([rows[b].horizon for b in live], device=self.device)
+                tokens = self.next_tokens(hidden, step, horizons)
+                for b, token in zip(live, tokens, strict=True):
+                    self._append(rows[b], token, started)
+                # Only rows still alive advance; the server drops the others from its cache.
+                live = [b for b in live if rows[b].finish_reason is None]
+                if not live:
+                    break
+                hidden, _ = self.client.step(session, [rows[b].tokens[-1] for b in live], live)
+        finally:
+            self._close(session)
+
+    @torch.inference_mode()
+    def next_tokens(self, hidden: torch.Tensor, step: int, horizons: torch.Tensor) -> list[int]:
+        """The next token of each row from its representation ``[B, d]`` at step ``step``."""
+        x = hidden.to(self.device, torch.float32)
+        m = self.mixing
+        lam = gu_lambdas(step, horizons, m.lambda_max, m.lambda_min, m.schedule)
+        if self.adapter is None or not bool(lam.any()):
+            log_probs = F.log_softmax(self.head(x), dim=-1)
+        else:
+            # One head call over both representations: the PLM's and the adapter's h_pd.
+            lp_lm, lp_pema = F.log_softmax(self.head(torch.cat([x, self.adapter(x)])), -1).chunk(2)
+            log_probs = mix_log_probs(lp_lm, lp_pema, lam)
+        return self._pick(log_probs).tolist()
+
+    def _pick(self, log_probs: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if config.temperature == 0:
+            return log_probs.argmax(-1)
+        scores = filter_top_k_top_p(log_probs / config.temperature, config.top_k, config.top_p)
+        return torch.multinomial(scores.softmax(-1), 1, generator=self.sampler).squeeze(-1)
+
+    def _append(self, row: _Row, token: int, started: float) -> None:
+        """Add ``token`` to ``row`` and decide whether the row is finished."""
+        row.tokens.append(token)
+        text_tokens = row.tokens[:-1] if token in self.eos else row.tokens
+        row.text = self.served.tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
+        if token in self.eos:
+            row.finish_reason = "eos"
+        elif (cut := _stop_index(row.text, self.config.stop)) is not None:
+            row.text, row.finish_reason = row.text[:cut].rstrip(), "stop"
+        elif len(row.tokens) >= row.budget:
+            row.finish_reason = "length"
+        if row.finish_reason is not None:
+            row.seconds = time.perf_counter() - started
+
+    def _close(self, session: str) -> None:
+        try:
+            self.client.close_session(session)
+        except ServerError as exc:  # already expired or evicted: nothing left to free
+            log.debug("could not close session %s: %s", session, exc)
+
+
+def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``scores [B, V]`` with everything outside the top-k and the top-p nucleus set to -inf."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the probability.
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+        drop_sorted = before >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def _stop_index(text: str, stops: Iterable[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else None

@@ -1,0 +1,192 @@
+"""Decoding through a server session: PLM parity, mixing, ragged finishes, stops, sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_owner_client.adapter import AdapterConfig, PemaAdapter
+from data_owner_client.client import PemaClient
+from data_owner_client.data import Example
+from data_owner_client.generate import GenerationConfig, Generator, filter_top_k_top_p
+from data_owner_client.served_model import ServedModel
+from plm_owner_server.runner import ModelRunner
+from tests.server.helpers import serve
+
+PROMPTS = ["w5 w9 w11", "w20", "w30 w31 w40 w41 w50 w7 w8 w60", "w44 w45"]
+TEMPLATE = "{source}"
+
+
+@pytest.fixture
+def served_client(make_runner, tmp_path) -> Iterator[tuple[ModelRunner, PemaClient, ServedModel]]:
+    runner = make_runner("llama")
+    with serve(runner) as http, PemaClient(http=http, retries=0) as client:
+        yield runner, client, ServedModel.fetch(client, cache_dir=tmp_path / "cache")
+
+
+def examples(prompts: list[str] = PROMPTS) -> list[Example]:
+    return [Example(p, None) for p in prompts]
+
+
+def reference_greedy(runner: ModelRunner, prompt: str, new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding of one prompt, cut after its first EOS."""
+    ids = runner.tokenizer(prompt, return_tensors="pt")
+    eos = runner.model.generation_config.eos_token_id
+    out = runner.model.generate(
+        **ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    tokens = out[0, ids["input_ids"].shape[1] :].tolist()
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def generated_tokens(generator: Generator, prompts: list[str]) -> list[list[int]]:
+    return [g.token_ids for g in generator.generate(examples(prompts))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_lambda_zero_is_transformers_greedy_decoding(make_runner, tmp_path, arch):
+    runner = make_runner(arch)
+    with serve(runner) as http, PemaClient(http=http, retries=0) as client:
+        served = ServedModel.fetch(client, cache_dir=tmp_path)
+        config = GenerationConfig(max_new_tokens=16, lambda_max=0.0, batch_size=3)
+        got = generated_tokens(Generator(client, served, config, TEMPLATE), PROMPTS)
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
+        assert tokens == reference_greedy(runner, prompt, 16), prompt
+
+
+def test_rows_finish_at_different_steps_and_the_rest_continue(served_client):
+    runner, client, served = served_client
+    config = GenerationConfig(max_new_tokens=14, lambda_max=0.0)
+    alone = [reference_greedy(runner, p, 14) for p in PROMPTS]
+    # Pretend that tokens the rows reach at different steps are EOS tokens too.
+    ends = {*served.info.eos_token_ids, alone[1][2], alone[2][4]}
+    info = served.info.model_copy(update={"eos_token_ids": sorted(ends)})
+    generator = Generator(client, dataclasses.replace(served, info=info), config, TEMPLATE)
+    got = generated_tokens(generator, PROMPTS)
+    lengths = set()
+    for tokens, reference in zip(got, alone, strict=True):
+        first_end = next((i for i, t in enumerate(reference) if t in ends), len(reference) - 1)
+        assert tokens == reference[: first_end + 1]
+        lengths.add(len(tokens))
+    assert len(lengths) >= 3  # the rows really did finish at different steps
+
+
+def test_stop_strings_cut_the_output(served_client):
+    runner, client, served = served_client
+    alone = runner.tokenizer.decode(reference_greedy(runner, PROMPTS[1], 12))
+    words = alone.split()
+    config = GenerationConfig(max_new_tokens=12, lambda_max=0.0, stop=(words[3], "never"))
+    [output] = Generator(client, served, config, TEMPLATE).generate(examples(PROMPTS[1:2]))
+    assert output.finish_reason == "stop"
+    assert output.prediction == " ".join(words[:3])
+    assert output.tokens == 4
+
+
+def test_outputs_report_length_and_do_not_use_references(served_client):
+    _, client, served = served_client
+    config = GenerationConfig(max_new_tokens=5, lambda_max=0.0)
+    generator = Generator(client, served, config, TEMPLATE)
+    plain = list(generator.generate(examples()))
+    with_refs = list(generator.generate([Example(p, "w3 w3 w3") for p in PROMPTS]))
+    for a, b in zip(plain, with_refs, strict=True):
+        assert a.prediction == b.prediction and b.reference == "w3 w3 w3"
+        assert "reference" not in a.to_dict() and b.to_dict()["reference"] == "w3 w3 w3"
+        if a.finish_reason == "length":
+            assert a.tokens == 5
+
+
+def _adapter(served: ServedModel, seed: int = 0) -> tuple[PemaAdapter, AdapterConfig]:
+    info = served.info
+    config = AdapterConfig(info.hidden_size, info.vocab_size, rank=8, length_ratio=1.5)
+    adapter = PemaAdapter.from_config(config, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        adapter.B_pd.normal_(0, 30, generator=torch.Generator().manual_seed(seed + 1))
+    return adapter.eval(), config
+
+
+def test_next_tokens_follow_the_mixture_of_probabilities(served_client):
+    _, client, served = served_client
+    adapter, adapter_config = _adapter(served)
+    config = GenerationConfig(lambda_max=0.6, schedule="linear")
+    generator = Generator(client, served, config, TEMPLATE, adapter, adapter_config)
+    hidden = torch.randn(64, served.info.hidden_size, generator=torch.Generator().manual_seed(5))
+    horizons = torch.full((64,), 4.0)
+    head = served.head
+    assert head is not None
+    for step, lam in ((0, 0.6), (1, 0.45), (3, 0.15), (4, 0.0)):
+        p_lm = F.softmax(head(hidden), -1)
+        p_pema = F.softmax(head(adapter(hidden)), -1)
+        expected = ((1 - lam) * p_lm + lam * p_pema).argmax(-1)
+        assert generator.next_tokens(hidden, step, horizons) == expected.tolist()
+    # The adapter really moves the choice, so the check above can fail.
+    assert generator.next_tokens(hidden, 0, horizons) != head(hidden).argmax(-1).tolist()
+
+
+def test_the_horizon_is_the_learned_ratio_times_the_source_length(served_client):
+    _, client, served = served_client
+    adapter, adapter_config = _adapter(served)
+    generator = Generator(client, served, GenerationConfig(), TEMPLATE, adapter, adapter_config)
+    assert generator._row(0, Example("w5 w6 w7 w8", None)).horizon == pytest.approx(1.5 * 4)
+    fixed = GenerationConfig(gu_horizon=9)
+    generator = Generator(client, served, fixed, TEMPLATE, adapter, adapter_config)
+    assert generator._row(0, Example("w5 w6 w7 w8", None)).horizon == 9
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(served_client):
+    _, client, served = served_client
+
+    def run(**kwargs) -> list[str]:
+        config = GenerationConfig(max_new_tokens=10, lambda_max=0.0, **kwargs)
+        return [
+            g.prediction for g in Generator(client, served, config, TEMPLATE).generate(examples())
+        ]
+
+    greedy = run()
+    assert run(temperature=1.0, seed=1) == run(temperature=1.0, seed=1)
+    assert run(temperature=1.0, seed=1) != run(temperature=1.0, seed=2)
+    assert run(temperature=1.0, seed=1) != greedy
+    assert run(temperature=0.7, top_k=1, seed=3) == greedy
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    top2 = filter_top_k_top_p(scores, top_k=2)
+    assert torch.isfinite(top2).tolist() == [[True, False, True, False], [True, True, True, True]]
+    # Row 0 probabilities are about 0.64, 0.09, 0.24, 0.03: 0.7 needs the two largest.
+    nucleus = filter_top_k_top_p(scores, top_p=0.7)
+    assert torch.isfinite(nucleus[0]).tolist() == [True, False, True, False]
+    assert torch.isfinite(nucleus[1]).tolist() == [False, False, True, False]
+    assert torch.equal(filter_top_k_top_p(scores), scores)
+
+
+def test_limits_of_the_server_bound_the_decode(make_runner, tmp_path):
+    runner = make_runner("llama")
+    with (
+        serve(runner, max_new_tokens=3, max_batch_size=2) as http,
+        PemaClient(http=http, retries=0) as client,
+    ):
+        served = ServedModel.fetch(client, cache_dir=tmp_path)
+        config = GenerationConfig(max_new_tokens=50, lambda_max=0.0, batch_size=8)
+        generator = Generator(client, served, config, TEMPLATE)
+        assert (generator.max_new_tokens, generator.batch_size) == (4, 2)
+        outputs = list(generator.generate(examples()))
+    assert all(o.tokens <= 4 for o in outputs) and len(outputs) == len(PROMPTS)
+
+
+def test_mixing_settings_are_checked(served_client, tmp_path: Path):
+    _, client, served = served_client
+    with pytest.raises(ValueError, match="needs an adapter"):
+        Generator(client, served, GenerationConfig(lambda_max=0.5), TEMPLATE)
+    adapter, adapter_config = _adapter(served)
+    no_ratio = dataclasses.replace(adapter_config, length_ratio=None)
+    with pytest.raises(ValueError, match="--gu-horizon"):
+        Generator(client, served, GenerationConfig(), TEMPLATE, adapter, no_ratio)
+    constant = GenerationConfig(schedule="constant")
+    Generator(client, served, constant, TEMPLATE, adapter, no_ratio)  # needs no horizon
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
