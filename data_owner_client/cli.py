@@ -47,10 +47,10 @@ USER_ERRORS = (ServerError, ValueError, OSError)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except the empty ones (None, False) that say nothing."""
+    """Shows each flag's default, except the empty ones (None, False, []) that say nothing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.default == []:
             return action.help or ""
         return super()._get_help_string(action) or ""
 

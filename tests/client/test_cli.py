@@ -18,34 +18,9 @@ from data_owner_client.adapter import load_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.memory import Memory
 from tests.server.helpers import serve
+from tests.word_cipher import TARGET_WORDS, cipher_rows, write_jsonl
 
-# A cipher the random PLM cannot do: a source word from w5..w12 becomes two words, the first
-# from w13..w20, the second from w21..w28, each a fixed permutation of the word before it.
-FIRST, WIDTH, TARGET_WORDS = 5, 8, 2
 TEMPLATE = "{source}"
-
-
-def cipher(word: int) -> int:
-    """The word after ``word``: the next band of WIDTH words, permuted."""
-    band, offset = divmod(word - FIRST, WIDTH)
-    return FIRST + (band + 1) * WIDTH + (7 * offset + 3) % WIDTH
-
-
-def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def cipher_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
-    """Rows ``{"src": "w<a>", "tgt": "w<c(a)> w<c(c(a))>"}``."""
-    generator = torch.Generator().manual_seed(seed)
-    rows: list[dict[str, object]] = []
-    for start in torch.randint(FIRST, FIRST + WIDTH, (n,), generator=generator).tolist():
-        chain = [start]
-        for _ in range(TARGET_WORDS):
-            chain.append(cipher(chain[-1]))
-        rows.append({"src": f"w{start}", "tgt": " ".join(f"w{w}" for w in chain[1:])})
-    return rows
 
 
 @pytest.fixture
@@ -192,16 +167,20 @@ def test_server_flag_before_or_after_the_command(argv, server):
     assert args.server == server and args.api_key is None
 
 
-def test_help_documents_every_flag_with_its_default(capsys):
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate"])
+def test_help_documents_every_flag_with_its_default(capsys, command):
     with pytest.raises(SystemExit):
-        cli.main(["train", "--help"])
+        cli.main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     parser = cli.build_parser()
-    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
-    for action in train._actions:
+    sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    for action in sub._actions:
         assert action.help, f"{action.option_strings} has no help"
-        if action.default not in (None, False, argparse.SUPPRESS):
+        if action.default not in (None, False, [], argparse.SUPPRESS):
             flag = action.option_strings[-1]
             assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(action.default))}\)", text)
+    assert "(default: [])" not in text and "(default: None)" not in text
+    if command != "train":
+        return
     for default in ("--rank RANK r, clamped to the hidden size (default: 512)", "(default: 20480)"):
         assert default in text

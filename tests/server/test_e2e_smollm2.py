@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_owner_client.client import PemaClient, ServerError
 from plm_owner_server.embedded import ensure_embedded_model
 from plm_owner_server.settings import Settings
+from tests.uvicorn_server import uvicorn_server
 
 pytestmark = pytest.mark.slow
 TEXTS = [
@@ -25,29 +21,13 @@ TEXTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server_url():
-    port = _free_port()
-    cmd = [sys.executable, "-m", "plm_owner_server", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(cmd, env={**os.environ, "PEMA_MODEL": "smollm2-135m"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with PemaClient(url) as client:
-            deadline = time.monotonic() + 180
-            while not client.health():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"pema-server did not start (exit code {process.poll()})")
-                time.sleep(0.25)
+def server_url(tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with uvicorn_server(
+        "--log-level", "warning", log=log, env={"PEMA_MODEL": "smollm2-135m"}
+    ) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
