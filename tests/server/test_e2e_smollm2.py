@@ -9,6 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_owner_client.client import PemaClient, ServerError
+from data_owner_client.data import TEMPLATES, Example
+from data_owner_client.generate import GenerationConfig, Generator
+from data_owner_client.served_model import ServedModel
 from plm_owner_server.embedded import ensure_embedded_model
 from plm_owner_server.settings import Settings
 from tests.uvicorn_server import uvicorn_server
@@ -116,3 +119,25 @@ def test_session_steps_equal_full_forward_and_greedy_decoding(client, reference_
     with pytest.raises(ServerError) as excinfo:
         client.step(session, [1, 1])
     assert excinfo.value.status == 404
+
+
+def test_pema_client_at_lambda_zero_decodes_as_transformers_greedy(
+    client, reference_model, tmp_path: Path
+):
+    model, tokenizer = reference_model
+    served = ServedModel.fetch(client, cache_dir=tmp_path)
+    config = GenerationConfig(max_new_tokens=24, lambda_max=0.0, batch_size=len(TEXTS))
+    outputs = list(
+        Generator(client, served, config, TEMPLATES["translate"]).generate(
+            [Example(text, None) for text in TEXTS]
+        )
+    )
+    for text, output in zip(TEXTS, outputs, strict=True):
+        ids = tokenizer(TEMPLATES["translate"].replace("{source}", text), return_tensors="pt")
+        with torch.no_grad():
+            reference = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        expected = reference[0, ids.input_ids.shape[1] :].tolist()
+        assert output.token_ids == expected, text
+        assert output.finish_reason == (
+            "eos" if expected[-1] in served.info.eos_token_ids else "length"
+        )
