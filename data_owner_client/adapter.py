@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from data_owner_client.schedule import SCHEDULES
+from shared.head import Head
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,11 @@ class AdapterConfig:
     alpha: float = 1.0  # scaling numerator: s = alpha / rank
     dropout: float = 0.2  # dropout probability on the adapter's input
     kappa: float = 0.2  # weight of the reconstruction loss in stage 2
+    # Feed the adapter norm(f(c)), the head's final norm of the representation, instead of f(c);
+    # it then also reconstructs norm(f(c)). Off is DESIGN §2 as written. On conditions models with
+    # massive activations (SmolLM2: a few dimensions in the hundreds) as the paper's released code
+    # did, which exported a normalised hidden state.
+    input_norm: bool = False
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -136,16 +143,30 @@ class PemaAdapter(nn.Module):
         self.B_pd = nn.Parameter(torch.zeros(hidden_size, rank))
         self.dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
+        self.input_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._init_A(generator)
 
     @classmethod
     def from_config(
-        cls, config: AdapterConfig, *, generator: torch.Generator | None = None
+        cls,
+        config: AdapterConfig,
+        head: Head | None = None,
+        *,
+        generator: torch.Generator | None = None,
     ) -> PemaAdapter:
-        """A freshly initialised adapter of the config's shape."""
-        return cls(
+        """A freshly initialised adapter of the config's shape (``head``: for ``input_norm``)."""
+        adapter = cls(
             config.hidden_size, config.rank, config.alpha, config.dropout, generator=generator
         )
+        if config.input_norm:
+            if head is None:
+                raise AdapterError("an adapter with input_norm needs the served model's head")
+            adapter.input_norm = head.normalize  # a method, not a submodule: saved nowhere
+        return adapter
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the adapter reads and reconstructs: ``x``, or ``norm(x)`` with ``input_norm``."""
+        return x if self.input_norm is None else self.input_norm(x)
 
     @torch.no_grad()
     def _init_A(self, generator: torch.Generator | None) -> None:
@@ -156,11 +177,11 @@ class PemaAdapter(nn.Module):
         self.A.copy_(fresh)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The rank-r code ``A · drop(x)``."""
-        return F.linear(self.dropout(x.to(self.A.dtype)), self.A)
+        """The rank-r code ``A · drop(features(x))``."""
+        return F.linear(self.dropout(self.features(x).to(self.A.dtype)), self.A)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``h_rct = s · B_rct A drop(x)``, trained to reproduce ``x``."""
+        """``h_rct = s · B_rct A drop(x)``, trained to reproduce ``features(x)``."""
         return self.scaling * F.linear(self.encode(x), self.B_rct)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,16 +240,20 @@ def load_adapter(
     directory: str | Path,
     *,
     fingerprint: str | None = None,
+    head: Head | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[PemaAdapter, AdapterConfig]:
-    """Load a saved adapter (in eval mode); with ``fingerprint``, refuse one trained elsewhere."""
+    """Load a saved adapter (in eval mode); with ``fingerprint``, refuse one trained elsewhere.
+
+    An adapter trained with ``input_norm`` needs the served model's ``head``.
+    """
     directory = Path(directory)
     config = read_adapter_config(directory)
     if fingerprint is not None:
         check_fingerprint(directory, config, fingerprint)
     tensors = _read_tensors(directory)
     _check_shapes(tensors, config, directory)
-    adapter = PemaAdapter.from_config(config)
+    adapter = PemaAdapter.from_config(config, head)
     with torch.no_grad():
         for name, tensor in tensors.items():
             getattr(adapter, name).copy_(tensor)

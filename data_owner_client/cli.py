@@ -150,6 +150,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "default Gradual Unrolling schedule",
         choices=("quadratic", "linear", "constant"),
     )
+    adapter.add_argument(
+        "--input-norm",
+        action="store_true",
+        help="feed the adapter the head's final norm of each representation instead of the raw "
+        "one (better conditioned on models with massive activations, such as SmolLM2)",
+    )
     opt = parser.add_argument_group("optimisation")
     for name, help in (
         ("lr", "Adam learning rate"),
@@ -215,7 +221,8 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         "--stop",
         action="append",
         default=[],
-        help="end an output where this text appears (not kept); repeat for several",
+        help="end an output where this text appears (not kept; write \\n for a newline); "
+        "repeat for several",
     )
     return flags
 
@@ -378,6 +385,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         alpha=args.alpha,
         dropout=args.dropout,
         kappa=args.kappa,
+        input_norm=args.input_norm,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,
@@ -429,7 +437,9 @@ def _decoder(
     served = ServedModel.fetch(client)
     adapter = adapter_config = None
     if args.adapter is not None:
-        adapter, adapter_config = load_adapter(args.adapter, fingerprint=served.info.fingerprint)
+        adapter, adapter_config = load_adapter(
+            args.adapter, fingerprint=served.info.fingerprint, head=served.head
+        )
     if args.template is not None:
         template = _template(args)
     else:
@@ -444,7 +454,7 @@ def _decoder(
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        stop=tuple(args.stop),
+        stop=tuple(stop.replace("\\n", "\n") for stop in args.stop),
         batch_size=args.batch_size,
         hidden_dtype=args.hidden_dtype,
         device=args.device,

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, save_adapter, write_atomic
+from shared.head import Head
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,10 @@ def _stage_loss(
     kappa: float,
     chunk_rows: int,
 ) -> dict[str, torch.Tensor]:
-    """The stage's loss under ``"loss"`` and its parts (stage 2: ``"mse"``, ``"ce"``)."""
+    """The stage's loss under ``"loss"`` and its parts (stage 2: ``"mse"``, ``"ce"``).
+
+    ``batch`` holds the reconstruction target (the adapter's features of the keys) and the values.
+    """
     x, y = batch
     mse = F.mse_loss(outputs[-1], x)
     if len(outputs) == 1:
@@ -293,7 +297,7 @@ def _eval_sums(
                 logits = head(h_part)
                 ce += F.cross_entropy(logits, y_part, reduction="sum").item()
                 correct += (logits.argmax(-1) == y_part).sum().item()
-        sq = (h_rct.float() - x.float()).pow(2).sum().item()
+        sq = (h_rct.float() - adapter.features(x).float()).pow(2).sum().item()
         sums += torch.tensor([sq, x.numel(), ce, correct, len(y)], dtype=torch.float64)
     return sums
 
@@ -452,7 +456,9 @@ class _Trainer:
         """Build a fresh run, or continue the checkpoint when asked to and one exists."""
         torch.manual_seed(_derived_seed(self.config.seed, f"dropout:{self.world.rank}"))
         init = _generator(self.config.seed, "stage1")
-        self.adapter = PemaAdapter.from_config(self.adapter_config, generator=init).to(self.device)
+        head = self.head if isinstance(self.head, Head) else None
+        adapter = PemaAdapter.from_config(self.adapter_config, head, generator=init)
+        self.adapter = adapter.to(self.device)
         saved = self._load_checkpoint() if self.config.resume else None
         if saved is not None:
             self._restore(saved)
@@ -563,7 +569,9 @@ class _Trainer:
                 f"{self.adapter_config.hidden_size}: was the memory built on another model?"
             )
         outputs = self.model(x)
-        losses = _stage_loss(outputs, (x, y), self.head, self.adapter_config.kappa, self.chunk_rows)
+        target = self.adapter.features(x)  # what h_rct reconstructs
+        kappa = self.adapter_config.kappa
+        losses = _stage_loss(outputs, (target, y), self.head, kappa, self.chunk_rows)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()

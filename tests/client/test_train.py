@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_owner_client.adapter import load_adapter
+from data_owner_client.adapter import AdapterError, load_adapter
 from data_owner_client.train import (
     LOG_FILE,
     PLOT_FILE,
@@ -312,3 +313,21 @@ def test_ddp_on_two_processes_matches_one_process(task, tmp_path):
     # Validation covers every pair on both, the batch the ranks cannot share evenly included.
     val = [[r["val_loss"] for r in log if r["kind"] == "val"] for log in (ddp_log, single_log)]
     assert val[0] == pytest.approx(val[1], rel=1e-5)
+
+
+def test_input_norm_trains_on_normalised_features_and_reloads_with_the_head(task, tmp_path):
+    train_set, val_set = task.sample(2048, 1), task.sample(512, 2)
+    adapter_config, train_config = small_configs(stage1_epochs=5, stage2_epochs=6)
+    adapter_config = dataclasses.replace(adapter_config, input_norm=True)
+    result = train(adapter_config, train_set, val_set, task.head, tmp_path, train_config)
+
+    features = task.head.normalize(val_set.keys)
+    assert result.stage1_val_loss < 0.2 * features.pow(2).mean().item()  # reconstructs norm(x)
+    assert result.val_accuracy >= 0.95
+    with pytest.raises(AdapterError, match="needs the served model's head"):
+        load_adapter(tmp_path)
+    loaded, config = load_adapter(tmp_path, head=task.head)
+    assert config.input_norm
+    x = val_set.keys[:8]
+    torch.testing.assert_close(loaded(x), result.adapter.eval()(x))
+    torch.testing.assert_close(loaded.features(x), task.head.normalize(x))

@@ -1,0 +1,219 @@
+"""`pema-client generate` through the server versus in-process transformers greedy decoding.
+
+    python bench/bench_generate.py [--quick] [--json PATH]
+
+Starts `pema-server` as a real uvicorn subprocess on a free port and loads the same model into this
+process. For each batch size the same prompts are decoded, alternately, by
+
+- in-process ``model.generate`` (greedy, KV cache, exactly ``--new-tokens`` new tokens), and
+- the client's :class:`Generator` over loopback HTTP with an adapter of the paper's rank mixed in at
+  every step (constant λ = 0.9, so the adapter and the mixture run on every token), the served
+  model's EOS ignored so both sides decode the same number of tokens.
+
+Ratios are medians of adjacent pairs (tokens/s of the client ÷ tokens/s in-process), so drift of
+the machine's speed cancels out. Wire bytes (request and response, bodies and headers) are counted
+on the client's connection and divided by the generated tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from bench_common import DATA, machine, running_server, seconds
+
+from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
+from data_owner_client.client import PemaClient
+from data_owner_client.data import TEMPLATES, Example, encode_prompt, load_examples
+from data_owner_client.generate import GenerationConfig, Generator
+from data_owner_client.served_model import ServedModel
+from plm_owner_server.runner import ModelRunner
+from plm_owner_server.settings import Settings
+
+BATCHES = (1, 8)
+GOAL = 0.9  # client tokens/s ÷ in-process tokens/s
+TEMPLATE = TEMPLATES["translate"]
+
+
+class WireCounter:
+    """Bytes of every request and response on an httpx client: start line, headers, body."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    @staticmethod
+    def _headers(headers: httpx.Headers) -> int:
+        return sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2
+
+    def request(self, request: httpx.Request) -> None:
+        line = len(request.method) + len(request.url.raw_path) + 12
+        self.bytes += line + self._headers(request.headers) + len(request.content)
+
+    def response(self, response: httpx.Response) -> None:
+        response.read()
+        self.bytes += 17 + self._headers(response.headers) + len(response.content)
+
+
+def adapter_dir(served: ServedModel, folder: Path) -> Path:
+    """A random adapter of the paper's rank, saved as a real adapter directory."""
+    info = served.info
+    config = AdapterConfig(
+        info.hidden_size, info.vocab_size, fingerprint=info.fingerprint, length_ratio=1.0
+    )
+    adapter = PemaAdapter.from_config(config, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter.B_pd.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    return save_adapter(folder, adapter, config)
+
+
+@torch.inference_mode()
+def in_process(model: Any, tokenizer: Any, examples: list[Example], new_tokens: int) -> int:
+    """transformers' greedy ``generate`` of exactly ``new_tokens`` per row; returns the count."""
+    prompts = [encode_prompt(tokenizer, TEMPLATE, e.source) for e in examples]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return (out.shape[1] - width) * len(examples)
+
+
+def bench_batch(
+    runner: ModelRunner,
+    generator: Generator,
+    counter: WireCounter,
+    examples: list[Example],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Interleaved timings of both sides on the same prompts."""
+    samples: dict[str, list[float]] = {"in_process": [], "client": []}
+    tokens = {"in_process": 0, "client": 0}
+
+    def client_side() -> None:
+        tokens["client"] = sum(g.tokens for g in generator.generate(examples))
+
+    def baseline() -> None:
+        tokens["in_process"] = in_process(runner.model, runner.tokenizer, examples, args.new_tokens)
+
+    sides = {"in_process": baseline, "client": client_side}
+    for fn in sides.values():  # warm-up
+        fn()
+    wire_before = counter.bytes
+    client_runs = 0
+    for i in range(args.repeats):
+        for name in list(sides)[:: 1 if i % 2 == 0 else -1]:
+            samples[name].append(seconds(sides[name]))
+            client_runs += name == "client"
+    assert tokens["client"] == tokens["in_process"] == args.new_tokens * len(examples)
+    per_run = tokens["client"]
+    tps = {k: [per_run / s for s in v] for k, v in samples.items()}
+    return {
+        "tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
+        "ratio": statistics.median(
+            c / b for c, b in zip(tps["client"], tps["in_process"], strict=True)
+        ),
+        "wire_bytes_per_token": (counter.bytes - wire_before) / (client_runs * per_run),
+        "samples_s": samples,
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| batch | in-process generate (tok/s) | pema-client generate (tok/s) | ratio | goal "
+        "| wire bytes per generated token |",
+        "|---|---|---|---|---|---|",
+    ]
+    for batch, r in results["batches"].items():
+        met = "✓" if r["ratio"] >= GOAL else "✗"
+        tps = r["tokens_per_s"]
+        lines.append(
+            f"| {batch} | {tps['in_process']:.1f} | {tps['client']:.1f} | {r['ratio']:.3f} "
+            f"| ≥ {GOAL} {met} | {r['wire_bytes_per_token']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, runner: ModelRunner, url: str, tmp: Path) -> dict[str, Any]:
+    examples = load_examples(args.data, "en", "du", limit=max(BATCHES))
+    counter = WireCounter()
+    hooks = {"request": [counter.request], "response": [counter.response]}
+    http = httpx.Client(base_url=url, timeout=600, event_hooks=hooks)
+    with PemaClient(http=http) as client:
+        served = ServedModel.fetch(client, cache_dir=tmp / "cache")
+        # Ignore EOS so that both sides decode exactly the same number of tokens.
+        served = dataclasses.replace(
+            served, info=served.info.model_copy(update={"eos_token_ids": []})
+        )
+        adapter, adapter_config = load_adapter(
+            adapter_dir(served, tmp / "adapter"),
+            fingerprint=served.info.fingerprint,
+            head=served.head,
+        )
+        results: dict[str, Any] = {"batches": {}, "new_tokens": args.new_tokens}
+        for batch in BATCHES:
+            config = GenerationConfig(
+                max_new_tokens=args.new_tokens,
+                lambda_max=0.9,
+                schedule="constant",
+                batch_size=batch,
+            )
+            generator = Generator(client, served, config, TEMPLATE, adapter, adapter_config)
+            results["batches"][batch] = bench_batch(
+                runner, generator, counter, examples[:batch], args
+            )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 8 tokens")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads of this process and of the server (default: torch's)",
+    )
+    parser.add_argument("--data", type=Path, default=DATA, help="WMT22-style JSONL (en, du)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.new_tokens = 1, 8
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    runner = ModelRunner.load(Settings())
+    with tempfile.TemporaryDirectory() as tmp:
+        with running_server(args.threads, Path(tmp) / "log") as url:
+            results = run(args, runner, url, Path(tmp))
+    results["machine"] = machine(args.threads)
+    results["wall_s"] = time.perf_counter() - started
+    m = results["machine"]
+    print(
+        f"model {runner.model_id} ({runner.dtype}), {m['cpus']} CPUs ({m['cpu']}), torch "
+        f"{m['torch']}, {args.threads} torch threads in the bench and in the server; "
+        f"{args.repeats} repeats, {args.new_tokens} new tokens per row, "
+        f"{results['wall_s']:.0f} s\n"
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
