@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test lint serve bench clean docker-config
+.PHONY: setup model test lint serve demo bench clean docker-config
 
 setup: $(STAMP)
 
@@ -34,14 +34,20 @@ test: model lint
 serve: model
 	$(BIN)/pema-server
 
+# The main job end to end (about 15 minutes on 2 CPU cores): see demo/demo.py.
+demo: model
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	$(BIN)/python demo/demo.py
+
 bench: model
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/bench_server.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_generate.py
 
 # Checks docker-compose.yml; needs Docker with the compose plugin.
 docker-config:
 	docker compose config --quiet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .demo
