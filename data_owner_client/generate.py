@@ -252,16 +252,21 @@ class Generator:
     def _append(self, row: _Row, token: int, started: float) -> None:
         """Add ``token`` to ``row`` and decide whether the row is finished."""
         row.tokens.append(token)
-        text_tokens = row.tokens[:-1] if token in self.eos else row.tokens
-        row.text = self.served.tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
         if token in self.eos:
             row.finish_reason = "eos"
-        elif (cut := _stop_index(row.text, self.config.stop)) is not None:
-            row.text, row.finish_reason = row.text[:cut].rstrip(), "stop"
-        elif len(row.tokens) >= row.budget:
+        elif self.config.stop:  # decoding the text every step costs: only with stop strings
+            row.text = self._text(row.tokens)
+            if (cut := _stop_index(row.text, self.config.stop)) is not None:
+                row.text, row.finish_reason = row.text[:cut].rstrip(), "stop"
+        if row.finish_reason is None and len(row.tokens) >= row.budget:
             row.finish_reason = "length"
         if row.finish_reason is not None:
             row.seconds = time.perf_counter() - started
+            if row.finish_reason != "stop":
+                row.text = self._text(row.tokens[:-1] if token in self.eos else row.tokens)
+
+    def _text(self, tokens: list[int]) -> str:
+        return str(self.served.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
     def _close(self, session: str) -> None:
         try:
