@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,9 @@ from typing import Any
 import httpx
 import torch
 import transformers
+
+from plm_owner_server.runner import ModelRunner
+from plm_owner_server.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/wmt22/train.jsonl"  # ../shared/data
 READY_TIMEOUT_S = 300.0
@@ -77,3 +82,31 @@ def machine(threads: int) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "torch_threads": threads,
     }
+
+
+def run_and_report(
+    args: Any,
+    measure: Callable[[ModelRunner, str, Path], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    settings: str,
+) -> None:
+    """Load the model here and in a server subprocess (``args.threads`` torch threads each), run
+    ``measure(runner, url, tmp)``, print the machine, ``settings`` and the table; ``args.json``."""
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    runner = ModelRunner.load(Settings())
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(args.threads, Path(tmp) / "log") as url,
+    ):
+        results = measure(runner, url, Path(tmp))
+    results["machine"] = m = machine(args.threads)
+    results["wall_s"] = time.perf_counter() - started
+    print(
+        f"model {runner.model_id} ({runner.dtype}), {m['cpus']} CPUs ({m['cpu']}), torch "
+        f"{m['torch']}, transformers {m['transformers']}, {args.threads} torch threads in the "
+        f"bench and in the server; {settings}, {results['wall_s']:.0f} s\n"
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
-from bench_common import DATA, machine, running_server, seconds
+from bench_common import DATA, run_and_report, seconds
 
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
@@ -36,7 +33,6 @@ from data_owner_client.data import TEMPLATES, Example, encode_prompt, load_examp
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.served_model import ServedModel
 from plm_owner_server.runner import ModelRunner
-from plm_owner_server.settings import Settings
 
 BATCHES = (1, 8)
 GOAL = 0.9  # client tokens/s ÷ in-process tokens/s
@@ -195,24 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.new_tokens = 1, 8
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    runner = ModelRunner.load(Settings())
-    with tempfile.TemporaryDirectory() as tmp:
-        with running_server(args.threads, Path(tmp) / "log") as url:
-            results = run(args, runner, url, Path(tmp))
-    results["machine"] = machine(args.threads)
-    results["wall_s"] = time.perf_counter() - started
-    m = results["machine"]
-    print(
-        f"model {runner.model_id} ({runner.dtype}), {m['cpus']} CPUs ({m['cpu']}), torch "
-        f"{m['torch']}, {args.threads} torch threads in the bench and in the server; "
-        f"{args.repeats} repeats, {args.new_tokens} new tokens per row, "
-        f"{results['wall_s']:.0f} s\n"
+    run_and_report(
+        args,
+        lambda runner, url, tmp: run(args, runner, url, tmp),
+        table,
+        f"{args.repeats} repeats, {args.new_tokens} new tokens per row",
     )
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
-from bench_common import DATA, machine, running_server, seconds
+from bench_common import DATA, run_and_report, seconds
 from transformers import DynamicCache
 
 from data_owner_client.client import PemaClient
@@ -226,26 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 1, 8
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    runner = ModelRunner.load(Settings())
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        running_server(args.threads, Path(tmp) / "log") as url,
-    ):
-        results = run(args, runner, url)
-    results["machine"] = machine(args.threads)
-    results["wall_s"] = time.perf_counter() - started
-    m = results["machine"]
-    print(
-        f"model {runner.model_id} ({runner.dtype}), {m['cpus']} CPUs ({m['cpu']}), torch "
-        f"{m['torch']}, transformers {m['transformers']}, {args.threads} torch threads in the "
-        f"bench and in the server; {args.repeats} repeats, {args.steps} steps, "
-        f"{results['wall_s']:.0f} s\n"
+    run_and_report(
+        args,
+        lambda runner, url, tmp: run(args, runner, url),
+        table,
+        f"{args.repeats} repeats, {args.steps} steps",
     )
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
