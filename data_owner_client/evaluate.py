@@ -25,6 +25,7 @@ from data_owner_client.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+_LABELS = {"plm": "the PLM alone", "pema": "PEMA"}
 
 
 @dataclass
@@ -122,9 +123,6 @@ def evaluate(
     write_atomic(report_dir / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
     write_atomic(report_dir / REPORT_MD, markdown_table(report).encode())
     return report
-
-
-_LABELS = {"plm": "the PLM alone", "pema": "PEMA"}
 
 
 def markdown_table(report: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from data_owner_client.adapter import AdapterConfig, PemaAdapter
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.progress import progress_bar
-from data_owner_client.schedule import SCHEDULES, gu_lambdas, mix_log_probs
+from data_owner_client.schedule import check_settings, gu_lambdas, mix_log_probs
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import resolve_device
 from shared.protocol import HiddenDType
@@ -69,12 +69,7 @@ class Mixing:
     horizon: float | None  # fixed horizon; overrides the ratio
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:
-            raise ValueError(
-                f"need 0 <= lambda_min <= lambda_max <= 1, got {self.lambda_min}, {self.lambda_max}"
-            )
+        check_settings(self.lambda_max, self.lambda_min, self.schedule)
         if self.needs_horizon and self.horizon is None and self.length_ratio is None:
             raise ValueError(
                 "the adapter has no learned length ratio for Gradual Unrolling; pass a fixed "

@@ -23,7 +23,7 @@ def gu_lambda(
     schedule: str = "quadratic",
 ) -> float:
     """λ at generation step ``step`` (0 is the first new token) of a sequence of horizon ``L``."""
-    _check(lambda_max, lambda_min, schedule)
+    check_settings(lambda_max, lambda_min, schedule)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step == 0 or schedule == "constant":
@@ -57,7 +57,8 @@ def mix_log_probs(lp_lm: torch.Tensor, lp_pema: torch.Tensor, lam: torch.Tensor)
     return torch.logaddexp(torch.log1p(-lam) + lp_lm, torch.log(lam) + lp_pema)
 
 
-def _check(lambda_max: float, lambda_min: float, schedule: str) -> None:
+def check_settings(lambda_max: float, lambda_min: float, schedule: str) -> None:
+    """Refuse an unknown schedule or λ bounds outside ``0 <= λ_min <= λ_max <= 1``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if not (0.0 <= lambda_min <= lambda_max <= 1.0) or math.isnan(lambda_max):
