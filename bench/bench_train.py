@@ -8,9 +8,9 @@ On SmolLM2 and WMT22 en→de pairs (the paper's translation prompt):
    teacher forcing versus the generated context (seconds; goal ≥ 10×).
 2. PEMA: ``pema-client train --memory DIR`` in its own process, ``--epochs`` epochs of stage 1
    and of stage 2 (no early stop), the paper's batch sizes.
-3. LoRA with peft (r = 8 on every linear layer, AdamW) on the whole local model in its own
-   process, ``--epochs`` epochs over the same training examples, the loss on the same target
-   tokens + EOS that the memory holds, so both see the same number of target tokens.
+3. LoRA with peft (``lora.py``: r = 8 on every linear layer, AdamW, 8 sequences per step) on the
+   whole local model in its own process, ``--epochs`` epochs over the same training examples,
+   the loss on the same target tokens + EOS that the memory holds (logits only there).
 
 Peak memory is each trainer process's peak resident set (VmHWM; on CUDA, peak allocated), also
 counted above the same process right after its imports. Wall time is the whole trainer process
@@ -30,18 +30,10 @@ from typing import Any
 
 import torch
 from bench_common import DATA, machine, running_server
+from lora import LoraSettings, encode, load_model, rss_bytes, train
 
 TEMPLATE = "translate"
-LORA_BATCH = 8  # sequences per LoRA step
 MEMORY_GOAL, TIME_GOAL, BUILD_GOAL = 0.1, 1 / 3, 10.0
-
-
-def rss_bytes(field: str) -> int:
-    """A memory figure of this process from /proc (VmRSS now, VmHWM peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def examples(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
@@ -63,52 +55,11 @@ def pema_worker(cli_args: list[str]) -> None:
 
 def lora_worker(args: argparse.Namespace) -> None:
     """LoRA fine-tuning of the whole model on the prompts + targets of the training examples."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from data_owner_client.data import resolve_template
 
-    from data_owner_client.data import encode_prompt, encode_target, resolve_template
-    from plm_owner_server.embedded import ensure_embedded_model
-    from plm_owner_server.settings import Settings
-
-    path = ensure_embedded_model(Settings().cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
-    model = get_peft_model(model, config)
-    template, eos = resolve_template(TEMPLATE), tokenizer.eos_token_id
-    rows = []
-    for example in examples(args)[0]:
-        prompt = encode_prompt(tokenizer, template, example.source)
-        target = encode_target(tokenizer, template, example.target) + [eos]
-        rows.append((prompt + target, [-100] * len(prompt) + target))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        for first in range(0, len(order), LORA_BATCH):
-            ids, labels, mask = _pad([rows[i] for i in order[first : first + LORA_BATCH]])
-            loss = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
-            ).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-
-def _pad(batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for b, (row, row_labels) in enumerate(batch):
-        ids[b, : len(row)], labels[b, : len(row)], mask[b, : len(row)] = (
-            torch.tensor(row),
-            torch.tensor(row_labels),
-            1,
-        )
-    return ids, labels, mask
+    model, tokenizer, _ = load_model()
+    rows = encode(tokenizer, resolve_template(TEMPLATE), examples(args)[0])
+    train(model, rows, LoraSettings(epochs=args.epochs))
 
 
 def worker(kind: str, result: Path, args: argparse.Namespace, rest: list[str]) -> None:

@@ -34,10 +34,11 @@ from data_owner_client.data import (
 )
 from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
+from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
 from data_owner_client.schedule import SCHEDULES
 from data_owner_client.served_model import ServedModel
-from data_owner_client.train import TrainConfig, init_distributed, train
+from data_owner_client.train import TrainConfig, init_distributed, resolve_device, train
 
 log = logging.getLogger("pema-client")
 TRAIN, DEV = "train", "dev"  # the two memories under a memory directory
@@ -56,11 +57,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _config_flag(
-    group: argparse._ArgumentGroup, config: type, name: str, help: str, **kwargs: Any
+    group: argparse._ArgumentGroup,
+    config: type,
+    name: str,
+    help: str,
+    flag: str | None = None,
+    **kwargs: Any,
 ) -> None:
-    """``--name`` for a config dataclass field, with the field's default and type."""
+    """``--name`` (or ``flag``) for a config dataclass field, with the field's default and type."""
     default = next(f.default for f in dataclasses.fields(config) if f.name == name)
-    flag = "--" + name.replace("_", "-")
+    flag = flag or "--" + name.replace("_", "-")
     group.add_argument(flag, type=type(default), default=default, help=help, **kwargs)
 
 
@@ -283,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument(
         "--output", type=Path, help="JSONL file of the outputs of --data (default: stdout)"
     )
+    knn = generate.add_argument_group(
+        "kNN-LM baseline (instead of an adapter; λ defaults to 0.25, constant)"
+    )
+    knn.add_argument(
+        "--knn",
+        type=Path,
+        metavar="MEMORY",
+        help="mix the PLM with k-nearest-neighbour retrieval over this memory (a memory "
+        "directory, or the folder of `pema-client memory build --out` whose train/ it uses)",
+    )
+    _config_flag(knn, KnnConfig, "k", "neighbours per step", flag="--knn-k")
+    _config_flag(
+        knn, KnnConfig, "temperature", "T of softmax(-distance / T)", flag="--knn-temperature"
+    )
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -462,6 +482,23 @@ def _decoder(
     return served, config, template, adapter, adapter_config
 
 
+def _knn(
+    args: argparse.Namespace, served: ServedModel, config: GenerationConfig
+) -> tuple[KnnLM, str]:
+    """The kNN-LM over ``--knn`` (a memory, or a `memory build` folder's train/) and the
+    memory's prompt template."""
+    if args.adapter is not None:
+        raise DataError("pass either --adapter (PEMA) or --knn (the kNN-LM baseline), not both")
+    path = args.knn / "train" if (args.knn / "train").is_dir() else args.knn
+    memory = Memory.open(path)
+    memory.check_fingerprint(served.info.fingerprint)
+    assert served.head is not None  # ServedModel.fetch refuses a server without its head
+    knn_config = KnnConfig(k=args.knn_k, temperature=args.knn_temperature)
+    log.info("kNN-LM over %d pairs of %s (k = %d)", len(memory), path, knn_config.k)
+    knn = KnnLM.from_memory(memory, served.head, knn_config, resolve_device(config.device))
+    return knn, memory.manifest.template
+
+
 def _inputs(args: argparse.Namespace, require_target: bool) -> list[Example]:
     return load_examples(
         args.data,
@@ -476,7 +513,11 @@ def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
     if bool(args.prompt) == bool(args.data):
         raise DataError("pass either --prompt TEXT or --data FILE")
     served, config, template, adapter, adapter_config = _decoder(args, client)
-    generator = Generator(client, served, config, template, adapter, adapter_config)
+    knn = None
+    if args.knn is not None:
+        knn, memory_template = _knn(args, served, config)
+        template = template if args.template is not None else memory_template
+    generator = Generator(client, served, config, template, adapter, adapter_config, knn)
     if args.prompt:
         for output in generator.generate([Example(p, None) for p in args.prompt]):
             sys.stdout.write(output.prediction + "\n")

@@ -2,8 +2,9 @@
 
 Each step the server returns every live row's representation ``f(c_t)``; the client computes
 ``log P_LM = log softmax H(f(c_t))`` with the cached head and ``log P_PEMA`` from the adapter's
-``h_pd``, mixes them with that row's λ_t (:mod:`data_owner_client.schedule`), picks the next token
-and steps only the rows still alive. With λ_max = 0 this is exactly the PLM's own decoding.
+``h_pd`` (or, for the kNN-LM baseline, ``log p_kNN`` from the memory), mixes them with that row's
+λ_t (:mod:`data_owner_client.schedule`), picks the next token and steps only the rows still alive.
+With λ_max = 0 this is exactly the PLM's own decoding.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from data_owner_client.adapter import AdapterConfig, PemaAdapter
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
+from data_owner_client.knn import KnnLM
 from data_owner_client.progress import progress_bar
 from data_owner_client.schedule import check_settings, gu_lambdas, mix_log_probs
 from data_owner_client.served_model import ServedModel
@@ -58,6 +60,19 @@ class GenerationConfig:
             raise ValueError("stop strings must not be empty")
 
 
+class MixingDefaults(Protocol):
+    """Where unset mixing settings come from: an adapter's config or a kNN-LM."""
+
+    @property
+    def lambda_max(self) -> float: ...
+    @property
+    def lambda_min(self) -> float: ...
+    @property
+    def schedule(self) -> str: ...
+    @property
+    def length_ratio(self) -> float | None: ...
+
+
 @dataclass(frozen=True)
 class Mixing:
     """The resolved Gradual Unrolling settings of one run."""
@@ -87,24 +102,26 @@ class Mixing:
         return (self.length_ratio or 0.0) * source_tokens
 
     @classmethod
-    def resolve(cls, config: GenerationConfig, adapter: AdapterConfig | None) -> Mixing:
-        """The config's settings, falling back to the adapter's (λ = 0 without an adapter)."""
+    def resolve(cls, config: GenerationConfig, defaults: MixingDefaults | None) -> Mixing:
+        """The config's settings, falling back to the adapter's or kNN-LM's (λ = 0 without)."""
 
-        def pick(name: str, no_adapter: Any) -> Any:
+        def pick(name: str, alone: Any) -> Any:
             value = getattr(config, name)
             if value is not None:
                 return value
-            return getattr(adapter, name) if adapter is not None else no_adapter
+            return getattr(defaults, name) if defaults is not None else alone
 
         mixing = cls(
             lambda_max=pick("lambda_max", 0.0),
             lambda_min=pick("lambda_min", 0.0),
             schedule=pick("schedule", "constant"),
-            length_ratio=adapter.length_ratio if adapter is not None else None,
+            length_ratio=defaults.length_ratio if defaults is not None else None,
             horizon=config.gu_horizon,
         )
-        if mixing.lambda_max > 0 and adapter is None:
-            raise ValueError("mixing with λ_max > 0 needs an adapter: pass --adapter DIR")
+        if mixing.lambda_max > 0 and defaults is None:
+            raise ValueError(
+                "mixing with λ_max > 0 needs an adapter (--adapter DIR) or a kNN memory (--knn DIR)"
+            )
         return mixing
 
 
@@ -144,7 +161,8 @@ class _Row:
 
 
 class Generator:
-    """Decodes examples through ``client`` with the served model's head and an optional adapter."""
+    """Decodes examples through ``client`` with the served model's head, mixed with an optional
+    adapter or kNN-LM."""
 
     def __init__(
         self,
@@ -154,14 +172,18 @@ class Generator:
         template: str,
         adapter: PemaAdapter | None = None,
         adapter_config: AdapterConfig | None = None,
+        knn: KnnLM | None = None,
     ) -> None:
         if served.head is None:
             raise ValueError("decoding needs the served model's output head")
+        if adapter is not None and knn is not None:
+            raise ValueError("mix the PLM with an adapter or with a kNN memory, not both")
         self.client, self.served, self.config, self.template = client, served, config, template
-        self.mixing = Mixing.resolve(config, adapter_config)
+        self.mixing = Mixing.resolve(config, adapter_config if knn is None else knn)
         self.device = resolve_device(config.device)
         self.head = served.head.to(self.device).eval()
         self.adapter = adapter.to(self.device).eval() if adapter is not None else None
+        self.knn = knn
         self.eos = set(served.info.eos_token_ids)
         self.sampler = torch.Generator(self.device).manual_seed(config.seed)
         limits = served.info.limits
@@ -229,12 +251,16 @@ class Generator:
         x = hidden.to(self.device, torch.float32)
         m = self.mixing
         lam = gu_lambdas(step, horizons, m.lambda_max, m.lambda_min, m.schedule)
-        if self.adapter is None or not bool(lam.any()):
+        if not bool(lam.any()):
             log_probs = F.log_softmax(self.head(x), dim=-1)
-        else:
+        elif self.adapter is not None:
             # One head call over both representations: the PLM's and the adapter's h_pd.
             lp_lm, lp_pema = F.log_softmax(self.head(torch.cat([x, self.adapter(x)])), -1).chunk(2)
             log_probs = mix_log_probs(lp_lm, lp_pema, lam)
+        else:
+            assert self.knn is not None, "λ > 0 needs an adapter or a kNN-LM (Mixing.resolve)"
+            lp_lm = F.log_softmax(self.head(x), dim=-1)
+            log_probs = mix_log_probs(lp_lm, self.knn.log_probs(x), lam)
         return self._pick(log_probs).tolist()
 
     def _pick(self, log_probs: torch.Tensor) -> torch.Tensor:

@@ -49,17 +49,30 @@ def verses(max_words: int) -> Iterator[tuple[str, str, str, str]]:
             yield book.name, f"{book.title} {chapter}:{verse}", kjv, web
 
 
+Verses = list[dict[str, str]]
+
+
 def split(
-    train_size: int, test_size: int, seed: int, max_words: int, test_books: tuple[str, ...]
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Random training verses from the other books and random test verses from ``test_books``."""
+    train_size: int,
+    test_size: int,
+    seed: int,
+    max_words: int,
+    test_books: tuple[str, ...],
+    tune_size: int = 0,
+) -> tuple[Verses, Verses, Verses]:
+    """Random training verses from the other books, random test verses from ``test_books``, and
+    ``tune_size`` more verses of the training books, disjoint from the training ones, for
+    choosing settings without looking at the test books."""
     train, test = [], []
     for book, ref, kjv, web in verses(max_words):
         (test if book in test_books else train).append({"kjv": kjv, "web": web, "ref": ref})
     rng = random.Random(seed)
-    if train_size > len(train) or test_size > len(test):
+    if train_size + tune_size > len(train) or test_size > len(test):
         raise SystemExit(f"only {len(train)} training and {len(test)} test verses are available")
-    return rng.sample(train, train_size), rng.sample(test, test_size)
+    chosen, tested = rng.sample(train, train_size), rng.sample(test, test_size)
+    taken = {verse["ref"] for verse in chosen}
+    tune = rng.sample([v for v in train if v["ref"] not in taken], tune_size)
+    return chosen, tune, tested
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -77,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "--test-books", nargs="+", default=TEST_BOOKS, help="held-out books (pythonbible names)"
     )
     args = parser.parse_args(argv)
-    train, test = split(args.train, args.test, args.seed, args.max_words, tuple(args.test_books))
+    train, _, test = split(args.train, args.test, args.seed, args.max_words, tuple(args.test_books))
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "test.jsonl", test)

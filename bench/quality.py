@@ -1,0 +1,488 @@
+"""Quality and cost of PEMA against the paper's baselines, on two real tasks, in one command.
+
+    python bench/quality.py                  # both tasks and the ablations, small sizes (2 CPUs)
+    python bench/quality.py --size full      # larger sizes, for a GPU host
+    python bench/quality.py --split tune     # the same runs on held-out training data
+
+Tasks: WMT22 English → German (``../shared/data/wmt22``, the paper's translation prompt) and
+King James → World English Bible (``demo/bible.py``, test verses from books training never sees).
+Methods, on the same training pairs and evaluation inputs, each through the project's own CLI:
+
+- the PLM alone: ``pema-client generate`` without an adapter;
+- PEMA: ``pema-client memory build``, ``pema-client train --memory``, ``pema-client generate``
+  with Gradual Unrolling (quadratic) and with a constant λ;
+- kNN-LM: ``pema-client generate --knn`` over the same memory;
+- LoRA: peft on the whole local model (``bench/lora.py``), greedy decoding with transformers.
+
+Ablations (on ``--ablation-task``): κ, rank, memory size, GU schedule and λ_max, teacher-forced
+versus generated-context memory. Settings were chosen with ``--split tune`` (held-out training
+examples or training-book verses), never on the evaluation inputs.
+
+Every run writes ``results/quality/<size>-<split>/<task>/<run>.json`` (scores, cost, settings) and
+is skipped when that file exists (``--fresh`` reruns); memories, adapters and predictions go to
+``--work``. The table (``quality.md``) and plot (``quality.png``) are made from the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import machine, running_server
+
+from data_owner_client.evaluate import score
+
+ROOT = Path(__file__).resolve().parents[1]
+WMT = ROOT.parent / "shared/data/wmt22"  # ../shared/data, never copied into the repo
+BIN = Path(sys.executable).parent
+GIB = 1024**3
+
+# Chosen on the tuning split (see the README's quality section). The adapter reads the head's
+# final norm of f(c) (SmolLM2 has massive activation dimensions), and batches are smaller than
+# the paper's because the memories here hold ~30k pairs, not millions.
+PEMA_TRAIN = (
+    "--input-norm", "--stage1-batch-size", "1024", "--stage2-batch-size", "256",
+    "--stage1-epochs", "3", "--stage2-epochs", "4",
+)  # fmt: skip
+LAMBDA_MAX = 0.5
+KNN = ("--knn-k", "64", "--knn-temperature", "10", "--lambda-max", "0.25")
+LORA = ("--lr", "5e-4", "--epochs", "1")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str
+    target: str
+    template: str
+    max_new_tokens: int
+
+
+TASKS = {
+    "wmt22": Task("wmt22", "en", "du", "translate", 128),
+    "bible": Task("bible", "kjv", "web", "modernize", 96),
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    train: int  # training examples (10% of them validate PEMA's stages)
+    eval: int  # evaluation inputs
+    tune: int  # tuning inputs, disjoint from both
+
+
+SIZES = {"small": Size(train=600, eval=48, tune=48), "full": Size(train=8000, eval=1000, tune=200)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the results: a method with its settings."""
+
+    name: str
+    method: str  # plm, pema, knn, lora
+    group: str  # "main" or the ablation it belongs to
+    setting: str  # the value the ablation varies (the label in tables and plots)
+    train: tuple[str, ...] = ()  # extra `pema-client train` flags
+    decode: tuple[str, ...] = ()  # extra `pema-client generate` flags
+    memory: str = "all"  # all, 25, 50 (% of training examples) or generated
+
+    @property
+    def adapter_key(self) -> str:
+        """Names the adapter: runs that differ only in decoding share one."""
+        return "_".join([self.memory, *(a.lstrip("-") for a in self.train)])
+
+    @property
+    def predictions_key(self) -> str:
+        """Names the outputs: runs with the same adapter and decoding share them (greedy)."""
+        if self.method in ("plm", "lora"):
+            return self.method
+        return "_".join([self.method, self.adapter_key, *(a.lstrip("-") for a in self.decode)])
+
+
+def main_runs() -> list[Run]:
+    gu = ("--lambda-max", str(LAMBDA_MAX), "--schedule", "quadratic")
+    return [
+        Run("plm", "plm", "main", "PLM alone"),
+        Run("pema-gu", "pema", "main", f"PEMA, GU quadratic, λ_max {LAMBDA_MAX:g}", decode=gu),
+        Run(
+            "pema-constant",
+            "pema",
+            "main",
+            f"PEMA, constant λ {LAMBDA_MAX:g}",
+            decode=("--lambda-max", str(LAMBDA_MAX), "--schedule", "constant"),
+        ),
+        Run("knn", "knn", "main", "kNN-LM, same memory", decode=KNN),
+        Run("lora", "lora", "main", "LoRA (peft, whole model)"),
+    ]
+
+
+def ablation_runs() -> list[Run]:
+    gu = ("--lambda-max", str(LAMBDA_MAX), "--schedule", "quadratic")
+
+    def flags(flag: str, value: str, default: str) -> tuple[str, ...]:
+        return () if value == default else (flag, value)  # the default shares the main adapter
+
+    runs = [
+        Run(f"kappa-{k}", "pema", "κ", k, flags("--kappa", k, "0.2"), gu)
+        for k in ("0", "0.2", "0.5")
+    ]
+    runs += [
+        Run(f"rank-{r}", "pema", "rank", r, flags("--rank", r, "512"), gu)
+        for r in ("64", "256", "512")
+    ]
+    runs += [Run(f"memory-{p}", "pema", "memory size (%)", p, (), gu, p) for p in ("25", "50")]
+    runs += [Run("memory-100", "pema", "memory size (%)", "100", (), gu)]
+    runs += [Run("context-teacher", "pema", "memory context", "teacher", (), gu)]
+    runs += [Run("context-generated", "pema", "memory context", "generated", (), gu, "generated")]
+    for schedule in ("quadratic", "linear", "constant"):
+        decode = ("--lambda-max", str(LAMBDA_MAX), "--schedule", schedule)
+        runs.append(Run(f"schedule-{schedule}", "pema", "GU schedule", schedule, (), decode))
+    for lam in ("0.3", "0.5", "0.7", "0.9"):
+        decode = ("--lambda-max", lam, "--schedule", "quadratic")
+        runs.append(Run(f"lambda-{lam}", "pema", "λ_max (quadratic)", lam, (), decode))
+    return runs
+
+
+@dataclass
+class Bench:
+    """Where a run's inputs, intermediate artefacts and results live, and how it is carried out."""
+
+    size: Size
+    split: str
+    work: Path
+    results: Path
+    url: str = ""
+    fresh: bool = False
+    log: list[str] = field(default_factory=list)
+
+    # ---- data -----------------------------------------------------------------------------------
+
+    def data(self, task: Task) -> tuple[Path, Path]:
+        """(training JSONL, evaluation JSONL) of ``task``, written once into the work folder."""
+        folder = self.work / task.name / "data"
+        train, evaluate = folder / "train.jsonl", folder / f"{self.split}.jsonl"
+        if train.is_file() and evaluate.is_file():
+            return train, evaluate
+        folder.mkdir(parents=True, exist_ok=True)
+        size = self.size
+        if task.name == "wmt22":
+            lines = (WMT / "train.jsonl").read_text().splitlines(keepends=True)
+            if size.train + size.tune > len(lines):
+                raise SystemExit(f"{WMT / 'train.jsonl'} has only {len(lines)} examples")
+            tune = lines[len(lines) - size.tune :]  # the tail of the training file
+            test = (WMT / "dev.jsonl").read_text().splitlines(keepends=True)[: size.eval]
+            rows = {"train": lines[: size.train], "tune": tune, "test": test}
+            for name, part in rows.items():
+                (folder / f"{name}.jsonl").write_text("".join(part))
+        else:
+            sys.path.insert(0, str(ROOT / "demo"))
+            from bible import split, write_jsonl
+
+            parts = split(size.train, size.eval, 0, 40, ("RUTH", "JAMES", "JOHN_1"), size.tune)
+            for name, verses in zip(("train", "tune", "test"), parts, strict=True):
+                write_jsonl(folder / f"{name}.jsonl", verses)
+        return train, evaluate
+
+    def fields(self, task: Task) -> list[str]:
+        return ["--source-field", task.source, "--target-field", task.target]
+
+    # ---- the CLI ---------------------------------------------------------------------------------
+
+    def client(self, *argv: str | Path) -> dict[str, float]:
+        """Run ``pema-client``; its wall time and peak resident memory."""
+        command = [str(BIN / "pema-client"), "--server", self.url, *map(str, argv), "--no-progress"]
+        return measured(command)
+
+    def memory(self, task: Task, variant: str) -> Path:
+        """The memory folder (train/ and dev/) of ``variant``, built on first use."""
+        out = self.work / task.name / f"memory-{variant}"
+        figures = out / "build.json"
+        if figures.is_file():
+            return out
+        train, _ = self.data(task)
+        flags: list[str | Path] = ["--data", train, *self.fields(task), "--template", task.template]
+        if variant in ("25", "50"):
+            flags += ["--limit", str(self.size.train * int(variant) // 100)]
+        if variant == "generated":
+            flags += ["--context", "generated"]
+        cost = self.client("memory", "build", *flags, "--out", out)
+        figures.write_text(json.dumps(cost))
+        return out
+
+    def adapter(self, task: Task, run: Run) -> tuple[Path, dict[str, Any]]:
+        """The adapter ``run`` decodes with, trained on first use, and its training cost."""
+        out = self.work / task.name / f"adapter-{run.adapter_key}"
+        figures = out / "train_cost.json"
+        if not figures.is_file():
+            memory = self.memory(task, run.memory)
+            cost = self.client(
+                "train", "--memory", memory, "--out", out, *PEMA_TRAIN, *run.train
+            )
+            cost["memory_build_s"] = json.loads((memory / "build.json").read_text())["seconds"]
+            figures.write_text(json.dumps(cost))
+        return out, json.loads(figures.read_text())
+
+    def generate(self, task: Task, run: Run, *flags: str | Path) -> list[dict[str, Any]]:
+        """``pema-client generate`` over the evaluation inputs; its output records."""
+        _, inputs = self.data(task)
+        out = self.work / task.name / "predictions" / self.split / f"{run.predictions_key}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_file() and not self.fresh:
+            return [json.loads(line) for line in out.read_text().splitlines()]
+        self.client(
+            "generate", "--data", inputs, *self.fields(task), "--template", task.template,
+            "--stop", "\\n", "--max-new-tokens", str(task.max_new_tokens), *flags, *run.decode,
+            "--output", out,
+        )  # fmt: skip
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    # ---- runs ------------------------------------------------------------------------------------
+
+    def run(self, task: Task, run: Run) -> dict[str, Any]:
+        path = self.results / task.name / f"{run.name}.json"
+        if path.is_file() and not self.fresh:
+            return dict(json.loads(path.read_text()))
+        print(f"[{time.strftime('%H:%M:%S')}] {task.name}: {run.name}", flush=True)
+        cost: dict[str, Any] = {}
+        if run.method == "plm":
+            records = self.generate(task, run)
+        elif run.method == "pema":
+            adapter, cost = self.adapter(task, run)
+            records = self.generate(task, run, "--adapter", adapter)
+        elif run.method == "knn":
+            memory = self.memory(task, run.memory)
+            cost = {"memory_build_s": json.loads((memory / "build.json").read_text())["seconds"]}
+            records = self.generate(task, run, "--knn", memory)
+        else:
+            records, cost = self.lora(task, run)
+        result = {
+            "task": task.name,
+            "run": asdict(run),
+            "split": self.split,
+            "size": asdict(self.size),
+            "scores": score([r["prediction"] for r in records], [r["reference"] for r in records]),
+            "generation": generation_speed(records),
+            "training": cost,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        return result
+
+    def lora(self, task: Task, run: Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        train, inputs = self.data(task)
+        folder = self.work / task.name / "lora"
+        folder.mkdir(parents=True, exist_ok=True)
+        predictions, figures = folder / f"{self.split}.jsonl", folder / f"{self.split}.json"
+        measured(
+            [sys.executable, str(ROOT / "bench/lora.py"), "--train", str(train), "--eval",
+             str(inputs), *self.fields(task), "--template", task.template, "--max-new-tokens",
+             str(task.max_new_tokens), "--predictions", str(predictions), "--result",
+             str(figures), *LORA],
+        )  # fmt: skip
+        records = [json.loads(line) for line in predictions.read_text().splitlines()]
+        lora = json.loads(figures.read_text())
+        cost = {"seconds": lora["train_seconds"], "peak_rss": lora["peak_rss"]}
+        speed = {"new_tokens": lora["new_tokens"], "seconds": lora["generate_seconds"]}
+        return [{**r, "_speed": speed} for r in records], cost
+
+
+def measured(command: list[str]) -> dict[str, float]:
+    """Run ``command``; its wall time and peak resident set (the child's own, from wait4)."""
+    print("  $ " + shlex.join([Path(command[0]).name, *command[1:]]), flush=True)
+    started = time.perf_counter()
+    child = subprocess.Popen(command)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"{Path(command[0]).name} failed ({child.returncode})")
+    return {"seconds": time.perf_counter() - started, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def generation_speed(records: list[dict[str, Any]], batch_size: int = 8) -> dict[str, float]:
+    """New tokens per second of decoding. A row's ``seconds`` run from its batch's session
+    opening to its end, so a batch took its slowest row's time (process start-up excluded)."""
+    if "_speed" in records[0]:  # LoRA: measured around transformers' generate
+        speed = dict(records[0]["_speed"])
+    else:
+        batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+        speed = {
+            "new_tokens": sum(r["tokens"] for r in records),
+            "seconds": sum(max(r["seconds"] for r in b) for b in batches),
+        }
+    speed["tokens_per_second"] = speed["new_tokens"] / speed["seconds"]
+    return speed
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+
+def load_results(folder: Path) -> Iterator[dict[str, Any]]:
+    for path in sorted(folder.glob("*/*.json")):
+        yield json.loads(path.read_text())
+
+
+def cost_cells(result: dict[str, Any]) -> list[str]:
+    """Training wall time (memory build included), training peak RSS, generation tokens/s."""
+    training = result["training"]
+    build = training.get("memory_build_s", 0.0)
+    wall = build + training.get("seconds", 0.0)
+    time_cell = "" if not training else f"{wall:.0f}"
+    if build and training.get("seconds"):
+        time_cell += f" ({build:.0f} + {training['seconds']:.0f})"
+    rss = f"{training['peak_rss'] / GIB:.2f}" if "peak_rss" in training else ""
+    return [time_cell, rss, f"{result['generation']['tokens_per_second']:.1f}"]
+
+
+def score_cells(result: dict[str, Any]) -> list[str]:
+    s = result["scores"]
+    return [f"{s['bleu']:.2f}", f"{s['sentence_bleu']:.2f}", f"{s['chrf']:.2f}"]
+
+
+def row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The main table per task, then the ablations."""
+    lines = []
+    for task in TASKS:
+        main = [r for r in results if r["task"] == task and r["run"]["group"] == "main"]
+        if not main:
+            continue
+        size, split = main[0]["size"], main[0]["split"]
+        inputs = size["eval"] if split == "test" else size["tune"]
+        lines += [
+            f"**{task}** ({size['train']} training examples, {inputs} {split} inputs)",
+            "",
+            "| method | BLEU | sBLEU | chrF | training s (memory + train) | training peak RSS GiB "
+            "| generation tokens/s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        order = [run.name for run in main_runs()]
+        for r in sorted(main, key=lambda r: order.index(r["run"]["name"])):
+            lines.append(row([r["run"]["setting"], *score_cells(r), *cost_cells(r)]))
+        lines.append("")
+    ablations = [r for r in results if r["run"]["group"] != "main"]
+    if ablations:
+        task = ablations[0]["task"]
+        lines += [
+            f"**Ablations on {task}** (PEMA, GU quadratic λ_max {LAMBDA_MAX:g} unless varied)",
+            "",
+            "| ablation | setting | BLEU | sBLEU | chrF | training s (memory + train) |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        order = [run.name for run in ablation_runs()]
+        for r in sorted(ablations, key=lambda r: order.index(r["run"]["name"])):
+            run = r["run"]
+            lines.append(row([run["group"], run["setting"], *score_cells(r), cost_cells(r)[0]]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    """Scores per method on each task (bars), then each ablation (lines over its settings)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("bleu", "BLEU"), ("sentence_bleu", "sBLEU"), ("chrf", "chrF"))
+    tasks = [
+        t for t in TASKS if any(r["task"] == t and r["run"]["group"] == "main" for r in results)
+    ]
+    groups = list(dict.fromkeys(r["run"]["group"] for r in results if r["run"]["group"] != "main"))
+    panels = len(tasks) + len(groups)
+    columns = min(panels, 4)
+    rows = -(-panels // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, task in zip(flat, tasks, strict=False):
+        order = [run.name for run in main_runs()]
+        main = sorted(
+            (r for r in results if r["task"] == task and r["run"]["group"] == "main"),
+            key=lambda r: order.index(r["run"]["name"]),
+        )
+        width = 0.8 / len(metrics)
+        for i, (key, label) in enumerate(metrics):
+            xs = [j + (i - 1) * width for j in range(len(main))]
+            ax.bar(xs, [r["scores"][key] for r in main], width, label=label)
+        ax.set_xticks(range(len(main)), [r["run"]["name"] for r in main], rotation=30, ha="right")
+        ax.set_title(f"{task}: methods")
+        ax.legend(fontsize=7)
+    ablation_order = [run.name for run in ablation_runs()]
+    for ax, group in zip(flat[len(tasks) :], groups, strict=False):
+        runs = sorted(
+            (r for r in results if r["run"]["group"] == group),
+            key=lambda r: ablation_order.index(r["run"]["name"]),
+        )
+        for key, label in metrics:
+            ax.plot(
+                [r["run"]["setting"] for r in runs],
+                [r["scores"][key] for r in runs],
+                "o-",
+                label=label,
+            )
+        ax.set_title(f"{runs[0]['task']}: {group}")
+        ax.legend(fontsize=7)
+    for ax in flat[panels:]:
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
+    parser.add_argument("--size", choices=tuple(SIZES), default="small", help="small: 2 CPUs, ~1 h")
+    parser.add_argument(
+        "--split", choices=("test", "tune"), default="test",
+        help="test: the evaluation inputs; tune: held-out training data, for choosing settings",
+    )  # fmt: skip
+    parser.add_argument("--ablation-task", choices=tuple(TASKS), default="wmt22")
+    parser.add_argument("--no-ablations", action="store_true", help="only the main table")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (names)")
+    parser.add_argument("--fresh", action="store_true", help="rerun runs that have results")
+    parser.add_argument("--results", type=Path, default=ROOT / "results/quality")
+    parser.add_argument("--work", type=Path, default=ROOT / ".bench/quality")
+    args = parser.parse_args(argv)
+    # Client and server share the cores: OpenMP threads that sleep instead of spinning keep them
+    # from starving each other (bench_server.py measured the difference).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    tag = f"{args.size}-{args.split}"
+    bench = Bench(SIZES[args.size], args.split, args.work / args.size, args.results / tag)
+    plan = [(TASKS[t], run) for t in args.tasks for run in main_runs()]
+    if not args.no_ablations:
+        plan += [(TASKS[args.ablation_task], run) for run in ablation_runs()]
+    if args.only:
+        plan = [(task, run) for task, run in plan if run.name in args.only]
+    started, threads = time.perf_counter(), torch.get_num_threads()
+    bench.work.mkdir(parents=True, exist_ok=True)
+    with running_server(threads, bench.work / "server.log") as url:
+        bench.url, bench.fresh = url, args.fresh
+        for task, run in plan:
+            bench.run(task, run)
+    results = list(load_results(bench.results))
+    meta = {"machine": machine(threads), "last_run_s": time.perf_counter() - started, "size": tag}
+    (bench.results / "machine.json").write_text(json.dumps(meta, indent=2) + "\n")
+    table = markdown(results)
+    (bench.results / "quality.md").write_text(table)
+    plot(results, bench.results / "quality.png")
+    m = meta["machine"]
+    print(
+        f"\n{tag}: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}, {meta['last_run_s']:.0f} s\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
