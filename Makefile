@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test lint serve demo bench clean docker-config
+.PHONY: setup model test lint serve demo bench bench-quality clean docker-config
 
 setup: $(STAMP)
 
@@ -45,9 +45,15 @@ bench: model
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_generate.py
 
+# PEMA against the PLM alone, kNN-LM and LoRA on WMT22 and the Bible task, with the ablations
+# (about 75 minutes on 2 CPU cores; results in results/quality, see README "Quality").
+bench-quality: model
+	$(BIN)/python -m pip install --quiet -e ".[bench,demo]"
+	$(BIN)/python bench/quality.py
+
 # Checks docker-compose.yml; needs Docker with the compose plugin.
 docker-config:
 	docker compose config --quiet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .demo .bench
