@@ -26,7 +26,8 @@ def served(make_runner, tmp_path) -> ServedModel:
 def brute_force(head, keys, values, query, k: int, temperature: float) -> dict[int, float]:
     """p_kNN of one query, neighbour by neighbour, as the kNN-LM paper defines it."""
     q, normed = head.normalize(query), head.normalize(keys)
-    distances = sorted(((float((q - key).pow(2).sum()), int(v)) for key, v in zip(normed, values)))
+    pairs = zip(normed, values, strict=True)
+    distances = sorted((float((q - key).pow(2).sum()), int(v)) for key, v in pairs)
     near = distances[:k]
     total = sum(math.exp(-(d - near[0][0]) / temperature) for d, _ in near)
     probs: dict[int, float] = {}

@@ -1,0 +1,61 @@
+"""The quality benchmark's bookkeeping: shared artefacts, decoding speed, the table and the plot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality  # noqa: E402
+
+
+def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
+    main = {run.name: run for run in quality.main_runs()}
+    ablations = {run.name: run for run in quality.ablation_runs()}
+    same = ["kappa-0.2", "rank-512", "memory-100", "context-teacher", "schedule-quadratic"]
+    same.append(f"lambda-{quality.LAMBDA_MAX:g}")
+    for name in same:
+        assert ablations[name].predictions_key == main["pema-gu"].predictions_key, name
+    keys = {run.predictions_key for run in ablations.values()}
+    # κ 0 and 0.5, ranks 64 and 256, two memory sizes, generated context, linear and constant,
+    # three other λ_max, and the main run: every other setting decodes once.
+    assert len(keys) == 13
+    assert main["pema-gu"].adapter_key == main["pema-constant"].adapter_key
+    assert ablations["rank-64"].adapter_key != main["pema-gu"].adapter_key
+
+
+def test_generation_speed_counts_each_batch_at_its_slowest_row():
+    records = [{"tokens": 10, "seconds": s} for s in (1.0, 2.0, 0.5, 4.0, 3.0)]
+    speed = quality.generation_speed(records, batch_size=2)
+    assert speed["new_tokens"] == 50
+    assert speed["seconds"] == pytest.approx(2.0 + 4.0 + 3.0)
+    assert speed["tokens_per_second"] == pytest.approx(50 / 9.0)
+
+
+def result(task: str, run: quality.Run, bleu: float) -> dict:
+    return {
+        "task": task,
+        "run": quality.asdict(run),
+        "split": "test",
+        "size": {"train": 10, "eval": 4, "tune": 2},
+        "scores": {"bleu": bleu, "sentence_bleu": bleu + 1, "chrf": bleu + 2},
+        "generation": {"new_tokens": 40, "seconds": 2.0, "tokens_per_second": 20.0},
+        "training": {"seconds": 30.0, "memory_build_s": 12.0, "peak_rss": 2**30}
+        if run.method == "pema"
+        else {},
+    }
+
+
+def test_table_and_plot_come_from_the_results(tmp_path):
+    results = [result("bible", run, i) for i, run in enumerate(quality.main_runs())]
+    results += [result("bible", run, 5 + i) for i, run in enumerate(quality.ablation_runs()[:3])]
+    table = quality.markdown(results)
+    assert "**bible** (10 training examples, 4 test inputs)" in table
+    assert "| PLM alone | 0.00 | 1.00 | 2.00 |  |  | 20.0 |" in table
+    pema = f"| PEMA, GU quadratic, λ_max {quality.LAMBDA_MAX:g} | 1.00 | 2.00 | 3.00 |"
+    assert pema + " 42 (12 + 30) | 1.00 | 20.0 |" in table
+    assert "| κ | 0.5 | 7.00 | 8.00 | 9.00 | 42 (12 + 30) |" in table
+    quality.plot(results, tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
