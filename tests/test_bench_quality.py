@@ -45,6 +45,7 @@ def result(task: str, run: quality.Run, bleu: float) -> dict:
         "training": {"seconds": 30.0, "memory_build_s": 12.0, "peak_rss": 2**30}
         if run.method == "pema"
         else {},
+        **({"versus_plm": {"bleu_p": 0.0123, "chrf_p": 0.5}} if run.method != "plm" else {}),
     }
 
 
@@ -53,9 +54,19 @@ def test_table_and_plot_come_from_the_results(tmp_path):
     results += [result("bible", run, 5 + i) for i, run in enumerate(quality.ablation_runs()[:3])]
     table = quality.markdown(results)
     assert "**bible** (10 training examples, 4 test inputs)" in table
-    assert "| PLM alone | 0.00 | 1.00 | 2.00 |  |  | 20.0 |" in table
+    assert "| PLM alone | 0.00 | 1.00 | 2.00 |  |  |  | 20.0 |" in table
     pema = f"| PEMA, GU quadratic, λ_max {quality.LAMBDA_MAX:g} | 1.00 | 2.00 | 3.00 |"
-    assert pema + " 42 (12 + 30) | 1.00 | 20.0 |" in table
-    assert "| κ | 0.5 | 7.00 | 8.00 | 9.00 | 42 (12 + 30) |" in table
+    assert pema + " 0.012 / 0.500 | 42 (12 + 30) | 1.00 | 20.0 |" in table
+    assert "| κ | 0.5 | 7.00 | 8.00 | 9.00 | 0.012 / 0.500 | 42 (12 + 30) |" in table
     quality.plot(results, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_chance():
+    references = [f"the {w} sat on the mat near the old red door" for w in ("cat", "dog") * 20]
+    worse = ["a bird flew over it" for _ in references]
+    better = quality.paired_bootstrap(worse, references, references)
+    assert better["bleu_p"] < 0.01 and better["chrf_p"] < 0.01
+    close = [*references[:-1], "the dog sat on the mat near the new red door"]
+    chance = quality.paired_bootstrap(references, close, references)
+    assert chance["bleu_p"] > 0.05 and chance["chrf_p"] > 0.05
