@@ -1,6 +1,7 @@
 """Quality and cost of PEMA against the paper's baselines, on two real tasks, in one command.
 
     python bench/quality.py                  # both tasks and the ablations, small sizes (2 CPUs)
+    python bench/quality.py --size medium    # 3,000 training examples per task (2 CPUs: hours)
     python bench/quality.py --size full      # larger sizes, for a GPU host
     python bench/quality.py --split tune     # the same runs on held-out training data
 
