@@ -115,10 +115,13 @@ class Run:
         return "_".join([self.method, self.adapter_key, *(a.lstrip("-") for a in self.decode)])
 
 
+PLM = Run("plm", "plm", "main", "PLM alone")  # the baseline every other run is tested against
+
+
 def main_runs() -> list[Run]:
     gu = ("--lambda-max", str(LAMBDA_MAX), "--schedule", "quadratic")
     return [
-        Run("plm", "plm", "main", "PLM alone"),
+        PLM,
         Run("pema-gu", "pema", "main", f"PEMA, GU quadratic, λ_max {LAMBDA_MAX:g}", decode=gu),
         Run(
             "pema-constant",
@@ -271,10 +274,8 @@ class Bench:
             records = self.generate(task, run, "--knn", memory)
         else:
             records, cost = self.lora(task, run)
-        predictions, references = (
-            [r["prediction"] for r in records],
-            [r["reference"] for r in records],
-        )
+        predictions = [r["prediction"] for r in records]
+        references = [r["reference"] for r in records]
         result = {
             "task": task.name,
             "run": asdict(run),
@@ -285,7 +286,7 @@ class Bench:
             "training": cost,
         }
         if run.method != "plm":
-            plm = [r["prediction"] for r in self.generate(task, main_runs()[0])]
+            plm = [r["prediction"] for r in self.generate(task, PLM)]
             result["versus_plm"] = paired_bootstrap(plm, predictions, references)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
