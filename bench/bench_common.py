@@ -48,10 +48,12 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_server(threads: int, log: Path) -> Iterator[str]:
-    """A `pema-server` subprocess with ``threads`` torch threads; yields its base URL."""
+def running_server(threads: int, log: Path, model: str | None = None) -> Iterator[str]:
+    """A `pema-server` subprocess with ``threads`` torch threads, serving ``model`` (default: its
+    own setting, the embedded SmolLM2 unless PEMA_MODEL says otherwise); yields its base URL."""
     port = free_port()
     argv = [sys.executable, "-c", *SERVER_CMD, "--port", str(port), "--log-level", "warning"]
+    argv += ["--model", model] if model else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -81,6 +83,7 @@ def machine(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": threads,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from plm_owner_server.settings import EMBEDDED_MODEL
+
 Rows = list[tuple[list[int], int]]  # (prompt + target + EOS ids, prompt length)
 
 
@@ -44,14 +46,15 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def load_model() -> tuple[Any, Any, torch.device]:
-    """The embedded SmolLM2 (float32) and its tokenizer, on CUDA when there is one."""
+def load_model(name: str = EMBEDDED_MODEL) -> tuple[Any, Any, torch.device]:
+    """``name`` (the embedded SmolLM2 by default, else a Hugging Face id or folder, as
+    `pema-server --model` takes it) in float32 with its tokenizer, on CUDA when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from plm_owner_server.embedded import ensure_embedded_model
     from plm_owner_server.settings import Settings
 
-    path = ensure_embedded_model(Settings().cache_dir)
+    path = ensure_embedded_model(Settings().cache_dir) if name == EMBEDDED_MODEL else name
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return model, AutoTokenizer.from_pretrained(path), device
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--predictions", type=Path, required=True, help="JSONL written here")
     parser.add_argument("--result", type=Path, required=True, help="figures (JSON) written here")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="Hugging Face id or folder")
     for name, value in vars(LoraSettings()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     fields = (args.source_field, args.target_field)
 
     base_rss, started = rss_bytes("VmRSS"), time.perf_counter()
-    model, tokenizer, _ = load_model()
+    model, tokenizer, _ = load_model(args.model)
     train_examples, _ = split_dev(load_examples(args.train, *fields), args.dev_fraction)
     model = train(model, encode(tokenizer, template, train_examples), settings)
     figures: dict[str, Any] = {

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import torch
 from bench_common import machine, running_server
 
 from data_owner_client.evaluate import score
+from plm_owner_server.settings import EMBEDDED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 WMT = ROOT.parent / "shared/data/wmt22"  # ../shared/data, never copied into the repo
@@ -170,6 +172,7 @@ class Bench:
     split: str
     work: Path
     results: Path
+    model: str = EMBEDDED_MODEL
     url: str = ""
     fresh: bool = False
     log: list[str] = field(default_factory=list)
@@ -302,7 +305,7 @@ class Bench:
                 [sys.executable, str(ROOT / "bench/lora.py"), "--train", str(train), "--eval",
                  str(inputs), *self.fields(task), "--template", task.template, "--max-new-tokens",
                  str(task.max_new_tokens), "--predictions", str(predictions), "--result",
-                 str(figures), *LORA],
+                 str(figures), "--model", self.model, *LORA],
             )  # fmt: skip
         records = [json.loads(line) for line in predictions.read_text().splitlines()]
         lora = json.loads(figures.read_text())
@@ -495,6 +498,11 @@ def main(argv: list[str] | None = None) -> None:
         "--split", choices=("test", "tune"), default="test",
         help="test: the evaluation inputs; tune: held-out training data, for choosing settings",
     )  # fmt: skip
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL,
+        help="the PLM, as `pema-server --model` takes it (Hugging Face id or folder; a GPU host "
+        "for anything larger than the embedded SmolLM2); its results go to their own folder",
+    )  # fmt: skip
     parser.add_argument("--ablation-task", choices=tuple(TASKS), default="bible")
     parser.add_argument("--no-ablations", action="store_true", help="only the main table")
     parser.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (names)")
@@ -505,8 +513,10 @@ def main(argv: list[str] | None = None) -> None:
     # Client and server share the cores: OpenMP threads that sleep instead of spinning keep them
     # from starving each other (bench_server.py measured the difference).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    tag = f"{args.size}-{args.split}"
-    bench = Bench(SIZES[args.size], args.split, args.work / args.size, args.results / tag)
+    prefix = "" if args.model == EMBEDDED_MODEL else re.sub(r"[^\w.-]+", "-", args.model) + "-"
+    tag = f"{prefix}{args.size}-{args.split}"
+    work = args.work / f"{prefix}{args.size}"
+    bench = Bench(SIZES[args.size], args.split, work, args.results / tag, args.model)
     plan = [(TASKS[t], run) for t in args.tasks for run in main_runs()]
     if not args.no_ablations:
         plan += [(TASKS[args.ablation_task], run) for run in ablation_runs()]
@@ -514,19 +524,26 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(task, run) for task, run in plan if run.name in args.only]
     started, threads = time.perf_counter(), torch.get_num_threads()
     bench.work.mkdir(parents=True, exist_ok=True)
-    with running_server(threads, bench.work / "server.log") as url:
+    with running_server(threads, bench.work / "server.log", args.model) as url:
         bench.url, bench.fresh = url, args.fresh
         for task, run in plan:
             bench.run(task, run)
     results = list(load_results(bench.results))
-    meta = {"machine": machine(threads), "last_run_s": time.perf_counter() - started, "size": tag}
+    meta = {
+        "machine": machine(threads),
+        "model": args.model,
+        "last_run_s": time.perf_counter() - started,
+        "size": tag,
+    }
     (bench.results / "machine.json").write_text(json.dumps(meta, indent=2) + "\n")
     table = markdown(results)
     (bench.results / "quality.md").write_text(table)
     plot(results, bench.results / "quality.png")
     m = meta["machine"]
+    gpu = f", {m['gpu']}" if m["gpu"] else ""
     print(
-        f"\n{tag}: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}, {meta['last_run_s']:.0f} s\n"
+        f"\n{tag} ({args.model}): {m['cpus']} CPUs ({m['cpu']}){gpu}, torch {m['torch']}, "
+        f"{meta['last_run_s']:.0f} s\n"
     )
     print(table)
 

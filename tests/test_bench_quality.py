@@ -5,10 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import lora  # noqa: E402
 import quality  # noqa: E402
+from bench_common import running_server  # noqa: E402
 
 
 def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
@@ -70,3 +75,15 @@ def test_paired_bootstrap_separates_a_real_difference_from_chance():
     close = [*references[:-1], "the dog sat on the mat near the new red door"]
     chance = quality.paired_bootstrap(references, close, references)
     assert chance["bleu_p"] > 0.05 and chance["chrf_p"] > 0.05
+
+
+@pytest.mark.slow
+def test_model_flag_reaches_the_server_and_lora(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    model, _, _ = lora.load_model(str(folder))
+    with running_server(1, tmp_path / "server.log", str(folder)) as url:
+        info = httpx.get(f"{url}/v1/model").json()
+    assert info["hidden_size"] == model.config.hidden_size == 32
+    assert info["vocab_size"] == model.config.vocab_size
