@@ -70,6 +70,17 @@ def running_server(threads: int, log: Path, model: str | None = None) -> Iterato
             proc.wait()
 
 
+def left_padded(
+    prompts: list[list[int]], pad: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one batch for ``generate``: ids and attention mask, padded on the left so
+    that every prompt ends where decoding starts."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

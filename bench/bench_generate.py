@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import torch
-from bench_common import DATA, run_and_report, seconds
+from bench_common import DATA, left_padded, run_and_report, seconds
 
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
@@ -74,10 +74,9 @@ def adapter_dir(served: ServedModel, folder: Path) -> Path:
 def in_process(model: Any, tokenizer: Any, examples: list[Example], new_tokens: int) -> int:
     """transformers' greedy ``generate`` of exactly ``new_tokens`` per row; returns the count."""
     prompts = [encode_prompt(tokenizer, TEMPLATE, e.source) for e in examples]
-    width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts, pad)
+    width = ids.shape[1]
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import left_padded
 
 from plm_owner_server.settings import EMBEDDED_MODEL
 
@@ -156,9 +157,8 @@ def generate(
         prompts = [
             encode_prompt(tokenizer, template, s) for s in sources[first : first + batch_size]
         ]
-        width = max(map(len, prompts))  # left padding: every prompt ends where decoding starts
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        ids, mask = left_padded(prompts, pad, device)
+        width = ids.shape[1]
         started = time.perf_counter()
         new = model.generate(
             input_ids=ids,
@@ -166,7 +166,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            stop_strings=list(stop),
+            stop_strings=list(stop) or None,
             tokenizer=tokenizer,
         )[:, width:].tolist()
         seconds += time.perf_counter() - started

@@ -389,11 +389,17 @@ def score_cells(result: dict[str, Any]) -> list[str]:
     return [f"{s['bleu']:.2f}", f"{s['sentence_bleu']:.2f}", f"{s['chrf']:.2f}", p]
 
 
-P_VS_PLM = "p vs PLM (BLEU / chrF)"
+SCORES = ("BLEU", "sBLEU", "chrF", "p vs PLM (BLEU / chrF)")  # the columns of score_cells
+TRAINING = "training s (memory + train)"
 
 
 def row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def head(columns: list[str], labels: int = 1) -> list[str]:
+    """A table's header and alignment rows: ``labels`` text columns, then numbers."""
+    return [row(columns), row(["---"] * labels + ["---:"] * (len(columns) - labels))]
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -408,9 +414,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines += [
             f"**{task}** ({size['train']} training examples, {inputs} {split} inputs)",
             "",
-            f"| method | BLEU | sBLEU | chrF | {P_VS_PLM} | training s (memory + train) "
-            "| training peak RSS GiB | generation tokens/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *head(["method", *SCORES, TRAINING, "training peak RSS GiB", "generation tokens/s"]),
         ]
         order = [run.name for run in main_runs()]
         for r in sorted(main, key=lambda r: order.index(r["run"]["name"])):
@@ -422,9 +426,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines += [
             f"**Ablations on {task}** (PEMA, GU quadratic λ_max {LAMBDA_MAX:g} unless varied)",
             "",
-            f"| ablation | setting | BLEU | sBLEU | chrF | {P_VS_PLM} "
-            "| training s (memory + train) |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            *head(["ablation", "setting", *SCORES, TRAINING], labels=2),
         ]
         order = [run.name for run in ablation_runs()]
         for r in sorted(ablations, key=lambda r: order.index(r["run"]["name"])):

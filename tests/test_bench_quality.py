@@ -87,3 +87,12 @@ def test_model_flag_reaches_the_server_and_lora(tmp_path):
         info = httpx.get(f"{url}/v1/model").json()
     assert info["hidden_size"] == model.config.hidden_size == 32
     assert info["vocab_size"] == model.config.vocab_size
+
+
+def test_lora_baseline_decodes_a_padded_batch_as_each_row_alone():
+    model, tokenizer = tiny_model("llama").eval(), tiny_tokenizer()
+    sources = ["w5 w6 w7 w8 w9 w10", "w12 w13 w14", "w20 w21"]  # the short rows are left-padded
+    batch, _ = lora.generate(model, tokenizer, "{source}", sources, 6, stop=(), batch_size=3)
+    alone = [lora.generate(model, tokenizer, "{source}", [s], 6, stop=())[0][0] for s in sources]
+    assert batch == alone
+    assert all(len(row["prediction"].split()) == row["tokens"] == 6 for row in batch)
