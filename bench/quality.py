@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,6 @@ class Bench:
     model: str = EMBEDDED_MODEL
     url: str = ""
     fresh: bool = False
-    log: list[str] = field(default_factory=list)
 
     # ---- data -----------------------------------------------------------------------------------
 
