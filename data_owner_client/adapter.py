@@ -1,9 +1,18 @@
-"""The PEMA adapter (DESIGN §2) and its on-disk format (DESIGN §5).
+"""Adapters over the server's representations, their config and on-disk format (DESIGN §5).
 
-``A ∈ R^{r×d}`` (Kaiming-uniform), ``B_rct, B_pd ∈ R^{d×r}`` (zero), dropout on the input, no
-residual: ``h_rct = s · B_rct A x`` and ``h_pd = s · B_pd A x`` with ``s = alpha / r``. A saved
-adapter is a directory in the spirit of peft: ``adapter_config.json`` plus
-``adapter_model.safetensors`` holding exactly ``A``, ``B_pd`` and ``B_rct``. No pickle anywhere.
+Three kinds, all trained through the frozen head and mixed with the PLM the same way:
+
+- ``pema``, the paper's (DESIGN §2): ``A ∈ R^{r×d}`` (Kaiming-uniform), ``B_rct, B_pd ∈ R^{d×r}``
+  (zero), dropout on the input, no residual: ``h_rct = s · B_rct A x``, ``h_pd = s · B_pd A x``
+  with ``s = alpha / r``; the logits are ``H(h_pd)``.
+- ``residual`` (:mod:`data_owner_client.residual`): a zero-initialised low-rank correction added
+  to ``norm(x)``; equal to the PLM until trained.
+- ``sequence`` (:mod:`data_owner_client.sequence`): a small causal transformer over the whole
+  sequence of representations, also added to ``norm(x)``.
+
+A saved adapter is a directory in the spirit of peft: ``adapter_config.json`` (its ``kind``; old
+configs without one are ``pema``) plus ``adapter_model.safetensors`` holding exactly the kind's
+tensors. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -12,7 +21,6 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import secrets
 from collections.abc import Callable
@@ -25,7 +33,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
+from data_owner_client.residual import ACTIVATIONS, ResidualAdapter, init_lora_a
 from data_owner_client.schedule import SCHEDULES
+from data_owner_client.sequence import SequenceAdapter
 from shared.head import Head
 
 log = logging.getLogger(__name__)
@@ -34,7 +44,7 @@ FORMAT = "pema-adapter"
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TENSOR_NAMES = ("A", "B_pd", "B_rct")
+KINDS = ("pema", "residual", "sequence")
 TMP_PREFIX = ".tmp-"
 
 
@@ -59,6 +69,7 @@ class AdapterConfig:
 
     hidden_size: int  # d: the server's representation size
     vocab_size: int  # V: the output head's vocabulary size
+    kind: str = "pema"  # pema (the paper's), residual or sequence; see the module docstring
     rank: int = 512  # r: adapter rank (paper default), clamped to hidden_size
     alpha: float = 1.0  # scaling numerator: s = alpha / rank
     dropout: float = 0.2  # dropout probability on the adapter's input
@@ -68,6 +79,11 @@ class AdapterConfig:
     # massive activations (SmolLM2: a few dimensions in the hundreds) as the paper's released code
     # did, which exported a normalised hidden state.
     input_norm: bool = False
+    activation: str = "none"  # residual: none (linear) or gelu between A and B
+    width: int = 256  # sequence: width of the side transformer
+    layers: int = 2  # sequence: transformer blocks
+    heads: int = 4  # sequence: attention heads per block
+    token_inputs: bool = True  # sequence: also read the output embedding of each position's token
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -90,6 +106,15 @@ class AdapterConfig:
 
     def _check_ranges(self) -> None:
         """Refuse hyperparameters outside their meaningful ranges."""
+        if self.kind not in KINDS:
+            raise AdapterError(f"adapter kind must be one of {KINDS}, got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise AdapterError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if min(self.width, self.layers, self.heads) < 1 or self.width % (2 * self.heads):
+            raise AdapterError(
+                f"the sequence kind needs a width divisible by 2 × heads, got width {self.width} "
+                f"and {self.heads} heads"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.kappa <= 1.0:
@@ -127,6 +152,8 @@ class AdapterConfig:
 
 class PemaAdapter(nn.Module):
     """Shared down-projection ``A`` and two up-projections: ``B_rct`` (reconstruct), ``B_pd``."""
+
+    post_norm = False  # outputs are representations: logits are the whole head's, H(h_pd)
 
     def __init__(
         self,
@@ -168,13 +195,8 @@ class PemaAdapter(nn.Module):
         """What the adapter reads and reconstructs: ``x``, or ``norm(x)`` with ``input_norm``."""
         return x if self.input_norm is None else self.input_norm(x)
 
-    @torch.no_grad()
     def _init_A(self, generator: torch.Generator | None) -> None:
-        # As nn.Linear and peft's LoRA A: uniform with bound 1/sqrt(fan_in). Drawn on the CPU so
-        # a CPU generator seeds it wherever the adapter lives.
-        fresh = torch.empty(self.A.shape)
-        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-        self.A.copy_(fresh)
+        init_lora_a(self.A, generator)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The rank-r code ``A · drop(features(x))``."""
@@ -204,9 +226,50 @@ class PemaAdapter(nn.Module):
         self.B_pd.zero_()
         self.B_rct.requires_grad_(False)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The three tensors under their file names, detached, contiguous, on the CPU."""
-        return {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+    def train_outputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors training scores against the labels: every pair's ``h_pd``."""
+        return self(x), y
+
+
+Adapter = PemaAdapter | ResidualAdapter | SequenceAdapter
+
+
+def build_adapter(
+    config: AdapterConfig, head: Head | None = None, *, generator: torch.Generator | None = None
+) -> Adapter:
+    """A freshly initialised adapter of the config's kind and shape (``head``: the served model's;
+    every kind but a plain ``pema`` reads its norm)."""
+    if config.kind == "pema":
+        return PemaAdapter.from_config(config, head, generator=generator)
+    if head is None:
+        raise AdapterError(f"a {config.kind} adapter needs the served model's head")
+    if config.kind == "residual":
+        return ResidualAdapter(
+            head,
+            config.hidden_size,
+            config.rank,
+            config.alpha,
+            config.dropout,
+            config.activation,
+            generator=generator,
+        )
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        return SequenceAdapter(
+            head,
+            config.hidden_size,
+            config.width,
+            config.layers,
+            config.heads,
+            config.dropout,
+            config.token_inputs,
+        )
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's saved tensors under their file names, detached, contiguous, on the CPU."""
+    return {name: t.detach().cpu().contiguous() for name, t in adapter.state_dict().items()}
 
 
 def write_atomic(target: Path, data: bytes) -> None:
@@ -224,13 +287,14 @@ def write_atomic(target: Path, data: bytes) -> None:
         raise
 
 
-def save_adapter(directory: str | Path, adapter: PemaAdapter, config: AdapterConfig) -> Path:
+def save_adapter(directory: str | Path, adapter: Adapter, config: AdapterConfig) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _check_shapes(adapter.tensors(), config, directory)
+    tensors = adapter_tensors(adapter)
+    _check_tensors(tensors, _config_shapes(config), directory, exact=False)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-    write_atomic(directory / WEIGHTS_FILE, save(adapter.tensors(), metadata=metadata))
+    write_atomic(directory / WEIGHTS_FILE, save(tensors, metadata=metadata))
     # The config goes last: a directory with a config always has matching weights next to it.
     write_atomic(directory / CONFIG_FILE, config.to_json().encode())
     return directory
@@ -242,21 +306,20 @@ def load_adapter(
     fingerprint: str | None = None,
     head: Head | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[PemaAdapter, AdapterConfig]:
+) -> tuple[Adapter, AdapterConfig]:
     """Load a saved adapter (in eval mode); with ``fingerprint``, refuse one trained elsewhere.
 
-    An adapter trained with ``input_norm`` needs the served model's ``head``.
+    Every kind but a ``pema`` adapter without ``input_norm`` needs the served model's ``head``.
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
     if fingerprint is not None:
         check_fingerprint(directory, config, fingerprint)
+    adapter = build_adapter(config, head)
     tensors = _read_tensors(directory)
-    _check_shapes(tensors, config, directory)
-    adapter = PemaAdapter.from_config(config, head)
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            getattr(adapter, name).copy_(tensor)
+    expected = {name: tuple(t.shape) for name, t in adapter.state_dict().items()}
+    _check_tensors(tensors, expected, directory)
+    adapter.load_state_dict(tensors)
     return adapter.to(device).eval(), config
 
 
@@ -287,7 +350,7 @@ def check_fingerprint(directory: Path, config: AdapterConfig, fingerprint: str) 
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_model.safetensors``, exactly the expected names."""
+    """The tensors of ``adapter_model.safetensors``."""
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise AdapterError(f"{directory} has a config but no {WEIGHTS_FILE}: save it again")
@@ -295,18 +358,32 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         tensors = load(path.read_bytes())
     except SafetensorError as exc:
         raise AdapterError(f"{path} is not a valid safetensors file: {exc}") from exc
-    if sorted(tensors) != sorted(TENSOR_NAMES):
-        raise AdapterError(f"{path} holds tensors {sorted(tensors)}, expected {list(TENSOR_NAMES)}")
     return tensors
 
 
-def _check_shapes(tensors: dict[str, torch.Tensor], config: AdapterConfig, where: Path) -> None:
-    """Every tensor has the shape the config implies."""
-    d, r = config.hidden_size, config.rank
-    expected = {"A": (r, d), "B_pd": (d, r), "B_rct": (d, r)}
+def _config_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors that the config's sizes fix."""
+    d, r, w = config.hidden_size, config.rank, config.width
+    if config.kind == "pema":
+        return {"A": (r, d), "B_pd": (d, r), "B_rct": (d, r)}
+    if config.kind == "residual":
+        return {"A": (r, d), "B": (d, r)}
+    last = f"blocks.{config.layers - 1}.qkv.weight"
+    return {"inputs.weight": (w, d), "output.weight": (d, w), last: (3 * w, w)}
+
+
+def _check_tensors(
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    where: Path,
+    exact: bool = True,
+) -> None:
+    """The expected tensor names (exactly these, with ``exact``), each of its expected shape."""
+    if sorted(tensors) != sorted(expected) if exact else not set(expected) <= set(tensors):
+        raise AdapterError(f"{where} holds tensors {sorted(tensors)}, expected {sorted(expected)}")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise AdapterError(
-                f"adapter {name} at {where} has shape {tuple(tensors[name].shape)}, but the "
-                f"config (d={d}, rank={r}) needs {shape}"
+                f"adapter {name} at {where} has shape {tuple(tensors[name].shape)}, but its "
+                f"config needs {shape}"
             )

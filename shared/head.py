@@ -38,6 +38,10 @@ class Head(nn.Module):
         assert weight is not None, "checked when the head was built"
         return weight
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The output embedding's rows of ``tokens`` (float32): what the client knows of a token."""
+        return F.embedding(tokens, self.output_weight).float()
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The model's final norm, computed in float32."""
         spec, weight, bias = self.spec, self._get("norm.weight"), self._get("norm.bias")
@@ -51,7 +55,11 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits (float32) for representations ``x [..., d]``."""
-        h = self.normalize(x)
+        return self.project(self.normalize(x))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) from vectors ``h [..., d]`` in the space after the final norm."""
+        h = h.float()
         project_out = self._get("project_out.weight")
         if project_out is not None:
             h = F.linear(h, project_out.float())

@@ -1,0 +1,207 @@
+"""The ``sequence`` adapter kind: a small causal transformer over the whole sequence of
+representations, so each position can attend to the source.
+
+Input at position ``t``: ``W_in · norm(f(c_t))``, plus ``W_tok · E[token_t]`` (the head's output
+embedding of the token read at ``t``) with ``token_inputs``. Pre-norm blocks with rotary positions,
+then ``z_t = norm(f(c_t)) + W_out · LN(h_t)`` with ``W_out`` zero-initialised, so an untrained
+adapter gives exactly the PLM's distribution. The logits are ``project(z_t)``.
+
+Decoding steps it one position at a time with a :class:`SequenceCache` of its own keys and values
+per row, next to the server's session; that equals running it over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.head import Head
+
+ROPE_BASE = 10_000.0
+
+
+@dataclass
+class SequenceCache:
+    """Each row's keys and values so far, per layer ``[B, heads, capacity, head_dim]``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lengths: torch.Tensor  # [B] positions filled per row
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def _rotary(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[B, 1, T, head_dim / 2]`` of rotary embeddings at ``positions [B, T]``."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inverse = ROPE_BASE ** (-exponents / head_dim)
+    angles = positions.float().unsqueeze(-1) * inverse
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+class _Block(nn.Module):
+    """Pre-norm causal self-attention and MLP, each added to the stream."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``h [B, T, W]`` → (``h``, keys, values of these positions).
+
+        Without a cache the positions are whole sequences (causal). With one, ``h`` holds one
+        new position of each of ``rows``, at ``positions``: its key and value are written into
+        the cache and it attends to everything that row has up to there.
+        """
+        b, t, width = h.shape
+        qkv = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, T, head_dim]
+        q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            assert rows is not None and positions is not None
+            cache_k, cache_v = cache
+            cache_k[rows, :, positions] = k[:, :, 0]
+            cache_v[rows, :, positions] = v[:, :, 0]
+            slots = torch.arange(cache_k.shape[2], device=h.device)
+            mask = (slots <= positions.unsqueeze(-1)).view(b, 1, 1, -1)
+            attended = F.scaled_dot_product_attention(
+                q, cache_k[rows], cache_v[rows], attn_mask=mask, dropout_p=p
+            )
+        h = h + self.drop(self.out(attended.transpose(1, 2).reshape(b, t, width)))
+        h = h + self.drop(self.mlp(self.norm2(h)))
+        return h, k, v
+
+
+class SequenceAdapter(nn.Module):
+    """A causal transformer over the representations of prompt + continuation."""
+
+    post_norm = True  # outputs live after the final norm: logits are head.project(z)
+
+    def __init__(
+        self,
+        head: Head,
+        hidden_size: int,
+        width: int = 256,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        token_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if width % heads or (width // heads) % 2:
+            raise ValueError(f"width {width} must split into {heads} heads of an even size")
+        self.heads, self.head_dim = heads, width // heads
+        self.normalize, self.embed = head.normalize, head.embed  # methods: saved nowhere
+        self.inputs = nn.Linear(hidden_size, width)
+        embedding_size = head.output_weight.shape[1]
+        self.tokens = nn.Linear(embedding_size, width, bias=False) if token_inputs else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.output = nn.Linear(width, hidden_size, bias=False)
+        nn.init.zeros_(self.output.weight)
+
+    def _embed(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``norm(x)``, the stream's input) for representations ``x`` and the tokens read."""
+        n = self.normalize(x)
+        h = self.inputs(n)
+        if self.tokens is not None:
+            h = h + self.tokens(self.embed(tokens))
+        return n, self.drop(h)
+
+    def _out(self, n: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return n + self.output(self.norm(h))
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``z [B, T, d]`` for whole sequences ``x [B, T, d]`` read as ``tokens [B, T]``.
+
+        Right padding is harmless: causal attention never lets a real position see it.
+        """
+        return self._forward(x, tokens)[0]
+
+    def _forward(
+        self, x: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        n, h = self._embed(x, tokens)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        rotary = _rotary(positions, self.head_dim)
+        keys, values = [], []
+        for block in self.blocks:
+            h, k, v = block(h, rotary)
+            keys.append(k)
+            values.append(v)
+        return self._out(n, h), keys, values
+
+    def train_outputs(
+        self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` and labels of the positions that predict a target token (labels ≥ 0)."""
+        scored = labels >= 0
+        return self(x, tokens)[scored], labels[scored]
+
+    def start(
+        self, hidden: list[torch.Tensor], tokens: list[list[int]], capacity: int
+    ) -> tuple[torch.Tensor, SequenceCache]:
+        """Run over each row's prompt (``hidden[b]`` ``[len_b, d]``, read as ``tokens[b]``);
+        ``z`` of each row's last position ``[B, d]`` and a cache with room for ``capacity``."""
+        lengths = torch.tensor([len(t) for t in tokens], device=hidden[0].device)
+        if int(lengths.max()) > capacity or int(lengths.min()) < 1:
+            raise ValueError(f"prompts need 1 to {capacity} positions, got {lengths.tolist()}")
+        x = nn.utils.rnn.pad_sequence(hidden, batch_first=True)
+        ids = nn.utils.rnn.pad_sequence(
+            [torch.tensor(t, device=x.device) for t in tokens], batch_first=True
+        )
+        z, keys, values = self._forward(x, ids)
+        cache = SequenceCache(
+            [_room(k, capacity) for k in keys], [_room(v, capacity) for v in values], lengths
+        )
+        return z[torch.arange(len(tokens)), lengths - 1], cache
+
+    def step(
+        self, cache: SequenceCache, x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``z [n, d]`` of one new position of each of ``rows [n]`` (its representation
+        ``x [n, d]``, read as ``tokens [n]``); the rows' caches grow by that position."""
+        positions = cache.lengths[rows]
+        if int(positions.max()) >= cache.capacity:
+            raise ValueError(f"the adapter's cache holds {cache.capacity} positions per row")
+        n, h = self._embed(x.unsqueeze(1), tokens.unsqueeze(1))
+        rotary = _rotary(positions.unsqueeze(1), self.head_dim)
+        for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
+            h = block(h, rotary, (k, v), rows, positions)[0]
+        cache.lengths[rows] += 1
+        return self._out(n, h).squeeze(1)
+
+
+def _room(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``t [B, heads, T, head_dim]`` copied into a zeroed tensor of ``capacity`` positions."""
+    room = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
+    room[:, :, : t.shape[2]] = t
+    return room

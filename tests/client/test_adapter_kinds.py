@@ -1,0 +1,169 @@
+"""The residual and sequence adapter kinds: equal to the PLM untrained, incremental decoding equal
+to the whole-sequence forward, and their files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_owner_client.adapter import (
+    CONFIG_FILE,
+    AdapterConfig,
+    AdapterError,
+    build_adapter,
+    load_adapter,
+    save_adapter,
+)
+from data_owner_client.residual import ResidualAdapter
+from data_owner_client.sequence import SequenceAdapter
+from shared.head import Head
+from shared.protocol import HeadSpec
+from tests.client.synthetic import random_head
+
+D, V = 32, 64
+
+
+def rms_head(seed: int = 0) -> Head:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "norm.weight": 1 + 0.1 * torch.randn(D, generator=g),
+        "lm_head.weight": torch.randn(V, D, generator=g),
+    }
+    return Head(tensors, HeadSpec(norm="rmsnorm", eps=1e-6))
+
+
+def config(kind: str, **overrides) -> AdapterConfig:
+    sizes = dict(rank=8, width=16, layers=2, heads=2)
+    return AdapterConfig(hidden_size=D, vocab_size=V, kind=kind, **{**sizes, **overrides})
+
+
+@pytest.mark.parametrize("head", [random_head(D, V), rms_head()], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("kind", ["residual", "sequence"])
+def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, head):
+    torch.manual_seed(0)
+    adapter = build_adapter(config(kind), head).eval()
+    x = 3 * torch.randn(2, 5, D)
+    z = adapter(x) if kind == "residual" else adapter(x, torch.randint(V, (2, 5)))
+    assert torch.equal(F.log_softmax(head.project(z), -1), F.log_softmax(head(x), -1))
+
+
+def test_residual_is_the_normalised_input_plus_a_scaled_low_rank_correction():
+    head = random_head(D, V)
+    adapter = build_adapter(config("residual", alpha=4.0, dropout=0.0), head)
+    assert isinstance(adapter, ResidualAdapter)
+    with torch.no_grad():
+        adapter.B.normal_()
+    x = torch.randn(7, D)
+    n = head.normalize(x)
+    torch.testing.assert_close(adapter(x), n + 0.5 * n @ adapter.A.T @ adapter.B.T)
+    gelu = build_adapter(config("residual", activation="gelu", dropout=0.0), head)
+    gelu.load_state_dict(adapter.state_dict())
+    torch.testing.assert_close(gelu(x), n + 0.125 * F.gelu(n @ adapter.A.T) @ adapter.B.T)
+
+
+def trained_sequence_adapter(token_inputs: bool = True) -> tuple[SequenceAdapter, Head]:
+    head = random_head(D, V)
+    adapter = build_adapter(
+        config("sequence", token_inputs=token_inputs),
+        head,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert isinstance(adapter, SequenceAdapter)
+    with torch.no_grad():  # an untrained output layer is zero: give it something to pass on
+        adapter.output.weight.normal_(0, 0.3)
+    return adapter.eval(), head
+
+
+@pytest.mark.parametrize("token_inputs", [True, False])
+def test_stepping_equals_the_whole_sequence_forward(token_inputs):
+    adapter, _ = trained_sequence_adapter(token_inputs)
+    torch.manual_seed(0)
+    prompts, totals = (
+        [3, 7, 1],
+        [9, 8, 6],
+    )  # rows of different lengths, finishing at different steps
+    x = [torch.randn(t, D) for t in totals]
+    tokens = [torch.randint(V, (t,)) for t in totals]
+    with torch.no_grad():
+        whole = [adapter(xi[None], ti[None])[0] for xi, ti in zip(x, tokens, strict=True)]
+        first, cache = adapter.start(
+            [xi[:p] for xi, p in zip(x, prompts, strict=True)],
+            [ti[:p].tolist() for ti, p in zip(tokens, prompts, strict=True)],
+            capacity=max(totals),
+        )
+        got = [[first[b]] for b in range(3)]
+        for step in range(max(t - p for t, p in zip(totals, prompts, strict=True))):
+            live = [b for b in range(3) if prompts[b] + step < totals[b]]
+            at = [prompts[b] + step for b in live]
+            z = adapter.step(
+                cache,
+                torch.stack([x[b][t] for b, t in zip(live, at, strict=True)]),
+                torch.stack([tokens[b][t] for b, t in zip(live, at, strict=True)]),
+                torch.tensor(live),
+            )
+            for b, zb in zip(live, z, strict=True):
+                got[b].append(zb)
+    for b in range(3):
+        expected = whole[b][prompts[b] - 1 :]
+        torch.testing.assert_close(torch.stack(got[b]), expected, atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == totals
+
+
+def test_a_position_never_sees_the_future():
+    adapter, _ = trained_sequence_adapter()
+    x, tokens = torch.randn(1, 6, D), torch.randint(V, (1, 6))
+    changed = x.clone()
+    changed[0, 4:] = torch.randn(2, D)
+    with torch.no_grad():
+        a, b = adapter(x, tokens), adapter(changed, tokens)
+    torch.testing.assert_close(a[0, :4], b[0, :4])
+    assert not torch.allclose(a[0, 4:], b[0, 4:])
+
+
+def test_the_cache_refuses_to_overflow():
+    adapter, _ = trained_sequence_adapter()
+    _, cache = adapter.start([torch.randn(2, D)], [[1, 2]], capacity=3)
+    adapter.step(cache, torch.randn(1, D), torch.tensor([3]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="3 positions"):
+        adapter.step(cache, torch.randn(1, D), torch.tensor([3]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("kind", ["residual", "sequence"])
+def test_save_and_load_round_trip_every_kind(kind, tmp_path):
+    head = random_head(D, V)
+    cfg = config(kind, fingerprint="f")
+    adapter = build_adapter(cfg, head, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_adapter(tmp_path, adapter, cfg)
+    loaded, loaded_cfg = load_adapter(tmp_path, fingerprint="f", head=head)
+    assert loaded_cfg == cfg and type(loaded) is type(adapter)
+    for (name, a), (other, b) in zip(
+        adapter.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert name == other and torch.equal(a, b)
+    with pytest.raises(AdapterError, match="head"):
+        load_adapter(tmp_path)
+
+
+def test_a_config_without_a_kind_loads_as_the_papers_adapter(tmp_path):
+    cfg = AdapterConfig(hidden_size=D, vocab_size=V, rank=8)
+    save_adapter(tmp_path, build_adapter(cfg), cfg)
+    data = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key in ("kind", "activation", "width", "layers", "heads", "token_inputs"):
+        del data[key]  # as written before the kinds existed
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
+    _, loaded = load_adapter(tmp_path)
+    assert loaded.kind == "pema"
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(kind="lora"), dict(activation="relu"), dict(width=30, heads=4), dict(layers=0)]
+)
+def test_bad_kind_settings_are_refused(bad):
+    with pytest.raises(AdapterError):
+        config(bad.pop("kind", "sequence"), **bad)
