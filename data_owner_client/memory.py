@@ -1,8 +1,19 @@
 """The external memory (DESIGN §5): pairs (f(c), y) on disk, read in shuffled batches for
 training, and built resumably through the server.
 
-A memory is a directory of safetensors shards ``shard-00000.safetensors`` (``keys`` [n, d] in the
-memory dtype, ``values`` int32 [n]) plus ``manifest.json``. Shard ``i`` holds the pairs of
+A memory is a directory of safetensors shards ``shard-00000.safetensors`` plus ``manifest.json``.
+Its ``positions`` say what a shard holds:
+
+- ``"all"`` (version 2, teacher-forced builds): every position of every example's sequence
+  (prompt + target without its final EOS): ``keys`` [n, d] in the memory dtype, ``tokens`` int32
+  [n] (the token read at each position), ``values`` int32 [n] (the token that follows it),
+  ``offsets`` int64 [E + 1] (example ``e`` is rows ``offsets[e]:offsets[e + 1]``) and ``starts``
+  int32 [E] (its first row that predicts a target token). Pair kinds read the target rows only;
+  the sequence kind reads whole examples (:meth:`Memory.sequences`).
+- ``"targets"`` (version 1 memories, and the generated-context variant): only the pairs, ``keys``
+  [n, d] and ``values`` int32 [n].
+
+Shard ``i`` holds the pairs of
 examples ``[i * shard_examples, (i + 1) * shard_examples)``; every file is written to a temp file
 and renamed, and a shard is recorded in the manifest only after it is on disk, so a build killed at
 any moment and restarted yields the same bytes as an uninterrupted one (same server, same
@@ -40,12 +51,14 @@ from shared.protocol import HiddenDType, ModelInfo
 log = logging.getLogger(__name__)
 
 FORMAT: Final = "pema-memory"
-VERSION: Final = 1
+VERSION: Final = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"
 SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
 Context = Literal["teacher", "generated"]
+Positions = Literal["targets", "all"]
+IGNORE: Final = -100  # the label of positions that predict no target token
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -62,6 +75,7 @@ BUILD_FIELDS = (
     "dataset_hash",
     "template",
     "context",
+    "positions",
     "eos_token_id",
 )
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -82,6 +96,7 @@ class ShardInfo(BaseModel):
 
     file: str
     count: int  # pairs
+    rows: int | None = None  # positions stored, when they are all positions
     examples: tuple[int, int]  # [first, end)
     source_tokens: int
     target_tokens: int  # without EOS
@@ -93,7 +108,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["pema-memory"] = FORMAT
-    version: Literal[1] = VERSION
+    version: Literal[1, 2] = VERSION
     fingerprint: str
     model_id: str
     hidden_size: int
@@ -105,6 +120,7 @@ class Manifest(BaseModel):
     dataset_hash: str
     template: str
     context: Context
+    positions: Positions = "targets"  # what the shards hold (see the module docstring)
     eos_token_id: int
     source_tokens: int = 0  # sums over the recorded shards, for the length ratio
     target_tokens: int = 0
@@ -208,6 +224,17 @@ class Memory:
         count = self.num_batches(batch_size, world_size, drop_last=drop_last)
         return _rank_slices(itertools.islice(stream, count), rank, world_size)
 
+    def sequences(self) -> SequenceView:
+        """The memory as whole examples, for the sequence kind; needs all positions stored."""
+        if self.manifest.positions != "all":
+            raise MemoryStoreError(
+                f"memory at {self.path} holds only the target positions (built with context "
+                f"{self.manifest.context!r}, format version {self.manifest.version}); the "
+                "sequence adapter reads every position: build a new memory with this version and "
+                "--context teacher (pema-client memory build)"
+            )
+        return SequenceView(self)
+
     def load_all(self) -> Batch:
         """Every pair in shard order (keys float32, values int64): for small memories only."""
         parts = [self._load_shard(shard) for shard in self.manifest.shards]
@@ -256,18 +283,144 @@ class Memory:
             del keys, values
 
     def _load_shard(self, shard: ShardInfo) -> Batch:
-        """A shard's keys (memory dtype) and values (int32), checked against the manifest."""
-        path = self.path / shard.file
-        with safe_open(str(path), framework="pt") as f:
-            keys, values = f.get_tensor("keys"), f.get_tensor("values")
-        shape = (shard.count, self.manifest.hidden_size)
-        dtype = DTYPES[self.manifest.dtype]
-        if tuple(keys.shape) != shape or keys.dtype != dtype or values.shape != (shard.count,):
+        """A shard's pairs: keys (memory dtype) and values (int32) of the target positions."""
+        tensors = self._read_shard(shard)
+        if "starts" not in tensors:
+            return tensors["keys"], tensors["values"]
+        scored = _example_rows(tensors["offsets"]) >= _per_row(tensors["starts"], tensors)
+        keys, values = tensors["keys"][scored], tensors["values"][scored]
+        if len(values) != shard.count:
             raise MemoryStoreError(
-                f"{path} holds keys {tuple(keys.shape)} {keys.dtype} and values "
-                f"{tuple(values.shape)}, but the manifest says {shape} {dtype}: rebuild the memory"
+                f"{self.path / shard.file} holds {len(values)} target positions, the manifest "
+                f"says {shard.count}: rebuild the memory"
             )
         return keys, values
+
+    def _load_examples(self, shard: ShardInfo) -> list[Example_]:
+        """A shard's examples, each (keys [L, d], tokens [L], labels [L]; IGNORE off-target)."""
+        tensors = self._read_shard(shard)
+        rows = _example_rows(tensors["offsets"])
+        labels = tensors["values"].masked_fill(rows < _per_row(tensors["starts"], tensors), IGNORE)
+        bounds = tensors["offsets"].tolist()
+        return [
+            (tensors["keys"][a:b], tensors["tokens"][a:b], labels[a:b])
+            for a, b in itertools.pairwise(bounds)
+        ]
+
+    def _read_shard(self, shard: ShardInfo) -> dict[str, torch.Tensor]:
+        """A shard's tensors, checked against the manifest."""
+        path = self.path / shard.file
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        keys, values = tensors.get("keys"), tensors.get("values")
+        rows = shard.rows if self.manifest.positions == "all" else shard.count
+        shape = (rows, self.manifest.hidden_size)
+        dtype = DTYPES[self.manifest.dtype]
+        layout = SEQUENCE_TENSORS if self.manifest.positions == "all" else ("keys", "values")
+        if (
+            sorted(tensors) != sorted(layout)
+            or keys is None
+            or values is None
+            or tuple(keys.shape) != shape
+            or keys.dtype != dtype
+            or values.shape != (rows,)
+        ):
+            found = {name: (tuple(t.shape), str(t.dtype)) for name, t in tensors.items()}
+            raise MemoryStoreError(
+                f"{path} holds {found}, but the manifest says keys {shape} {dtype} and "
+                f"{sorted(layout)}: rebuild the memory"
+            )
+        return tensors
+
+
+Example_ = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+SequenceBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+SEQUENCE_TENSORS = ("keys", "tokens", "values", "offsets", "starts")
+
+
+def _example_rows(offsets: torch.Tensor) -> torch.Tensor:
+    """Each row's position within its example, from the examples' row offsets."""
+    lengths = offsets.diff()
+    return torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths)
+
+
+def _per_row(per_example: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return per_example.long().repeat_interleave(tensors["offsets"].diff())
+
+
+class SequenceView:
+    """A memory's whole examples in shuffled batches: the sequence kind's :class:`BatchSource`.
+
+    A batch is (keys float32 [B, T, d], tokens int64 [B, T], labels int64 [B, T]), right-padded
+    to its longest example; labels are the target tokens at the positions that predict one and
+    ``IGNORE`` elsewhere. ``batch_size`` counts examples; ordering, shuffling and the split over
+    ranks work as :meth:`Memory.batches` does for pairs.
+    """
+
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+
+    def __len__(self) -> int:
+        return self.memory.manifest.examples
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        """Batches each rank gets from :meth:`batches` per epoch."""
+        return split_batches(len(self), batch_size, world_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        buffer_shards: int = 4,
+    ) -> Iterator[SequenceBatch]:
+        """One epoch of this rank's padded batches."""
+        _check_split(batch_size, rank, world_size, buffer_shards)
+        whole = batch_size * world_size
+        generator = _generator(seed, epoch)
+        stream = self._global_batches(whole, generator, shuffle, buffer_shards)
+        for batch in itertools.islice(stream, self.num_batches(batch_size, world_size)):
+            mine = torch.arange(len(batch)).tensor_split(world_size)[rank].tolist()
+            yield _pad([batch[i] for i in mine])
+
+    def _global_batches(
+        self, batch_size: int, generator: torch.Generator, shuffle: bool, buffer_shards: int
+    ) -> Iterator[list[Example_]]:
+        shards = self.memory.manifest.shards
+        if shuffle:
+            order = torch.randperm(len(shards), generator=generator).tolist()
+        else:
+            order = list(range(len(shards)))
+        carry: list[Example_] = []
+        for first in range(0, len(order), buffer_shards):
+            window = carry + [
+                example
+                for i in order[first : first + buffer_shards]
+                for example in self.memory._load_examples(shards[i])
+            ]
+            if shuffle:
+                window = [window[i] for i in torch.randperm(len(window), generator=generator)]
+            full = len(window) // batch_size * batch_size
+            for lo in range(0, full, batch_size):
+                yield window[lo : lo + batch_size]
+            carry = window[full:]
+        if carry:
+            yield carry
+
+
+def _pad(examples: list[Example_]) -> SequenceBatch:
+    """Right-pad examples into one batch (keys float32, tokens and labels int64)."""
+    keys, tokens, labels = zip(*examples, strict=True)
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (
+        pad([k.float() for k in keys], batch_first=True),
+        pad([t.long() for t in tokens], batch_first=True),
+        pad([y.long() for y in labels], batch_first=True, padding_value=IGNORE),
+    )
 
 
 def _rank_slices(stream: Iterator[Batch], rank: int, world_size: int) -> Iterator[Batch]:
@@ -306,7 +459,8 @@ def read_manifest(path: Path) -> Manifest:
         return Manifest.model_validate_json((path / MANIFEST).read_bytes())
     except ValidationError as exc:
         raise MemoryStoreError(
-            f"{path / MANIFEST} is not a {FORMAT} v{VERSION} manifest ({exc.error_count()} "
+            f"{path / MANIFEST} is not a {FORMAT} manifest of version 1 to {VERSION} "
+            f"({exc.error_count()} "
             f"problems, first: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
         ) from exc
 
@@ -322,14 +476,26 @@ def write_shard(
     values: torch.Tensor,
     examples: tuple[int, int],
     tokens: tuple[int, int],
+    sequences: dict[str, torch.Tensor] | None = None,
 ) -> ShardInfo:
-    """Write shard ``index`` atomically; returns its manifest entry (``tokens``: source, target)."""
+    """Write shard ``index`` atomically; returns its manifest entry (``tokens``: source, target).
+
+    With ``sequences`` (``tokens``, ``offsets``, ``starts``) the keys and values are every
+    position's, as in a memory of all positions; without, they are the pairs.
+    """
     name = shard_name(index)
     data = {"keys": keys.contiguous(), "values": values.to(torch.int32).contiguous()}
+    count, rows = len(values), None
+    if sequences is not None:
+        data["tokens"] = sequences["tokens"].to(torch.int32).contiguous()
+        data["offsets"] = sequences["offsets"].to(torch.int64).contiguous()
+        data["starts"] = sequences["starts"].to(torch.int32).contiguous()
+        rows, count = len(values), int((data["offsets"].diff() - data["starts"]).sum())
     _write_atomic(path / name, save(data))
     return ShardInfo(
         file=name,
-        count=len(values),
+        count=count,
+        rows=rows,
         examples=examples,
         source_tokens=tokens[0],
         target_tokens=tokens[1],
@@ -389,6 +555,7 @@ class _Builder:
 
     client: PemaClient
     tokenizer: Any
+    out: Path  # the memory directory
     examples: Sequence[Example]
     template: str
     info: ModelInfo
@@ -424,8 +591,8 @@ class _Builder:
                 f"{self.info.limits.max_new_tokens} per session; use context='teacher'"
             )
 
-    def shard(self, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Keys, values and (source, target) token sums of examples ``[first, end)``."""
+    def shard(self, index: int, first: int, end: int) -> ShardInfo:
+        """Compute the shard of examples ``[first, end)`` and write it as shard ``index``."""
         encoded = [self.encode(i) for i in range(first, end)]
         keys: list[torch.Tensor] = []
         for lo in range(0, len(encoded), self.batch_size):
@@ -435,13 +602,23 @@ class _Builder:
                     self.teacher(part) if self.context == "teacher" else self.generated(part)
                 )
                 self.advance(sum(len(e.target) for e in part), sum(len(e.sequence) for e in part))
-        values = torch.tensor([t for e in encoded for t in e.target], dtype=torch.int32)
         tokens = sum(e.source_tokens for e in encoded), sum(len(e.target) - 1 for e in encoded)
-        return torch.cat(keys).to(DTYPES[self.dtype]), values, tokens
+        all_keys, span = torch.cat(keys).to(DTYPES[self.dtype]), (first, end)
+        if self.context != "teacher":
+            values = torch.tensor([t for e in encoded for t in e.target], dtype=torch.int32)
+            return write_shard(self.out, index, all_keys, values, span, tokens)
+        # Every position: the token each one reads, the one that follows it, where examples start.
+        sequences = {
+            "tokens": torch.tensor([t for e in encoded for t in e.sequence]),
+            "offsets": torch.tensor([0, *itertools.accumulate(len(e.sequence) for e in encoded)]),
+            "starts": torch.tensor([len(e.prompt) - 1 for e in encoded]),
+        }
+        values = torch.tensor([t for e in encoded for t in (e.prompt + e.target)[1:]])
+        return write_shard(self.out, index, all_keys, values, span, tokens, sequences)
 
     def teacher(self, batch: Sequence[Encoded]) -> list[torch.Tensor]:
-        """One forward over prompt + target: position len(prompt) - 1 + j predicts target j."""
-        starts = [len(e.prompt) - 1 for e in batch]
+        """One forward over prompt + target; every position's representation."""
+        starts = [0] * len(batch)
         out = self.client.represent([e.sequence for e in batch], starts, dtype=self.dtype)
         if out.fingerprint != self.info.fingerprint:
             raise FingerprintMismatchError(
@@ -450,8 +627,10 @@ class _Builder:
             )
         rows = out.rows()
         for e, row in zip(batch, rows, strict=True):
-            if row.shape != (len(e.target), self.info.hidden_size):
-                raise RuntimeError(f"server sent {tuple(row.shape)} for {len(e.target)} pairs")
+            if row.shape != (len(e.sequence), self.info.hidden_size):
+                raise RuntimeError(
+                    f"server sent {tuple(row.shape)} for {len(e.sequence)} positions"
+                )
         return rows
 
     def generated(self, batch: Sequence[Encoded]) -> list[torch.Tensor]:
@@ -536,10 +715,10 @@ def build_memory(
     if not examples:
         raise DataError("no examples to build a memory from")
     info = client.model_info()
-    builder = _Builder(client, tokenizer, examples, template, info, context, dtype, batch_size)
+    out = Path(out_dir)
+    builder = _Builder(client, tokenizer, out, examples, template, info, context, dtype, batch_size)
     pairs = [len(builder.encode(i).target) for i in range(len(examples))]  # validates all first
     fresh = _fresh_manifest(info, examples, template, context, dtype, shard_examples)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         manifest = _start(out, fresh, overwrite)
@@ -578,6 +757,7 @@ def _fresh_manifest(
         dataset_hash=dataset_hash(examples, template),
         template=template,
         context=context,
+        positions="all" if context == "teacher" else "targets",
         eos_token_id=info.eos_token_ids[0],
     )
 
@@ -645,7 +825,6 @@ def _build_shard(out: Path, builder: _Builder, manifest: Manifest, index: int) -
     """Compute shard ``index``, write it, then record it; returns the updated manifest."""
     first = index * manifest.shard_examples
     end = min(first + manifest.shard_examples, manifest.examples)
-    keys, values, tokens = builder.shard(first, end)
-    manifest = manifest.with_shard(write_shard(out, index, keys, values, (first, end), tokens))
+    manifest = manifest.with_shard(builder.shard(index, first, end))
     write_manifest(out, manifest)
     return manifest

@@ -114,6 +114,61 @@ def test_teacher_forced_keys_equal_hooked_forward(client, runner, tokenizer, tmp
     assert manifest.length_ratio == manifest.target_tokens / manifest.source_tokens
 
 
+def test_a_memory_holds_every_position_for_the_sequence_kind(client, runner, tokenizer, tmp_path):
+    examples = make_examples(7)
+    memory = build(client, tokenizer, tmp_path / "m", examples)
+    assert memory.manifest.positions == "all" and memory.manifest.version == 2
+    view = memory.sequences()
+    batches = list(view.batches(3, seed=0, epoch=0, shuffle=False))
+    assert len(view) == 7 and view.num_batches(3) == len(batches) == 3
+    for i, example in enumerate(examples):
+        keys, tokens, labels = (t[i % 3] for t in batches[i // 3])
+        prompt, target = encoded(tokenizer, example)
+        sequence = prompt + target
+        length = len(sequence)
+        torch.testing.assert_close(keys[:length], hooked(runner, sequence), rtol=0, atol=1e-5)
+        assert tokens[:length].tolist() == sequence
+        # Positions before the prompt's last predict no target; the rest predict target + EOS.
+        want = [memory_module.IGNORE] * (len(prompt) - 1) + target + [EOS]
+        assert labels[:length].tolist() == want
+        assert set(labels[length:].tolist()) <= {memory_module.IGNORE}  # padding
+
+
+def test_sequence_batches_shuffle_by_seed_and_split_over_ranks(client, tokenizer, tmp_path):
+    view = build(client, tokenizer, tmp_path / "m", make_examples(11)).sequences()
+
+    def identity(batches) -> list[tuple[int, ...]]:
+        return [tuple(row[row > 0].tolist()) for _, tokens, _ in batches for row in tokens]
+
+    one = identity(view.batches(4, seed=1, epoch=0))
+    assert one == identity(view.batches(4, seed=1, epoch=0))
+    assert one != identity(view.batches(4, seed=1, epoch=1))
+    assert sorted(one) == sorted(identity(view.batches(4, seed=0, epoch=0, shuffle=False)))
+    ranks = [list(view.batches(2, seed=1, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == view.num_batches(2, 2) == 3
+    assert sorted(identity(ranks[0]) + identity(ranks[1])) == sorted(one)
+
+
+def test_generated_context_and_old_memories_serve_pairs_but_not_sequences(
+    client, tokenizer, tmp_path
+):
+    generated = build(client, tokenizer, tmp_path / "g", make_examples(4), context="generated")
+    assert generated.manifest.positions == "targets"
+    (tmp_path / "old").mkdir()
+    synthetic(tmp_path / "old", [3, 2])
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest["version"] = 1
+    del manifest["positions"]  # as version 1 wrote it
+    for shard in manifest["shards"]:
+        del shard["rows"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    old = Memory.open(tmp_path / "old")
+    assert old.load_all()[1].tolist() == [0, 1, 2, 3, 4]
+    for memory in (generated, old):
+        with pytest.raises(MemoryStoreError, match="only the target positions.*--context teacher"):
+            memory.sequences()
+
+
 def test_half_precision_memory_stores_keys_in_its_dtype(client, tokenizer, tmp_path):
     examples = make_examples(3)
     memory = build(client, tokenizer, tmp_path / "m", examples, dtype="bfloat16", progress=True)
@@ -330,7 +385,7 @@ def test_open_explains_what_is_wrong(tmp_path):
     with pytest.raises(MemoryStoreError, match="no memory at .*build one"):
         Memory.open(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other", "version": 1}))
-    with pytest.raises(MemoryStoreError, match="is not a pema-memory v1 manifest"):
+    with pytest.raises(MemoryStoreError, match="is not a pema-memory manifest of version 1 to 2"):
         Memory.open(tmp_path)
     synthetic(tmp_path, [3, 2])
     (tmp_path / "shard-00001.safetensors").unlink()
