@@ -22,7 +22,7 @@ import rich
 import torch.distributed as dist
 from rich.logging import RichHandler
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter
+from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapter
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import (
     TEMPLATES,
@@ -36,6 +36,7 @@ from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
+from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import TrainConfig, init_distributed, resolve_device, train
@@ -140,10 +141,20 @@ def _data_flags() -> argparse.ArgumentParser:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     adapter = parser.add_argument_group("adapter (paper defaults)")
+    _config_flag(
+        adapter,
+        AdapterConfig,
+        "kind",
+        "pema: the paper's adapter (two stages); residual: a low-rank correction added to the "
+        "normalised representation; sequence: a small causal transformer over the whole "
+        "prompt + target, which can attend to the source",
+        flag="--adapter-kind",
+        choices=KINDS,
+    )
     for name, help in (
-        ("rank", "r, clamped to the hidden size"),
-        ("alpha", "scaling s = alpha / rank"),
-        ("dropout", "dropout on the adapter's input"),
+        ("rank", "r (pema, residual), clamped to the hidden size"),
+        ("alpha", "scaling s = alpha / rank (pema, residual)"),
+        ("dropout", "dropout on the adapter's input (sequence: also inside its blocks)"),
         ("kappa", "weight of the reconstruction loss in stage 2"),
         ("lambda_max", "default λ_max of Gradual Unrolling, stored with the adapter"),
         ("lambda_min", "default λ floor of Gradual Unrolling"),
@@ -156,6 +167,24 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "default Gradual Unrolling schedule",
         choices=("quadratic", "linear", "constant"),
     )
+    _config_flag(
+        adapter,
+        AdapterConfig,
+        "activation",
+        "residual: non-linearity between A and B",
+        choices=ACTIVATIONS,
+    )
+    for name, help in (
+        ("width", "sequence: width of the side transformer"),
+        ("layers", "sequence: transformer blocks"),
+        ("heads", "sequence: attention heads per block"),
+    ):
+        _config_flag(adapter, AdapterConfig, name, help)
+    adapter.add_argument(
+        "--no-token-inputs",
+        action="store_true",
+        help="sequence: read only the representations, not the output embedding of each token",
+    )
     adapter.add_argument(
         "--input-norm",
         action="store_true",
@@ -166,9 +195,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, help in (
         ("lr", "Adam learning rate"),
         ("stage1_batch_size", "pairs per reconstruction step (over all processes)"),
-        ("stage2_batch_size", "pairs per joint-retraining step (over all processes)"),
+        (
+            "stage2_batch_size",
+            "pairs per joint-retraining step (over all processes); also the residual kind's",
+        ),
+        ("sequence_batch_size", "examples per step of the sequence kind (over all processes)"),
         ("stage1_epochs", "most reconstruction epochs (early stopping usually ends sooner)"),
-        ("stage2_epochs", "most joint-retraining epochs"),
+        ("stage2_epochs", "most joint-retraining epochs (residual, sequence: most epochs)"),
         ("patience", "validations without improvement before a stage stops"),
         ("min_delta", "least improvement of the validation loss that counts"),
         ("val_batch_size", "pairs per validation batch"),
@@ -264,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         parents=[connection, data],
         formatter_class=formatter,
-        help="build the memory (unless --memory), then train both PEMA stages into OUT",
+        help="build the memory (unless --memory), then train the adapter into OUT",
     )
     trainer.add_argument("--out", required=True, type=Path, help="adapter directory")
     trainer.add_argument(
@@ -401,11 +434,17 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     adapter_config = AdapterConfig(
         hidden_size=served.info.hidden_size,
         vocab_size=served.info.vocab_size,
+        kind=args.kind,
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
         kappa=args.kappa,
         input_norm=args.input_norm,
+        activation=args.activation,
+        width=args.width,
+        layers=args.layers,
+        heads=args.heads,
+        token_inputs=not args.no_token_inputs,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,
@@ -438,6 +477,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         stage1_batch_size=args.stage1_batch_size,
         stage2_batch_size=args.stage2_batch_size,
+        sequence_batch_size=args.sequence_batch_size,
         stage1_epochs=args.stage1_epochs,
         stage2_epochs=args.stage2_epochs,
         patience=args.patience,
@@ -452,7 +492,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _decoder(
     args: argparse.Namespace, client: PemaClient
-) -> tuple[ServedModel, GenerationConfig, str, PemaAdapter | None, AdapterConfig | None]:
+) -> tuple[ServedModel, GenerationConfig, str, Adapter | None, AdapterConfig | None]:
     """The served model, decoding settings, template and adapter of `generate` and `evaluate`."""
     served = ServedModel.fetch(client)
     adapter = adapter_config = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter, write_atomic
+from data_owner_client.adapter import Adapter, AdapterConfig, write_atomic
 from data_owner_client.client import PemaClient
 from data_owner_client.data import DataError, Example
 from data_owner_client.generate import Generation, GenerationConfig, Generator, Mixing
@@ -81,7 +81,7 @@ def evaluate(
     client: PemaClient,
     served: ServedModel,
     examples: Sequence[Example],
-    adapter: PemaAdapter,
+    adapter: Adapter,
     adapter_config: AdapterConfig,
     config: GenerationConfig,
     template: str,

@@ -2,9 +2,11 @@
 
 Each step the server returns every live row's representation ``f(c_t)``; the client computes
 ``log P_LM = log softmax H(f(c_t))`` with the cached head and ``log P_PEMA`` from the adapter's
-``h_pd`` (or, for the kNN-LM baseline, ``log p_kNN`` from the memory), mixes them with that row's
+output (or, for the kNN-LM baseline, ``log p_kNN`` from the memory), mixes them with that row's
 λ_t (:mod:`data_owner_client.schedule`), picks the next token and steps only the rows still alive.
-With λ_max = 0 this is exactly the PLM's own decoding.
+The sequence adapter also reads the prompt's representations (one ``/v1/represent`` call per
+batch) and keeps its own cache per row next to the server's session. With λ_max = 0 this is
+exactly the PLM's own decoding.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter
+from data_owner_client.adapter import Adapter, AdapterConfig
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.knn import KnnLM
 from data_owner_client.progress import progress_bar
 from data_owner_client.schedule import check_settings, gu_lambdas, mix_log_probs
+from data_owner_client.sequence import SequenceAdapter, SequenceCache
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import resolve_device
 from shared.protocol import HiddenDType
@@ -170,7 +173,7 @@ class Generator:
         served: ServedModel,
         config: GenerationConfig,
         template: str,
-        adapter: PemaAdapter | None = None,
+        adapter: Adapter | None = None,
         adapter_config: AdapterConfig | None = None,
         knn: KnnLM | None = None,
     ) -> None:
@@ -230,32 +233,70 @@ class Generator:
             [r.prompt for r in rows], dtype=self.config.hidden_dtype
         )
         try:
+            cache, adapted = self._start_sequence(rows)
             live = list(range(len(rows)))
             for step in range(self.max_new_tokens):
                 # Each live row's next token from its mixed distribution.
                 horizons = torch.tensor([rows[b].horizon for b in live], device=self.device)
-                tokens = self.next_tokens(hidden, step, horizons)
+                tokens = self.next_tokens(hidden, step, horizons, adapted)
                 for b, token in zip(live, tokens, strict=True):
                     self._append(rows[b], token, started)
                 # Only rows still alive advance; the server drops the others from its cache.
                 live = [b for b in live if rows[b].finish_reason is None]
                 if not live:
                     break
-                hidden, _ = self.client.step(session, [rows[b].tokens[-1] for b in live], live)
+                new = [rows[b].tokens[-1] for b in live]
+                hidden, _ = self.client.step(session, new, live)
+                if cache is not None:  # the sequence adapter reads the same new position
+                    adapted = self._step_sequence(cache, hidden, new, live)
         finally:
             self._close(session)
 
+    def _start_sequence(self, rows: list[_Row]) -> tuple[SequenceCache | None, torch.Tensor | None]:
+        """The sequence adapter's cache over the rows' prompts, and its outputs at their last
+        positions; (None, None) for the other kinds, or when the adapter has no weight."""
+        if not isinstance(self.adapter, SequenceAdapter) or self.mixing.lambda_max == 0:
+            return None, None
+        prompts = [r.prompt for r in rows]
+        out = self.client.represent(prompts, [0] * len(prompts), dtype=self.config.hidden_dtype)
+        hidden = [h.to(self.device, torch.float32) for h in out.rows()]
+        capacity = max(len(p) for p in prompts) + self.max_new_tokens
+        with torch.inference_mode():
+            adapted, cache = self.adapter.start(hidden, prompts, capacity)
+        return cache, adapted
+
     @torch.inference_mode()
-    def next_tokens(self, hidden: torch.Tensor, step: int, horizons: torch.Tensor) -> list[int]:
-        """The next token of each row from its representation ``[B, d]`` at step ``step``."""
+    def _step_sequence(
+        self, cache: SequenceCache, hidden: torch.Tensor, tokens: list[int], live: list[int]
+    ) -> torch.Tensor:
+        assert isinstance(self.adapter, SequenceAdapter)
+        x = hidden.to(self.device, torch.float32)
+        ids, rows = (torch.tensor(t, device=self.device) for t in (tokens, live))
+        return self.adapter.step(cache, x, ids, rows)
+
+    @torch.inference_mode()
+    def next_tokens(
+        self,
+        hidden: torch.Tensor,
+        step: int,
+        horizons: torch.Tensor,
+        adapted: torch.Tensor | None = None,
+    ) -> list[int]:
+        """The next token of each row from its representation ``[B, d]`` at step ``step``
+        (``adapted``: the adapter's outputs for them, when it needs more than ``hidden``)."""
         x = hidden.to(self.device, torch.float32)
         m = self.mixing
         lam = gu_lambdas(step, horizons, m.lambda_max, m.lambda_min, m.schedule)
         if not bool(lam.any()):
             log_probs = F.log_softmax(self.head(x), dim=-1)
         elif self.adapter is not None:
-            # One head call over both representations: the PLM's and the adapter's h_pd.
-            lp_lm, lp_pema = F.log_softmax(self.head(torch.cat([x, self.adapter(x)])), -1).chunk(2)
+            out = adapted if adapted is not None else self.adapter(x)
+            # One projection over both: the PLM's representation and the adapter's output.
+            if self.adapter.post_norm:
+                both = self.head.project(torch.cat([self.head.normalize(x), out]))
+            else:
+                both = self.head(torch.cat([x, out]))
+            lp_lm, lp_pema = F.log_softmax(both, dim=-1).chunk(2)
             log_probs = mix_log_probs(lp_lm, lp_pema, lam)
         else:
             assert self.knn is not None, "λ > 0 needs an adapter or a kNN-LM (Mixing.resolve)"

@@ -1,8 +1,10 @@
-"""Two-stage PEMA training over an external memory (DESIGN §2).
+"""Adapter training over an external memory (DESIGN §2), through the frozen head.
 
-Stage 1 trains ``A, B_rct`` to reconstruct the memory's keys; stage 2 starts from a fresh ``A``
-and a zero ``B_pd``, keeps ``B_rct`` frozen and minimises
-``κ · MSE(s · B_rct A x, x) + (1 − κ) · CE(H(s · B_pd A x), y)`` through the frozen head ``H``.
+The ``pema`` kind trains in two stages: stage 1 trains ``A, B_rct`` to reconstruct the memory's
+keys; stage 2 starts from a fresh ``A`` and a zero ``B_pd``, keeps ``B_rct`` frozen and minimises
+``κ · MSE(s · B_rct A x, x) + (1 − κ) · CE(H(s · B_pd A x), y)``. The ``residual`` and
+``sequence`` kinds train only the prediction stage (stage 2), on cross-entropy: ``residual`` on
+the memory's pairs, ``sequence`` on its whole examples (padded batches, target positions scored).
 Each stage shuffles, validates, stops early and restores its best state. Runs resume from the
 last validation with bit-identical results, and run data-parallel under ``torchrun`` (DDP).
 """
@@ -18,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +39,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter, save_adapter, write_atomic
+from data_owner_client.adapter import (
+    Adapter,
+    AdapterConfig,
+    PemaAdapter,
+    build_adapter,
+    save_adapter,
+    write_atomic,
+)
+from data_owner_client.memory import Memory
 from shared.head import Head
 
 log = logging.getLogger(__name__)
@@ -51,21 +61,30 @@ CE_CHUNK_ELEMENTS = 2**24
 ADAPTER_SIGNATURE = (
     "hidden_size",
     "vocab_size",
+    "kind",
     "rank",
     "alpha",
     "dropout",
     "kappa",
+    "input_norm",
+    "activation",
+    "width",
+    "layers",
+    "heads",
+    "token_inputs",
     "fingerprint",
 )
 RUNTIME_ONLY = ("device", "resume", "checkpoint_dir", "log_every_steps")
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
 
 
 class BatchSource(Protocol):
-    """Memory pairs in batches; :class:`data_owner_client.memory.Memory` is one.
+    """Memory pairs or examples in batches; :class:`data_owner_client.memory.Memory` (pairs) and
+    its :meth:`~data_owner_client.memory.Memory.sequences` view (examples) are two.
 
-    ``batches`` yields (keys float32 [b, d], values int64 [b]) for one epoch. The order must depend
+    ``batches`` yields (keys float32 [b, d], values int64 [b]) for one epoch, or for the sequence
+    kind (keys [B, T, d], tokens [B, T], labels [B, T]). The order must depend
     on (seed, epoch) alone, ranks must get disjoint pairs, and every rank the same number of
     batches (training also stops all ranks at the first one that runs out).
     """
@@ -89,6 +108,7 @@ class TrainConfig:
     lr: float = 1e-3  # Adam learning rate, both stages
     stage1_batch_size: int = 20480  # pairs per step in stage 1, over all ranks
     stage2_batch_size: int = 2048  # pairs per step in stage 2, over all ranks
+    sequence_batch_size: int = 16  # examples per step of the sequence kind, over all ranks
     stage1_epochs: int = 20  # most epochs of stage 1; early stopping usually ends it sooner
     stage2_epochs: int = 20  # most epochs of stage 2
     patience: int = 3  # validations without improvement before a stage stops
@@ -103,7 +123,12 @@ class TrainConfig:
     resume: bool = False  # continue from the checkpoint when one exists
 
     def __post_init__(self) -> None:
-        sizes = (self.stage1_batch_size, self.stage2_batch_size, self.val_batch_size)
+        sizes = (
+            self.stage1_batch_size,
+            self.stage2_batch_size,
+            self.sequence_batch_size,
+            self.val_batch_size,
+        )
         counts = (self.patience, self.stage1_epochs, self.stage2_epochs, self.log_every_steps)
         if min(sizes) < 1 or min(counts) < 1:
             raise ValueError("batch sizes, epochs, patience and log_every_steps must be positive")
@@ -123,10 +148,10 @@ class TrainConfig:
 class TrainResult:
     """What a finished run produced."""
 
-    adapter: PemaAdapter  # the final adapter (best stage-2 state), in eval mode
+    adapter: Adapter  # the final adapter (best stage-2 state), in eval mode
     config: AdapterConfig  # its config, as saved
     out_dir: Path  # where the adapter, log and plot were written
-    stage1_val_loss: float  # best validation reconstruction MSE of stage 1
+    stage1_val_loss: float  # best validation reconstruction MSE of stage 1 (pema; else inf)
     stage2_val_loss: float  # best validation joint loss of stage 2
     val_accuracy: float  # next-token accuracy on the validation pairs at that best state
     steps: int  # optimizer steps over both stages
@@ -215,12 +240,15 @@ def ce_chunk_rows(vocab_size: int, elements: int = CE_CHUNK_ELEMENTS) -> int:
     return max(1, elements // vocab_size)
 
 
-def _ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _ce_sum(head: Logits, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h), y, reduction="sum")
 
 
 def chunked_cross_entropy(
-    head: nn.Module, h: torch.Tensor, y: torch.Tensor, chunk_rows: int
+    head: Logits, h: torch.Tensor, y: torch.Tensor, chunk_rows: int
 ) -> torch.Tensor:
     """Mean ``CE(head(h), y)`` with one chunk's ``[chunk_rows, V]`` logits alive at a time.
 
@@ -235,42 +263,65 @@ def chunked_cross_entropy(
 
 
 class _StageModel(nn.Module):
-    """The adapter's outputs that one stage trains on: the module DDP wraps."""
+    """The adapter's outputs that one stage trains on: the module DDP wraps.
 
-    def __init__(self, adapter: PemaAdapter, stage: int) -> None:
+    Stage 1 (pema): ``(h_rct,)``. Stage 2: ``(vectors, labels)`` of the scored positions, then
+    ``h_rct`` for pema, from the same dropout mask.
+    """
+
+    def __init__(self, adapter: Adapter, stage: int) -> None:
         super().__init__()
         self.adapter, self.stage = adapter, stage
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        adapter = self.adapter
+        if not isinstance(adapter, PemaAdapter):
+            return adapter.train_outputs(*batch)
+        x, y = batch
         if self.stage == 1:
-            return (self.adapter.reconstruct(x),)
-        return self.adapter.predict_and_reconstruct(x)
+            return (adapter.reconstruct(x),)
+        h_pd, h_rct = adapter.predict_and_reconstruct(x)
+        return h_pd, y, h_rct
 
 
-def _freeze_for_stage(adapter: PemaAdapter, stage: int) -> list[nn.Parameter]:
+def _freeze_for_stage(adapter: Adapter, stage: int) -> list[nn.Parameter]:
     """Leave trainable exactly what ``stage`` trains (DDP then ignores the rest)."""
-    adapter.A.requires_grad_(True)
-    adapter.B_rct.requires_grad_(stage == 1)
-    adapter.B_pd.requires_grad_(stage == 2)
+    if isinstance(adapter, PemaAdapter):
+        adapter.A.requires_grad_(True)
+        adapter.B_rct.requires_grad_(stage == 1)
+        adapter.B_pd.requires_grad_(stage == 2)
     return [p for p in adapter.parameters() if p.requires_grad]
+
+
+def logits_of(adapter: Adapter, head: nn.Module) -> Logits:
+    """What turns the adapter's outputs into logits: the whole head, or its projection alone
+    for the kinds whose outputs live after the final norm."""
+    if not adapter.post_norm:
+        return head
+    if not isinstance(head, Head):
+        raise TypeError(f"a {type(adapter).__name__} needs the served model's Head")
+    return head.project
 
 
 def _stage_loss(
     outputs: tuple[torch.Tensor, ...],
-    batch: Batch,
-    head: nn.Module,
+    target: torch.Tensor | None,
+    head: Logits,
     kappa: float,
     chunk_rows: int,
 ) -> dict[str, torch.Tensor]:
-    """The stage's loss under ``"loss"`` and its parts (stage 2: ``"mse"``, ``"ce"``).
+    """The stage's loss under ``"loss"`` and its parts (pema's stage 2: ``"mse"``, ``"ce"``).
 
-    ``batch`` holds the reconstruction target (the adapter's features of the keys) and the values.
+    ``target`` is what ``h_rct`` reconstructs (pema: the adapter's features of the keys).
     """
-    x, y = batch
-    mse = F.mse_loss(outputs[-1], x)
+    if len(outputs) == 2:
+        ce = chunked_cross_entropy(head, outputs[0], outputs[1], chunk_rows)
+        return {"loss": ce, "ce": ce}
+    assert target is not None, "pema reconstructs its features"
+    mse = F.mse_loss(outputs[-1], target)
     if len(outputs) == 1:
         return {"loss": mse}
-    ce = chunked_cross_entropy(head, outputs[0], y, chunk_rows)
+    ce = chunked_cross_entropy(head, outputs[0], outputs[1], chunk_rows)
     return {"loss": kappa * mse + (1.0 - kappa) * ce, "mse": mse, "ce": ce}
 
 
@@ -279,47 +330,56 @@ def _stage_loss(
 
 @torch.no_grad()
 def _eval_sums(
-    adapter: PemaAdapter,
-    head: nn.Module,
+    adapter: Adapter,
+    head: Logits,
     batches: Iterable[Batch],
     device: torch.device,
     chunk_rows: int,
-    predict: bool,
+    stage: int,
 ) -> torch.Tensor:
-    """float64 sums over all pairs: squared error, elements, CE, correct predictions, rows."""
+    """float64 sums over all scored positions: squared error and its elements (pema), CE,
+    correct predictions, rows."""
     sums = torch.zeros(5, dtype=torch.float64)
-    for keys, values in batches:
-        x, y = keys.to(device), values.to(device)
-        h_pd, h_rct = adapter.predict_and_reconstruct(x)
-        ce = correct = 0.0
-        if predict:
-            for h_part, y_part in zip(h_pd.split(chunk_rows), y.split(chunk_rows), strict=True):
-                logits = head(h_part)
+    model = _StageModel(adapter, stage)
+    for batch in batches:
+        batch = tuple(t.to(device) for t in batch)
+        outputs = model(*batch)
+        sq = elements = ce = correct = 0.0
+        rows = len(batch[0])
+        if stage == 2:
+            vectors, y = outputs[0], outputs[1]
+            for part, y_part in zip(vectors.split(chunk_rows), y.split(chunk_rows), strict=True):
+                logits = head(part)
                 ce += F.cross_entropy(logits, y_part, reduction="sum").item()
                 correct += (logits.argmax(-1) == y_part).sum().item()
-        sq = (h_rct.float() - adapter.features(x).float()).pow(2).sum().item()
-        sums += torch.tensor([sq, x.numel(), ce, correct, len(y)], dtype=torch.float64)
+            rows = len(y)
+        if isinstance(adapter, PemaAdapter):
+            target = adapter.features(batch[0]).float()
+            sq, elements = (outputs[-1].float() - target).pow(2).sum().item(), target.numel()
+        sums += torch.tensor([sq, elements, ce, correct, rows], dtype=torch.float64)
     return sums
 
 
 def evaluate_accuracy(
-    adapter: PemaAdapter,
+    adapter: Adapter,
     head: nn.Module,
     source: BatchSource,
     *,
     batch_size: int = 4096,
     device: str | torch.device | None = None,
 ) -> float:
-    """Next-token accuracy of ``argmax H(h_pd)`` over every pair of ``source``.
+    """Next-token accuracy of the adapter's own prediction over every scored position of
+    ``source`` (pairs, or examples for the sequence kind; ``batch_size`` counts those).
 
     The adapter and head are moved to ``device`` (default: the adapter's) in place.
     """
-    device = torch.device(device) if device is not None else adapter.A.device
+    device = torch.device(device) if device is not None else next(adapter.parameters()).device
     adapter, head = adapter.to(device), head.to(device)
     training = adapter.training
     adapter.eval()
     batches = source.batches(batch_size, seed=0, epoch=0, shuffle=False)
-    sums = _eval_sums(adapter, head, batches, device, ce_chunk_rows(_vocab_size(head)), True)
+    chunk = ce_chunk_rows(_vocab_size(head))
+    sums = _eval_sums(adapter, logits_of(adapter, head), batches, device, chunk, stage=2)
     adapter.train(training)
     if sums[4] == 0:
         raise ValueError("the evaluation source yielded no pairs")
@@ -373,9 +433,14 @@ def plot_loss_curves(log_path: str | Path, png_path: str | Path) -> Path:
     from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib
 
     records = read_log(log_path)
-    fig = Figure(figsize=(11, 4))
-    titles = ("stage 1: reconstruction MSE", "stage 2: κ·MSE + (1−κ)·CE")
-    for ax, stage, title in zip(fig.subplots(1, 2), (1, 2), titles, strict=True):
+    stages = sorted({r["stage"] for r in records}) or [2]
+    fig = Figure(figsize=(5.5 * len(stages), 4))
+    titles = {1: "stage 1: reconstruction MSE", 2: "stage 2: κ·MSE + (1−κ)·CE"}
+    if stages == [2]:  # a kind trained on cross-entropy alone
+        titles[2] = "cross-entropy"
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    for ax, stage in zip(axes, stages, strict=True):
+        title = titles[stage]
         for kind, key, style in (("train", "loss", "-"), ("val", "val_loss", "o-")):
             points = [
                 (r["global_step"], r[key])
@@ -445,7 +510,8 @@ class _Trainer:
         self.chunk_rows = config.ce_chunk or ce_chunk_rows(adapter_config.vocab_size)
         ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else out_dir / "checkpoint"
         self.checkpoint_path = ckpt_dir / CHECKPOINT_FILE
-        self.state = _State()
+        self.pema = adapter_config.kind == "pema"
+        self.state = _State(stage=1 if self.pema else 2)  # the other kinds only predict
         self.best_state: dict[str, torch.Tensor] | None = None
         self.windows = {"log": _Mean(), "val": _Mean()}
         self.bar = _progress_bar(progress and self.world.main)
@@ -457,8 +523,8 @@ class _Trainer:
         torch.manual_seed(_derived_seed(self.config.seed, f"dropout:{self.world.rank}"))
         init = _generator(self.config.seed, "stage1")
         head = self.head if isinstance(self.head, Head) else None
-        adapter = PemaAdapter.from_config(self.adapter_config, head, generator=init)
-        self.adapter = adapter.to(self.device)
+        self.adapter = build_adapter(self.adapter_config, head, generator=init).to(self.device)
+        self.logits = logits_of(self.adapter, self.head)
         saved = self._load_checkpoint() if self.config.resume else None
         if saved is not None:
             self._restore(saved)
@@ -516,7 +582,7 @@ class _Trainer:
     def _run_stage(self) -> None:
         """Epochs until the limit or early stopping, then a last validation if one is due."""
         stage, config = self.state.stage, self.config
-        self.task = self.bar.add_task(f"stage {stage}", total=None, loss="", val="")
+        self.task = self.bar.add_task(self._stage_name(), total=None, loss="", val="")
         while self.state.epoch < config.epochs(stage) and self.state.bad < config.patience:
             self._run_epoch()
         if self.state.since_val and self.state.bad < config.patience:
@@ -537,7 +603,8 @@ class _Trainer:
                     return
         if state.step == 0:
             raise ValueError(
-                f"the training memory yielded no batches of {self._local_batch()} pairs: "
+                f"the training memory yielded no batches of {self._local_batch()} "
+                f"{'examples' if self._sequences else 'pairs'}: "
                 "use a smaller batch size or a larger memory"
             )
         state.epoch, state.step = state.epoch + 1, 0
@@ -556,22 +623,35 @@ class _Trainer:
         )
         return itertools.islice(iter(batches), skip, None)
 
+    @property
+    def _sequences(self) -> bool:
+        """Batches are whole examples (the sequence kind), not pairs."""
+        return self.adapter_config.kind == "sequence"
+
+    def _stage_name(self) -> str:
+        return f"stage {self.state.stage}" if self.pema else "train"
+
     def _local_batch(self) -> int:
         """This rank's share of the stage's global batch."""
-        return max(1, self.config.batch_size(self.state.stage) // self.world.size)
+        whole = self.config.batch_size(self.state.stage)
+        if self._sequences:
+            whole = self.config.sequence_batch_size
+        return max(1, whole // self.world.size)
 
     def _train_step(self, batch: Batch) -> None:
         """One optimizer step on one batch."""
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+        x = batch[0]
         if x.shape[-1] != self.adapter_config.hidden_size:
             raise ValueError(
                 f"memory keys have size {x.shape[-1]} but the adapter expects "
                 f"{self.adapter_config.hidden_size}: was the memory built on another model?"
             )
-        outputs = self.model(x)
-        target = self.adapter.features(x)  # what h_rct reconstructs
+        outputs = self.model(*batch)
+        # What h_rct reconstructs (pema only).
+        target = self.adapter.features(x) if isinstance(self.adapter, PemaAdapter) else None
         kappa = self.adapter_config.kappa
-        losses = _stage_loss(outputs, (target, y), self.head, kappa, self.chunk_rows)
+        losses = _stage_loss(outputs, target, self.logits, kappa, self.chunk_rows)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -595,6 +675,7 @@ class _Trainer:
     def _enter_stage2(self) -> None:
         """Restore stage 1's best state, then re-initialise ``A`` and ``B_pd`` for stage 2."""
         self._restore_best()
+        assert isinstance(self.adapter, PemaAdapter), "only the pema kind has two stages"
         self.adapter.reset_for_stage2(generator=_generator(self.config.seed, "stage2"))
         state = self.state
         self.state = _State(stage=2, global_step=state.global_step, stage1_best=state.best_loss)
@@ -626,18 +707,20 @@ class _Trainer:
     def _val_metrics(self) -> dict[str, float]:
         """Validation loss of the current stage (and its parts), summed over all ranks."""
         stage2 = self.state.stage == 2
-        every = self.val_source.batches(
-            self.config.val_batch_size, seed=self.config.seed, epoch=0, shuffle=False
-        )
+        size = self.config.sequence_batch_size if self._sequences else self.config.val_batch_size
+        every = self.val_source.batches(size, seed=self.config.seed, epoch=0, shuffle=False)
         # Every pair counts, the remainder batches too (no lockstep needed without gradients):
         # each rank takes every world-size-th batch of the whole set.
         batches = itertools.islice(every, self.world.rank, None, self.world.size)
         self.adapter.eval()
-        sums = _eval_sums(self.adapter, self.head, batches, self.device, self.chunk_rows, stage2)
+        stage = self.state.stage
+        sums = _eval_sums(self.adapter, self.logits, batches, self.device, self.chunk_rows, stage)
         self.adapter.train()
         sq, elements, ce, correct, rows = _all_reduce(sums.to(self.device), self.world).tolist()
         if rows == 0:
             raise ValueError("the validation memory yielded no pairs: give it some data")
+        if not self.pema:
+            return {"val_loss": ce / rows, "val_ce": ce / rows, "val_acc": correct / rows}
         mse = sq / elements
         if not stage2:
             return {"val_loss": mse, "val_mse": mse}
@@ -684,9 +767,9 @@ class _Trainer:
 
     def _reset_bar(self) -> None:
         """Point the stage's bar at the current epoch."""
-        stage, epochs = self.state.stage, self.config.epochs(self.state.stage)
+        epochs = self.config.epochs(self.state.stage)
         total = _steps_per_epoch(self.train_source, self._local_batch(), self.world.size)
-        description = f"stage {stage} epoch {self.state.epoch + 1}/{epochs}"
+        description = f"{self._stage_name()} epoch {self.state.epoch + 1}/{epochs}"
         self.bar.reset(self.task, total=total, completed=self.state.step, description=description)
 
 
@@ -761,6 +844,11 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
+def _examples(source: BatchSource) -> BatchSource:
+    """A memory's whole-example view (the sequence kind's batches); other sources as they are."""
+    return source.sequences() if isinstance(source, Memory) else source
+
+
 def train(
     adapter_config: AdapterConfig,
     train_source: BatchSource,
@@ -771,7 +859,8 @@ def train(
     *,
     progress: bool = True,
 ) -> TrainResult:
-    """Train both stages; write the adapter, ``train_log.jsonl`` and ``loss_curves.png``.
+    """Train the adapter kind's stages; write the adapter, ``train_log.jsonl`` and
+    ``loss_curves.png``.
 
     Under ``torchrun`` (call :func:`init_distributed` first) every rank runs this with the same
     arguments: each trains on its share of the memory and only rank 0 writes files. Batch sizes
@@ -781,6 +870,8 @@ def train(
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     sources = (train_source, val_source)
+    if adapter_config.kind == "sequence":  # whole examples: a memory's view of them
+        sources = (_examples(train_source), _examples(val_source))
     trainer = _Trainer(adapter_config, sources, head, out_dir, config, progress)
     if trainer.world.main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,82 @@ def cipher_task(d: int = 32, v: int = 64, clusters: int = 12, seed: int = 0) -> 
     return CipherTask(head, centers, labels, noise=0.3)
 
 
+class SequenceSource:
+    """In-RAM examples with the semantics of ``Memory.sequences().batches``."""
+
+    def __init__(self, keys: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        self.keys, self.tokens, self.labels = keys.float(), tokens.long(), labels.long()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        return split_batches(len(self), batch_size, world_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = torch.arange(len(self))
+        if shuffle:
+            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch))
+        steps = self.num_batches(batch_size, world_size)
+        for rows in order.split(batch_size * world_size)[:steps]:
+            mine = rows.tensor_split(world_size)[rank]
+            yield self.keys[mine], self.tokens[mine], self.labels[mine]
+
+    def pairs(self) -> TensorSource:
+        """The positions that predict a target token, as pairs (what the pair kinds train on)."""
+        scored = self.labels >= 0
+        return TensorSource(self.keys[scored], self.labels[scored])
+
+
+@dataclass
+class CopyTask:
+    """Sources of ``length`` random tokens, a separator, then the source again: each target token
+    is the token ``length + 1`` positions back. The "PLM" representation of a position encodes
+    only its own token and its position, so no single position tells what comes next."""
+
+    head: Head
+    tokens: torch.Tensor  # [K, d] what a token contributes to a representation
+    positions: torch.Tensor  # [T, d] what a position contributes
+    alphabet: int  # source tokens are 0 .. alphabet - 1
+    length: int  # source tokens per example
+    separator: int
+    eos: int
+
+    def sample(self, n: int, seed: int) -> SequenceSource:
+        g = torch.Generator().manual_seed(seed)
+        source = torch.randint(self.alphabet, (n, self.length), generator=g)
+        separator = torch.full((n, 1), self.separator)
+        full = torch.cat([source, separator, source, torch.full((n, 1), self.eos)], dim=1)
+        read, follows = full[:, :-1], full[:, 1:]
+        keys = self.tokens[read] + self.positions[: read.shape[1]]
+        keys = keys + 0.1 * torch.randn(keys.shape, generator=g)
+        labels = follows.clone()
+        labels[:, : self.length] = -100  # the prompt's own positions predict no target
+        return SequenceSource(keys, read, labels)
+
+
+def copy_task(d: int = 32, v: int = 64, alphabet: int = 16, length: int = 5) -> CopyTask:
+    g = torch.Generator().manual_seed(7)
+    return CopyTask(
+        random_head(d, v),
+        torch.randn(v, d, generator=g),
+        torch.randn(2 * length + 2, d, generator=g),
+        alphabet,
+        length,
+        separator=v - 2,
+        eos=v - 1,
+    )
+
+
 def small_configs(
     d: int = 32, v: int = 64, **train_overrides: object
 ) -> tuple[AdapterConfig, TrainConfig]:

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter
+from data_owner_client.adapter import AdapterConfig, PemaAdapter, build_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.data import Example
 from data_owner_client.generate import GenerationConfig, Generator, filter_top_k_top_p
+from data_owner_client.residual import ResidualAdapter
 from data_owner_client.served_model import ServedModel
 from plm_owner_server.runner import ModelRunner
 from tests.server.helpers import serve
@@ -190,3 +191,43 @@ def test_mixing_settings_are_checked(served_client, tmp_path: Path):
     Generator(client, served, constant, TEMPLATE, adapter, no_ratio)  # needs no horizon
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0)
+
+
+@pytest.mark.parametrize("kind", ["residual", "sequence"])
+def test_every_kind_decodes_as_its_mixture_over_the_whole_sequence(served_client, kind):
+    """Greedy decoding picks, at each new position, the argmax of the mixture of the PLM and the
+    adapter run over the whole sequence so far: the sequence adapter's stepped cache (rows of
+    different lengths, finishing at different steps) equals its full forward."""
+    _, client, served = served_client
+    head = served.head
+    assert head is not None
+    info = served.info
+    adapter_config = AdapterConfig(
+        info.hidden_size, info.vocab_size, kind=kind, rank=8, width=16, heads=2, dropout=0.0
+    )
+    adapter = build_adapter(adapter_config, head, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # untrained, both kinds equal the PLM: give them weight
+        last = adapter.B if isinstance(adapter, ResidualAdapter) else adapter.output.weight
+        last.normal_(0, 3, generator=torch.Generator().manual_seed(1))
+    adapter.eval()
+    config = GenerationConfig(max_new_tokens=10, lambda_max=0.7, schedule="constant")
+    first = list(
+        Generator(client, served, config, TEMPLATE, adapter, adapter_config).generate(examples())
+    )
+    plm = Generator(client, served, dataclasses.replace(config, lambda_max=0.0), TEMPLATE)
+    assert [o.token_ids for o in first] != generated_tokens(plm, PROMPTS)  # the adapter matters
+    # Tokens the rows reach at different steps end them: rows finish at different steps.
+    ends = {*served.info.eos_token_ids, first[1].token_ids[2], first[2].token_ids[5]}
+    info = served.info.model_copy(update={"eos_token_ids": sorted(ends)})
+    served = dataclasses.replace(served, info=info)
+    generator = Generator(client, served, config, TEMPLATE, adapter, adapter_config)
+    outputs = list(generator.generate(examples()))
+    assert len({o.tokens for o in outputs}) >= 2
+    for output in outputs:
+        prompt = served.tokenizer(output.source)["input_ids"]
+        sequence = prompt + output.token_ids[:-1]
+        x = client.represent([sequence], [0]).rows()[0]
+        with torch.no_grad():
+            z = adapter(x) if kind == "residual" else adapter(x[None], torch.tensor([sequence]))[0]
+            p = 0.3 * F.softmax(head(x), -1) + 0.7 * F.softmax(head.project(z), -1)
+        assert p[len(prompt) - 1 :].argmax(-1).tolist() == output.token_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_owner_client.adapter import AdapterError, load_adapter
+from data_owner_client.adapter import AdapterError, build_adapter, load_adapter
 from data_owner_client.train import (
     LOG_FILE,
     PLOT_FILE,
@@ -28,7 +29,7 @@ from data_owner_client.train import (
     resolve_device,
     train,
 )
-from tests.client.synthetic import TensorSource, cipher_task, small_configs
+from tests.client.synthetic import TensorSource, cipher_task, copy_task, small_configs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -331,3 +332,31 @@ def test_input_norm_trains_on_normalised_features_and_reloads_with_the_head(task
     x = val_set.keys[:8]
     torch.testing.assert_close(loaded(x), result.adapter.eval()(x))
     torch.testing.assert_close(loaded.features(x), task.head.normalize(x))
+
+
+# ---- the residual and sequence kinds ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["pema", "residual", "sequence"])
+def test_only_the_sequence_kind_learns_a_task_that_needs_the_source(kind, tmp_path):
+    task = copy_task()
+    train_set, held_out = task.sample(768, seed=1), task.sample(128, seed=2)
+    adapter_config, train_config = small_configs(
+        stage1_epochs=2, stage2_epochs=12, sequence_batch_size=32, patience=12
+    )
+    adapter_config = dataclasses.replace(
+        adapter_config, kind=kind, dropout=0.0, width=64, layers=2, heads=4
+    )
+    pairs = kind != "sequence"
+    sources = (train_set.pairs(), held_out.pairs()) if pairs else (train_set, held_out)
+    result = train(adapter_config, *sources, task.head, tmp_path, train_config, progress=False)
+    untrained = build_adapter(dataclasses.replace(adapter_config, kind="residual"), task.head)
+    plm = evaluate_accuracy(untrained, task.head, held_out.pairs())  # equal to the PLM's
+    accuracy = evaluate_accuracy(result.adapter, task.head, sources[1])
+    if kind == "sequence":
+        assert plm < 0.1 and accuracy >= 0.9
+        assert math.isinf(result.stage1_val_loss)
+    else:  # one position tells the end of a target, never its tokens: chance is 1/16 each
+        assert accuracy < 0.35
+    records = read_log(tmp_path / LOG_FILE)
+    assert {r["stage"] for r in records} == ({1, 2} if kind == "pema" else {2})
