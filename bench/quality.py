@@ -12,12 +12,14 @@ Methods, on the same training pairs and evaluation inputs, each through the proj
 - the PLM alone: ``pema-client generate`` without an adapter;
 - PEMA: ``pema-client memory build``, ``pema-client train --memory``, ``pema-client generate``
   with Gradual Unrolling (quadratic) and with a constant λ;
+- the residual and sequence adapter kinds (``train --adapter-kind``) on the same memory;
 - kNN-LM: ``pema-client generate --knn`` over the same memory;
 - LoRA: peft on the whole local model (``bench/lora.py``), greedy decoding with transformers.
 
 Ablations (on ``--ablation-task``): κ, rank, memory size, GU schedule and λ_max, teacher-forced
-versus generated-context memory. Settings were chosen with ``--split tune`` (held-out training
-examples or training-book verses), never on the evaluation inputs.
+versus generated-context memory; the residual and sequence kinds' λ, schedule and sizes.
+Settings were chosen with ``--split tune`` (held-out training examples or training-book verses),
+never on the evaluation inputs.
 
 Every run writes ``results/quality/<size>-<split>/<task>/<run>.json`` (scores, cost, settings) and
 is skipped when that file exists (``--fresh`` reruns); memories, adapters and predictions go to
@@ -60,6 +62,10 @@ PEMA_TRAIN = (
 LAMBDA_MAX = 0.5  # GU quadratic's λ_0
 CONSTANT_LAMBDA = 0.3  # the best constant λ on the Bible tuning verses (0.3 > 0.5 > 0.9)
 KNN = ("--knn-k", "64", "--knn-temperature", "10", "--lambda-max", "0.25")
+# The other adapter kinds, also chosen on the tuning split (README, "Quality").
+RESIDUAL = ("--adapter-kind", "residual", "--rank", "64", "--alpha", "64", "--stage2-epochs", "4")
+SEQUENCE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")
+RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.5  # constant λ of each kind's main run
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
 
@@ -132,9 +138,29 @@ def main_runs() -> list[Run]:
             f"PEMA, constant λ {CONSTANT_LAMBDA:g}",
             decode=("--lambda-max", str(CONSTANT_LAMBDA), "--schedule", "constant"),
         ),
+        Run(
+            "residual",
+            "pema",
+            "main",
+            f"residual adapter, constant λ {RESIDUAL_LAMBDA:g}",
+            train=RESIDUAL,
+            decode=constant(RESIDUAL_LAMBDA),
+        ),
+        Run(
+            "sequence",
+            "pema",
+            "main",
+            f"sequence adapter, constant λ {SEQUENCE_LAMBDA:g}",
+            train=SEQUENCE,
+            decode=constant(SEQUENCE_LAMBDA),
+        ),
         Run("knn", "knn", "main", "kNN-LM, same memory", decode=KNN),
         Run("lora", "lora", "main", "LoRA (peft, whole model)"),
     ]
+
+
+def constant(lam: float) -> tuple[str, ...]:
+    return ("--lambda-max", f"{lam:g}", "--schedule", "constant")
 
 
 def ablation_runs() -> list[Run]:
@@ -161,6 +187,35 @@ def ablation_runs() -> list[Run]:
     for lam in ("0.3", "0.5", "0.7", "0.9"):
         decode = ("--lambda-max", lam, "--schedule", "quadratic")
         runs.append(Run(f"lambda-{lam}", "pema", "λ_max (quadratic)", lam, (), decode))
+    return runs + kind_ablation_runs()
+
+
+def kind_ablation_runs() -> list[Run]:
+    """The residual and sequence kinds: mixing weight and schedule, then their own settings."""
+    runs = []
+    for kind, flags in (("residual", RESIDUAL), ("sequence", SEQUENCE)):
+        group = f"{kind}: λ"
+        for lam in (0.3, 0.5, 0.7, 1.0):
+            runs.append(
+                Run(f"{kind}-lambda-{lam:g}", "pema", group, f"{lam:g}", flags, constant(lam))
+            )
+        gu = ("--lambda-max", "0.9", "--schedule", "quadratic")
+        runs.append(Run(f"{kind}-gu-0.9", "pema", group, "GU 0.9", flags, gu))
+    decode = constant(RESIDUAL_LAMBDA)
+    for name, setting, extra in (
+        ("residual-rank-256", "rank 256", ("--rank", "256", "--alpha", "256")),
+        ("residual-gelu", "gelu", ("--activation", "gelu")),
+    ):
+        runs.append(Run(name, "pema", "residual: settings", setting, RESIDUAL + extra, decode))
+    decode = constant(SEQUENCE_LAMBDA)
+    for name, setting, extra in (
+        ("sequence-no-tokens", "no token inputs", ("--no-token-inputs",)),
+        ("sequence-1-layer", "1 layer", ("--layers", "1")),
+        ("sequence-4-layers", "4 layers", ("--layers", "4")),
+        ("sequence-width-128", "width 128", ("--width", "128")),
+        ("sequence-dropout-0.3", "dropout 0.3", ("--dropout", "0.3")),
+    ):
+        runs.append(Run(name, "pema", "sequence: settings", setting, SEQUENCE + extra, decode))
     return runs
 
 
@@ -388,7 +443,21 @@ def score_cells(result: dict[str, Any]) -> list[str]:
     return [f"{s['bleu']:.2f}", f"{s['sentence_bleu']:.2f}", f"{s['chrf']:.2f}", p]
 
 
+def recovered_cell(result: dict[str, Any], plm: dict[str, Any], lora: dict[str, Any] | None) -> str:
+    """The fraction of LoRA's gain over the PLM that ``result`` recovers, in BLEU and chrF:
+    ``(method − PLM) / (LoRA − PLM)``; empty where LoRA gains nothing."""
+    if lora is None or result is plm:
+        return ""
+    cells = []
+    for key in ("bleu", "chrf"):
+        gain = lora["scores"][key] - plm["scores"][key]
+        mine = result["scores"][key] - plm["scores"][key]
+        cells.append(f"{mine / gain:.2f}" if gain > 0 else "–")
+    return " / ".join(cells)
+
+
 SCORES = ("BLEU", "sBLEU", "chrF", "p vs PLM (BLEU / chrF)")  # the columns of score_cells
+RECOVERED = "LoRA's gain recovered (BLEU / chrF)"
 TRAINING = "training s (memory + train)"
 
 
@@ -413,17 +482,25 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines += [
             f"**{task}** ({size['train']} training examples, {inputs} {split} inputs)",
             "",
-            *head(["method", *SCORES, TRAINING, "training peak RSS GiB", "generation tokens/s"]),
-        ]
+            *head(
+                ["method", *SCORES, RECOVERED, TRAINING, "training peak RSS GiB",
+                 "generation tokens/s"]
+            ),
+        ]  # fmt: skip
         order = [run.name for run in main_runs()]
+        by_name = {r["run"]["name"]: r for r in main}
+        plm, lora = by_name.get("plm"), by_name.get("lora")
         for r in sorted(main, key=lambda r: order.index(r["run"]["name"])):
-            lines.append(row([r["run"]["setting"], *score_cells(r), *cost_cells(r)]))
+            recovered = recovered_cell(r, plm, lora) if plm else ""
+            lines.append(row([r["run"]["setting"], *score_cells(r), recovered, *cost_cells(r)]))
         lines.append("")
     ablations = [r for r in results if r["run"]["group"] != "main"]
     if ablations:
         task = ablations[0]["task"]
         lines += [
-            f"**Ablations on {task}** (PEMA, GU quadratic λ_max {LAMBDA_MAX:g} unless varied)",
+            f"**Ablations on {task}** (PEMA: GU quadratic λ_max {LAMBDA_MAX:g}; residual: "
+            f"constant λ {RESIDUAL_LAMBDA:g}; sequence: constant λ {SEQUENCE_LAMBDA:g}; unless "
+            "varied)",
             "",
             *head(["ablation", "setting", *SCORES, TRAINING], labels=2),
         ]

@@ -434,7 +434,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     adapter_config = AdapterConfig(
         hidden_size=served.info.hidden_size,
         vocab_size=served.info.vocab_size,
-        kind=args.kind,
+        kind=args.adapter_kind,
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,

@@ -19,16 +19,22 @@ from bench_common import running_server  # noqa: E402
 def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     main = {run.name: run for run in quality.main_runs()}
     ablations = {run.name: run for run in quality.ablation_runs()}
+    kinds = {run.name for run in quality.kind_ablation_runs()}
     same = ["kappa-0.2", "rank-512", "memory-100", "context-teacher", "schedule-quadratic"]
     same.append(f"lambda-{quality.LAMBDA_MAX:g}")
     for name in same:
         assert ablations[name].predictions_key == main["pema-gu"].predictions_key, name
-    keys = {run.predictions_key for run in ablations.values()}
+    keys = {run.predictions_key for name, run in ablations.items() if name not in kinds}
     # κ 0 and 0.5, ranks 64 and 256, two memory sizes, generated context, linear and constant,
     # three other λ_max, and the main run: every other setting decodes once.
     assert len(keys) == 13
     assert main["pema-gu"].adapter_key == main["pema-constant"].adapter_key
     assert ablations["rank-64"].adapter_key != main["pema-gu"].adapter_key
+    # The other kinds' main runs are among their λ ablations; their settings train adapters.
+    assert ablations["residual-lambda-0.5"].predictions_key == main["residual"].predictions_key
+    assert ablations["sequence-lambda-0.5"].predictions_key == main["sequence"].predictions_key
+    assert ablations["sequence-lambda-1"].adapter_key == main["sequence"].adapter_key
+    assert len({ablations[name].adapter_key for name in kinds}) == 2 + 2 + 5
 
 
 def test_generation_speed_counts_each_batch_at_its_slowest_row():
@@ -59,9 +65,14 @@ def test_table_and_plot_come_from_the_results(tmp_path):
     results += [result("bible", run, 5 + i) for i, run in enumerate(quality.ablation_runs()[:3])]
     table = quality.markdown(results)
     assert "**bible** (10 training examples, 4 test inputs)" in table
-    assert "| PLM alone | 0.00 | 1.00 | 2.00 |  |  |  | 20.0 |" in table
+    assert "| PLM alone | 0.00 | 1.00 | 2.00 |  |  |  |  | 20.0 |" in table
     pema = f"| PEMA, GU quadratic, λ_max {quality.LAMBDA_MAX:g} | 1.00 | 2.00 | 3.00 |"
-    assert pema + " 0.012 / 0.500 | 42 (12 + 30) | 1.00 | 20.0 |" in table
+    lora = len(quality.main_runs()) - 1  # its BLEU and chrF gains over the PLM
+    assert (
+        pema + f" 0.012 / 0.500 | {1 / lora:.2f} / {1 / lora:.2f} | 42 (12 + 30) | 1.00 | 20.0 |"
+        in table
+    )
+    assert "| LoRA (peft, whole model) |" in table and "| 1.00 / 1.00 |" in table
     assert "| κ | 0.5 | 7.00 | 8.00 | 9.00 | 0.012 / 0.500 | 42 (12 + 30) |" in table
     quality.plot(results, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,18 +20,18 @@ TRAIN = (
     *FIELDS,
     "--template={source}",
     "--memory-dtype=float32",
-    "--rank=32",
     "--dropout=0",
     "--lr=0.01",
-    "--stage1-batch-size=64",
-    "--stage2-batch-size=32",
-    "--stage1-epochs=3",
     "--stage2-epochs=30",
     "--patience=30",
     # The PLM cannot do any of the task, so mixing keeps the adapter's weight high throughout.
     "--schedule=constant",
     "--lambda-max=0.9",
 )
+KINDS = {
+    "pema": ("--rank=32", "--stage1-batch-size=64", "--stage2-batch-size=32", "--stage1-epochs=3"),
+    "sequence": ("--adapter-kind=sequence", "--width=64", "--heads=4", "--sequence-batch-size=16"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,15 @@ def exact_match(predictions: Path, rows: list[dict[str, str]]) -> float:
     return sum(o["prediction"] == r["tgt"] for o, r in zip(outputs, rows, strict=True)) / len(rows)
 
 
-def test_train_then_generate_does_what_the_plm_cannot(server, task, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_then_generate_does_what_the_plm_cannot(server, task, tmp_path, monkeypatch, kind):
     monkeypatch.setenv("PEMA_CLIENT_CACHE", str(tmp_path / "cache"))
     train_file, test_file, held_out = task
     adapter = tmp_path / "adapter"
     run = lambda *argv: cli.main([*argv, "--server", server, "--no-progress"])  # noqa: E731
 
-    run("train", "--data", str(train_file), "--out", str(adapter), *TRAIN)
+    run("train", "--data", str(train_file), "--out", str(adapter), *TRAIN, *KINDS[kind])
+    assert json.loads((adapter / "adapter_config.json").read_text())["kind"] == kind
     for name, flags in (("pema", ()), ("plm", ("--lambda-max=0",))):
         output = tmp_path / f"{name}.jsonl"
         run("generate", "--adapter", str(adapter), "--data", str(test_file), *FIELDS,

@@ -4,17 +4,20 @@ The task is one the PLM cannot do: keys come from Gaussian clusters, and each cl
 token other than the one a random frozen head predicts for it, so the head alone scores about 0
 and only an adapter that learns the cipher scores high.
 
-``python -m torch.distributed.run --nproc-per-node 2 -m tests.client.synthetic OUT_DIR`` trains
-on the small task under DDP and writes the adapter to OUT_DIR.
+``python -m torch.distributed.run --nproc-per-node 2 -m tests.client.synthetic OUT_DIR [KIND]``
+trains on the small task under DDP and writes the adapter to OUT_DIR (the sequence kind on the copy
+task).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -196,21 +199,34 @@ def small_configs(
     return adapter, TrainConfig(**{**options, **train_overrides})
 
 
+def ddp_run(kind: str) -> tuple[AdapterConfig, TrainConfig, Head, tuple[Any, Any]]:
+    """What the DDP test trains, in one process or under torchrun (dropout 0, so they agree)."""
+    adapter_config, train_config = small_configs(sequence_batch_size=32)
+    adapter_config = dataclasses.replace(
+        adapter_config, kind=kind, dropout=0.0, width=32, heads=2, layers=1
+    )
+    if kind == "sequence":
+        copy = copy_task()
+        # 3 validation batches of 32 (the sequence batch): one more than the ranks.
+        return adapter_config, train_config, copy.head, (copy.sample(256, 1), copy.sample(80, 2))
+    task = cipher_task()
+    # 3 validation batches: one more than the ranks.
+    return adapter_config, train_config, task.head, (task.sample(512, 1), task.sample(300, 2))
+
+
 def main() -> None:
-    """DDP worker: train on the small task (dropout 0, so ranks and a single process agree)."""
+    """DDP worker: train on the small task."""
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
+    parser.add_argument("kind", nargs="?", default="pema")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     init_distributed()
-    task = cipher_task()
-    adapter_config, train_config = small_configs()
-    adapter_config.dropout = 0.0
+    adapter_config, train_config, head, sources = ddp_run(args.kind)
     train(
         adapter_config,
-        task.sample(512, 1),
-        task.sample(300, 2),  # 3 validation batches: one more than the ranks
-        task.head,
+        *sources,
+        head,
         args.out_dir,
         train_config,
         progress=False,

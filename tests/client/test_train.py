@@ -29,7 +29,14 @@ from data_owner_client.train import (
     resolve_device,
     train,
 )
-from tests.client.synthetic import TensorSource, cipher_task, copy_task, small_configs
+from tests.client.synthetic import (
+    SequenceSource,
+    TensorSource,
+    cipher_task,
+    copy_task,
+    ddp_run,
+    small_configs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,11 +259,50 @@ def test_resume_ends_with_the_uninterrupted_result(task, tmp_path, fail_after):
     train_config.resume = True
     resumed = train(adapter_config, train_set, val_set, task.head, out, train_config)
 
-    for name in ("A", "B_pd", "B_rct"):
-        assert torch.equal(getattr(resumed.adapter, name), getattr(whole.adapter, name))
+    assert_same_run(resumed, whole, out, tmp_path / "whole")
+
+
+def assert_same_run(resumed: Any, whole: Any, resumed_dir: Path, whole_dir: Path) -> None:
+    for (name, got), want in zip(
+        resumed.adapter.state_dict().items(), whole.adapter.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
     assert resumed.steps == whole.steps
     keys = lambda path: [(r["kind"], r["stage"], r["global_step"]) for r in read_log(path)]  # noqa: E731
-    assert keys(out / LOG_FILE) == keys(tmp_path / "whole" / LOG_FILE)
+    assert keys(resumed_dir / LOG_FILE) == keys(whole_dir / LOG_FILE)
+
+
+class FailAfterExamples(SequenceSource):
+    """A sequence source that raises after ``limit`` training batches."""
+
+    def __init__(self, base: SequenceSource, limit: int) -> None:
+        super().__init__(base.keys, base.tokens, base.labels)
+        self.limit = limit
+
+    def batches(self, batch_size: int, **kw: Any) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in super().batches(batch_size, **kw):
+            if self.limit == 0:
+                raise Interrupted
+            self.limit -= 1
+            yield batch
+
+
+def test_the_sequence_kind_resumes_to_the_uninterrupted_result(tmp_path):
+    copy = copy_task()
+    train_set, val_set = copy.sample(128, 1), copy.sample(32, 2)
+    adapter_config, train_config = small_configs(
+        stage2_epochs=3, sequence_batch_size=32, val_every_steps=3, log_every_steps=1
+    )  # dropout stays 0.2: the RNG must resume too
+    adapter_config = dataclasses.replace(adapter_config, kind="sequence", width=32, heads=2)
+    whole = train(adapter_config, train_set, val_set, copy.head, tmp_path / "whole", train_config)
+    out = tmp_path / "killed"
+    with pytest.raises(Interrupted):
+        train(
+            adapter_config, FailAfterExamples(train_set, 7), val_set, copy.head, out, train_config
+        )
+    train_config.resume = True
+    resumed = train(adapter_config, train_set, val_set, copy.head, out, train_config)
+    assert_same_run(resumed, whole, out, tmp_path / "whole")
 
 
 def test_resume_with_other_settings_is_refused(task, tmp_path):
@@ -282,30 +328,24 @@ def test_device_resolution_and_single_process_world(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process(task, tmp_path):
+@pytest.mark.parametrize("kind", ["pema", "sequence"])
+def test_ddp_on_two_processes_matches_one_process(tmp_path, kind):
     """torchrun with 2 CPU ranks (gloo) ends where one process with the same global batch does."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    command += ["--standalone", "-m", "tests.client.synthetic", str(tmp_path / "ddp")]
+    command += ["--standalone", "-m", "tests.client.synthetic", str(tmp_path / "ddp"), kind]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    adapter_config, train_config = small_configs()
-    adapter_config.dropout = 0.0
+    adapter_config, train_config, head, sources = ddp_run(kind)
     single = train(
-        adapter_config,
-        task.sample(512, 1),
-        task.sample(300, 2),
-        task.head,
-        tmp_path / "single",
-        train_config,
-        progress=False,
+        adapter_config, *sources, head, tmp_path / "single", train_config, progress=False
     )
-    ddp, _ = load_adapter(tmp_path / "ddp", fingerprint="synthetic")
-    for name in ("A", "B_pd", "B_rct"):
-        torch.testing.assert_close(
-            getattr(ddp, name), getattr(single.adapter, name), atol=1e-4, rtol=1e-4
-        )
+    ddp, _ = load_adapter(tmp_path / "ddp", fingerprint="synthetic", head=head)
+    for (name, got), want in zip(
+        ddp.state_dict().items(), single.adapter.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
     ddp_log, single_log = (
         read_log(tmp_path / "ddp" / LOG_FILE),
         read_log(tmp_path / "single" / LOG_FILE),
