@@ -186,6 +186,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="sequence: read only the representations, not the output embedding of each token",
     )
     adapter.add_argument(
+        "--copy",
+        action="store_true",
+        help="sequence: add a gated pointer that copies tokens of the prompt and output so far",
+    )
+    adapter.add_argument(
         "--input-norm",
         action="store_true",
         help="feed the adapter the head's final norm of each representation instead of the raw "
@@ -445,6 +450,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         layers=args.layers,
         heads=args.heads,
         token_inputs=not args.no_token_inputs,
+        copy=args.copy,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,

@@ -116,6 +116,7 @@ def evaluate(
         "fingerprint": served.info.fingerprint,
         "examples": len(examples),
         "template": template,
+        "adapter_kind": adapter_config.kind,
         "mixing": dataclasses.asdict(mixing),
         "decoding": dataclasses.asdict(config),
         "results": results,
@@ -128,7 +129,9 @@ def evaluate(
 def markdown_table(report: dict[str, Any]) -> str:
     """The report's scores as a markdown table."""
     mixing = report["mixing"]
-    pema = f"PEMA ({mixing['schedule']}, λ_max {mixing['lambda_max']:g})"
+    kind = report.get("adapter_kind", "pema")
+    adapter = "PEMA" if kind == "pema" else f"PEMA, {kind} adapter"
+    pema = f"{adapter} ({mixing['schedule']}, λ_max {mixing['lambda_max']:g})"
     rows = [
         "| method | BLEU | sBLEU | chrF | tokens/s |",
         "|---|---:|---:|---:|---:|",

@@ -6,6 +6,13 @@ embedding of the token read at ``t``) with ``token_inputs``. Pre-norm blocks wit
 then ``z_t = norm(f(c_t)) + W_out · LN(h_t)`` with ``W_out`` zero-initialised, so an untrained
 adapter gives exactly the PLM's distribution. The logits are ``project(z_t)``.
 
+With ``copy``, a pointer into the sequence so far is added too: one more causal attention from
+``LN(h_t)`` over every position, whose values are the output embeddings of the tokens read there,
+scaled by a gate ``g_t`` (zero-initialised): ``z_t += g_t · Σ_i α_ti · E[token_i]``. Read by the
+output projection, ``E[token_i]`` raises the logit of ``token_i`` itself (and of tokens like it),
+so copying a source word is one attention step away rather than something to rebuild in the
+transformer's narrower width.
+
 Decoding steps it one position at a time with a :class:`SequenceCache` of its own keys and values
 per row, next to the server's session; that equals running it over the whole sequence.
 """
@@ -27,7 +34,7 @@ ROPE_BASE = 10_000.0
 class SequenceCache:
     """Each row's keys and values so far, per layer ``[B, heads, capacity, head_dim]``."""
 
-    keys: list[torch.Tensor]
+    keys: list[torch.Tensor]  # per block, then the copy pointer's (its values: [..., e])
     values: list[torch.Tensor]
     lengths: torch.Tensor  # [B] positions filled per row
 
@@ -47,6 +54,31 @@ def _rotary(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout: float,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention ``[B, heads, T, ·]``: over the queries' own positions without a cache;
+    with one, ``k`` and ``v`` (one new position of each of ``rows``, at ``positions``) are written
+    into it first and each query attends to its row up to there."""
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    assert rows is not None and positions is not None
+    cache_k, cache_v = cache
+    cache_k[rows, :, positions] = k[:, :, 0]
+    cache_v[rows, :, positions] = v[:, :, 0]
+    slots = torch.arange(cache_k.shape[2], device=q.device)
+    mask = (slots <= positions.unsqueeze(-1)).view(len(rows), 1, 1, -1)
+    return F.scaled_dot_product_attention(
+        q, cache_k[rows], cache_v[rows], attn_mask=mask, dropout_p=dropout
+    )
 
 
 class _Block(nn.Module):
@@ -82,18 +114,7 @@ class _Block(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, T, head_dim]
         q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         p = self.dropout if self.training else 0.0
-        if cache is None:
-            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            assert rows is not None and positions is not None
-            cache_k, cache_v = cache
-            cache_k[rows, :, positions] = k[:, :, 0]
-            cache_v[rows, :, positions] = v[:, :, 0]
-            slots = torch.arange(cache_k.shape[2], device=h.device)
-            mask = (slots <= positions.unsqueeze(-1)).view(b, 1, 1, -1)
-            attended = F.scaled_dot_product_attention(
-                q, cache_k[rows], cache_v[rows], attn_mask=mask, dropout_p=p
-            )
+        attended = _attend(q, k, v, p, cache, rows, positions)
         h = h + self.drop(self.out(attended.transpose(1, 2).reshape(b, t, width)))
         h = h + self.drop(self.mlp(self.norm2(h)))
         return h, k, v
@@ -113,6 +134,7 @@ class SequenceAdapter(nn.Module):
         heads: int = 4,
         dropout: float = 0.1,
         token_inputs: bool = True,
+        copy: bool = False,
     ) -> None:
         super().__init__()
         if width % heads or (width // heads) % 2:
@@ -127,6 +149,11 @@ class SequenceAdapter(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, hidden_size, bias=False)
         nn.init.zeros_(self.output.weight)
+        self.pointer = nn.Linear(width, 2 * width) if copy else None  # query and key
+        self.gate = nn.Linear(width, 1) if copy else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def _embed(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``norm(x)``, the stream's input) for representations ``x`` and the tokens read."""
@@ -136,8 +163,24 @@ class SequenceAdapter(nn.Module):
             h = h + self.tokens(self.embed(tokens))
         return n, self.drop(h)
 
-    def _out(self, n: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return n + self.output(self.norm(h))
+    def _out(
+        self,
+        n: torch.Tensor,
+        h: torch.Tensor,
+        tokens: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``z`` from the stream ``h [B, T, W]``; and the copy pointer's keys and values."""
+        h = self.norm(h)
+        z = n + self.output(h)
+        if self.pointer is None or self.gate is None:
+            return z, None, None
+        q, k = self.pointer(h).unsqueeze(1).chunk(2, dim=-1)  # [B, 1, T, W]
+        v = self.embed(tokens).unsqueeze(1)  # [B, 1, T, e]
+        copied = _attend(q, k, v, 0.0, cache, rows, positions).squeeze(1)
+        return z + self.gate(h) * copied, k, v
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``z [B, T, d]`` for whole sequences ``x [B, T, d]`` read as ``tokens [B, T]``.
@@ -157,7 +200,11 @@ class SequenceAdapter(nn.Module):
             h, k, v = block(h, rotary)
             keys.append(k)
             values.append(v)
-        return self._out(n, h), keys, values
+        z, k, v = self._out(n, h, tokens)
+        if k is not None and v is not None:
+            keys.append(k)
+            values.append(v)
+        return z, keys, values
 
     def train_outputs(
         self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
@@ -192,12 +239,18 @@ class SequenceAdapter(nn.Module):
         positions = cache.lengths[rows]
         if int(positions.max()) >= cache.capacity:
             raise ValueError(f"the adapter's cache holds {cache.capacity} positions per row")
-        n, h = self._embed(x.unsqueeze(1), tokens.unsqueeze(1))
+        tokens = tokens.unsqueeze(1)
+        n, h = self._embed(x.unsqueeze(1), tokens)
         rotary = _rotary(positions.unsqueeze(1), self.head_dim)
-        for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
+        layers = len(self.blocks)
+        for block, k, v in zip(
+            self.blocks, cache.keys[:layers], cache.values[:layers], strict=True
+        ):
             h = block(h, rotary, (k, v), rows, positions)[0]
+        pointer = (cache.keys[-1], cache.values[-1]) if self.pointer is not None else None
+        z = self._out(n, h, tokens, pointer, rows, positions)[0]
         cache.lengths[rows] += 1
-        return self._out(n, h).squeeze(1)
+        return z.squeeze(1)
 
 
 def _room(t: torch.Tensor, capacity: int) -> torch.Tensor:

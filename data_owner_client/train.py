@@ -72,6 +72,7 @@ ADAPTER_SIGNATURE = (
     "layers",
     "heads",
     "token_inputs",
+    "copy",
     "fingerprint",
 )
 RUNTIME_ONLY = ("device", "resume", "checkpoint_dir", "log_every_steps")

@@ -3,6 +3,7 @@ to the whole-sequence forward, and their files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -41,10 +42,11 @@ def config(kind: str, **overrides) -> AdapterConfig:
 
 
 @pytest.mark.parametrize("head", [random_head(D, V), rms_head()], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("kind", ["residual", "sequence"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy"])
 def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, head):
     torch.manual_seed(0)
-    adapter = build_adapter(config(kind), head).eval()
+    cfg = config("sequence", copy=True) if kind == "copy" else config(kind)
+    adapter = build_adapter(cfg, head).eval()
     x = 3 * torch.randn(2, 5, D)
     z = adapter(x) if kind == "residual" else adapter(x, torch.randint(V, (2, 5)))
     assert torch.equal(F.log_softmax(head.project(z), -1), F.log_softmax(head(x), -1))
@@ -64,22 +66,30 @@ def test_residual_is_the_normalised_input_plus_a_scaled_low_rank_correction():
     torch.testing.assert_close(gelu(x), n + 0.125 * F.gelu(n @ adapter.A.T) @ adapter.B.T)
 
 
-def trained_sequence_adapter(token_inputs: bool = True) -> tuple[SequenceAdapter, Head]:
+def trained_sequence_adapter(
+    token_inputs: bool = True, copy: bool = False
+) -> tuple[SequenceAdapter, Head]:
     head = random_head(D, V)
     adapter = build_adapter(
-        config("sequence", token_inputs=token_inputs),
+        config("sequence", token_inputs=token_inputs, copy=copy),
         head,
         generator=torch.Generator().manual_seed(1),
     )
     assert isinstance(adapter, SequenceAdapter)
     with torch.no_grad():  # an untrained output layer is zero: give it something to pass on
         adapter.output.weight.normal_(0, 0.3)
+        if adapter.gate is not None:
+            adapter.gate.weight.normal_(0, 0.3)
     return adapter.eval(), head
 
 
-@pytest.mark.parametrize("token_inputs", [True, False])
-def test_stepping_equals_the_whole_sequence_forward(token_inputs):
-    adapter, _ = trained_sequence_adapter(token_inputs)
+@pytest.mark.parametrize(
+    ("token_inputs", "copy"),
+    [(True, False), (False, False), (True, True)],
+    ids=["tokens", "representations", "copy"],
+)
+def test_stepping_equals_the_whole_sequence_forward(token_inputs, copy):
+    adapter, _ = trained_sequence_adapter(token_inputs, copy)
     torch.manual_seed(0)
     prompts, totals = (
         [3, 7, 1],
@@ -131,10 +141,11 @@ def test_the_cache_refuses_to_overflow():
         adapter.step(cache, torch.randn(1, D), torch.tensor([3]), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("kind", ["residual", "sequence"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy"])
 def test_save_and_load_round_trip_every_kind(kind, tmp_path):
     head = random_head(D, V)
-    cfg = config(kind, fingerprint="f")
+    cfg = config("sequence", copy=True) if kind == "copy" else config(kind)
+    cfg = dataclasses.replace(cfg, fingerprint="f")
     adapter = build_adapter(cfg, head, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for p in adapter.parameters():
@@ -154,7 +165,7 @@ def test_a_config_without_a_kind_loads_as_the_papers_adapter(tmp_path):
     cfg = AdapterConfig(hidden_size=D, vocab_size=V, rank=8)
     save_adapter(tmp_path, build_adapter(cfg), cfg)
     data = json.loads((tmp_path / CONFIG_FILE).read_text())
-    for key in ("kind", "activation", "width", "layers", "heads", "token_inputs"):
+    for key in ("kind", "activation", "width", "layers", "heads", "token_inputs", "copy"):
         del data[key]  # as written before the kinds existed
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
     _, loaded = load_adapter(tmp_path)
