@@ -209,6 +209,7 @@ def kind_ablation_runs() -> list[Run]:
         runs.append(Run(name, "pema", "residual: settings", setting, RESIDUAL + extra, decode))
     decode = constant(SEQUENCE_LAMBDA)
     for name, setting, extra in (
+        ("sequence-copy", "copy pointer", ("--copy",)),
         ("sequence-no-tokens", "no token inputs", ("--no-token-inputs",)),
         ("sequence-1-layer", "1 layer", ("--layers", "1")),
         ("sequence-4-layers", "4 layers", ("--layers", "4")),

@@ -45,6 +45,13 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KINDS = ("pema", "residual", "sequence")
+# The mixing (λ_max, schedule) `pema-client train` stores with a new adapter of each kind: the
+# paper's for pema; for the others, the best on the Bible tuning verses (README, "Quality").
+MIXING_DEFAULTS = {
+    "pema": (0.9, "quadratic"),
+    "residual": (0.5, "constant"),
+    "sequence": (0.5, "constant"),
+}
 TMP_PREFIX = ".tmp-"
 
 

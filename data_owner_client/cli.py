@@ -22,7 +22,13 @@ import rich
 import torch.distributed as dist
 from rich.logging import RichHandler
 
-from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapter
+from data_owner_client.adapter import (
+    KINDS,
+    MIXING_DEFAULTS,
+    Adapter,
+    AdapterConfig,
+    load_adapter,
+)
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import (
     TEMPLATES,
@@ -156,16 +162,23 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         ("alpha", "scaling s = alpha / rank (pema, residual)"),
         ("dropout", "dropout on the adapter's input (sequence: also inside its blocks)"),
         ("kappa", "weight of the reconstruction loss in stage 2"),
-        ("lambda_max", "default λ_max of Gradual Unrolling, stored with the adapter"),
         ("lambda_min", "default λ floor of Gradual Unrolling"),
     ):
         _config_flag(adapter, AdapterConfig, name, help)
-    _config_flag(
-        adapter,
-        AdapterConfig,
-        "schedule",
-        "default Gradual Unrolling schedule",
-        choices=("quadratic", "linear", "constant"),
+    kind_defaults = "; ".join(
+        f"{kind}: {lam:g} {schedule}" for kind, (lam, schedule) in MIXING_DEFAULTS.items()
+    )
+    adapter.add_argument(
+        "--lambda-max",
+        type=float,
+        help=f"default λ_max of Gradual Unrolling, stored with the adapter (default per kind: "
+        f"{kind_defaults})",
+    )
+    adapter.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="default Gradual Unrolling schedule, stored with the adapter (default per kind, "
+        "as for --lambda-max)",
     )
     _config_flag(
         adapter,
@@ -455,8 +468,12 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         model_id=served.info.model_id,
         template=manifest.template,
         length_ratio=manifest.length_ratio,
-        schedule=args.schedule,
-        lambda_max=args.lambda_max,
+        schedule=args.schedule or MIXING_DEFAULTS[args.adapter_kind][1],
+        lambda_max=(
+            args.lambda_max
+            if args.lambda_max is not None
+            else MIXING_DEFAULTS[args.adapter_kind][0]
+        ),
         lambda_min=args.lambda_min,
     )
     result = train(

@@ -34,7 +34,7 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     assert ablations["residual-lambda-0.5"].predictions_key == main["residual"].predictions_key
     assert ablations["sequence-lambda-0.5"].predictions_key == main["sequence"].predictions_key
     assert ablations["sequence-lambda-1"].adapter_key == main["sequence"].adapter_key
-    assert len({ablations[name].adapter_key for name in kinds}) == 2 + 2 + 5
+    assert len({ablations[name].adapter_key for name in kinds}) == 2 + 2 + 6
 
 
 def test_generation_speed_counts_each_batch_at_its_slowest_row():

@@ -106,6 +106,29 @@ def test_memory_build_then_train_on_it_equals_train_from_data(run, data, tmp_pat
         torch.testing.assert_close(one[name], two[name], rtol=0, atol=0)
 
 
+def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_path):
+    run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"), *MEMORY_FLAGS)
+    settings = {
+        "pema": (),
+        "residual": ("--adapter-kind=residual", "--rank=8", "--activation=gelu"),
+        "sequence": ("--adapter-kind=sequence", "--width=16", "--heads=2", "--copy"),
+        "told": ("--adapter-kind=sequence", "--width=16", "--lambda-max=0.2", "--schedule=linear"),
+    }
+    for name, flags in settings.items():
+        out = tmp_path / name
+        run("train", "--memory", str(tmp_path / "mem"), "--out", str(out), "--stage1-epochs=1",
+            "--stage2-epochs=1", *flags)  # fmt: skip
+        settings[name] = json.loads((out / "adapter_config.json").read_text())
+    assert [(c["kind"], c["lambda_max"], c["schedule"]) for c in settings.values()] == [
+        ("pema", 0.9, "quadratic"),
+        ("residual", 0.5, "constant"),
+        ("sequence", 0.5, "constant"),
+        ("sequence", 0.2, "linear"),
+    ]
+    assert settings["residual"]["activation"] == "gelu" and settings["sequence"]["copy"]
+    assert settings["sequence"]["width"] == 16 and settings["sequence"]["heads"] == 2
+
+
 def test_template_flag_reads_backslash_n_as_a_newline(run, data, tmp_path):
     run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"),
         "--source-field=src", "--target-field=tgt", "--template=w3 {source}\\nw4")  # fmt: skip
@@ -182,5 +205,8 @@ def test_help_documents_every_flag_with_its_default(capsys, command):
     assert "(default: [])" not in text and "(default: None)" not in text
     if command != "train":
         return
-    for default in ("--rank RANK r, clamped to the hidden size (default: 512)", "(default: 20480)"):
+    for default in (
+        "--rank RANK r (pema, residual), clamped to the hidden size (default: 512)",
+        "(default: 20480)",
+    ):
         assert default in text
