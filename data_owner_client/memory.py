@@ -78,7 +78,10 @@ BUILD_FIELDS = (
     "positions",
     "eos_token_id",
 )
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]  # keys, values
+ExampleRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one example's keys, tokens, labels
+SequenceBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the same, padded to [B, T, ...]
+SEQUENCE_TENSORS = ("keys", "tokens", "values", "offsets", "starts")  # a shard of all positions
 
 
 class MemoryStoreError(ValueError):
@@ -287,7 +290,8 @@ class Memory:
         tensors = self._read_shard(shard)
         if "starts" not in tensors:
             return tensors["keys"], tensors["values"]
-        scored = _example_rows(tensors["offsets"]) >= _per_row(tensors["starts"], tensors)
+        offsets = tensors["offsets"]
+        scored = _example_rows(offsets) >= _per_row(tensors["starts"], offsets)
         keys, values = tensors["keys"][scored], tensors["values"][scored]
         if len(values) != shard.count:
             raise MemoryStoreError(
@@ -296,12 +300,13 @@ class Memory:
             )
         return keys, values
 
-    def _load_examples(self, shard: ShardInfo) -> list[Example_]:
+    def _load_examples(self, shard: ShardInfo) -> list[ExampleRows]:
         """A shard's examples, each (keys [L, d], tokens [L], labels [L]; IGNORE off-target)."""
         tensors = self._read_shard(shard)
-        rows = _example_rows(tensors["offsets"])
-        labels = tensors["values"].masked_fill(rows < _per_row(tensors["starts"], tensors), IGNORE)
-        bounds = tensors["offsets"].tolist()
+        offsets = tensors["offsets"]
+        before = _example_rows(offsets) < _per_row(tensors["starts"], offsets)
+        labels = tensors["values"].masked_fill(before, IGNORE)
+        bounds = offsets.tolist()
         return [
             (tensors["keys"][a:b], tensors["tokens"][a:b], labels[a:b])
             for a, b in itertools.pairwise(bounds)
@@ -333,19 +338,15 @@ class Memory:
         return tensors
 
 
-Example_ = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-SequenceBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-SEQUENCE_TENSORS = ("keys", "tokens", "values", "offsets", "starts")
-
-
 def _example_rows(offsets: torch.Tensor) -> torch.Tensor:
     """Each row's position within its example, from the examples' row offsets."""
     lengths = offsets.diff()
     return torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths)
 
 
-def _per_row(per_example: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    return per_example.long().repeat_interleave(tensors["offsets"].diff())
+def _per_row(per_example: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """An example's value repeated on each of its rows."""
+    return per_example.long().repeat_interleave(offsets.diff())
 
 
 class SequenceView:
@@ -389,13 +390,13 @@ class SequenceView:
 
     def _global_batches(
         self, batch_size: int, generator: torch.Generator, shuffle: bool, buffer_shards: int
-    ) -> Iterator[list[Example_]]:
+    ) -> Iterator[list[ExampleRows]]:
         shards = self.memory.manifest.shards
         if shuffle:
             order = torch.randperm(len(shards), generator=generator).tolist()
         else:
             order = list(range(len(shards)))
-        carry: list[Example_] = []
+        carry: list[ExampleRows] = []
         for first in range(0, len(order), buffer_shards):
             window = carry + [
                 example
@@ -412,7 +413,7 @@ class SequenceView:
             yield carry
 
 
-def _pad(examples: list[Example_]) -> SequenceBatch:
+def _pad(examples: list[ExampleRows]) -> SequenceBatch:
     """Right-pad examples into one batch (keys float32, tokens and labels int64)."""
     keys, tokens, labels = zip(*examples, strict=True)
     pad = torch.nn.utils.rnn.pad_sequence

@@ -30,7 +30,13 @@ TRAIN = (
 )
 KINDS = {
     "pema": ("--rank=32", "--stage1-batch-size=64", "--stage2-batch-size=32", "--stage1-epochs=3"),
-    "sequence": ("--adapter-kind=sequence", "--width=64", "--heads=4", "--sequence-batch-size=16"),
+    "sequence": (
+        "--adapter-kind=sequence",
+        "--width=64",
+        "--heads=4",
+        "--sequence-batch-size=16",
+        "--stage2-epochs=10",
+    ),
 }
 
 
