@@ -45,12 +45,12 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KINDS = ("pema", "residual", "sequence")
-# The mixing (λ_max, schedule) `pema-client train` stores with a new adapter of each kind: the
+# Settings `pema-client train` gives a new adapter of each kind unless told otherwise: the
 # paper's for pema; for the others, the best on the Bible tuning verses (README, "Quality").
-MIXING_DEFAULTS = {
-    "pema": (0.9, "quadratic"),
-    "residual": (0.5, "constant"),
-    "sequence": (0.5, "constant"),
+KIND_DEFAULTS: dict[str, dict[str, float | str]] = {
+    "pema": {"rank": 512, "alpha": 1.0, "lambda_max": 0.9, "schedule": "quadratic"},
+    "residual": {"rank": 64, "alpha": 64.0, "lambda_max": 0.5, "schedule": "constant"},
+    "sequence": {"lambda_max": 0.5, "schedule": "constant"},
 }
 TMP_PREFIX = ".tmp-"
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from rich.logging import RichHandler
 
 from data_owner_client.adapter import (
+    KIND_DEFAULTS,
     KINDS,
-    MIXING_DEFAULTS,
     Adapter,
     AdapterConfig,
     load_adapter,
@@ -157,29 +157,29 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         flag="--adapter-kind",
         choices=KINDS,
     )
+    for name, kind_type, help in (
+        ("rank", int, "r (pema, residual), clamped to the hidden size"),
+        ("alpha", float, "scaling s = alpha / rank (pema, residual)"),
+        ("lambda_max", float, "default λ_max of Gradual Unrolling, stored with the adapter"),
+        ("schedule", str, "default Gradual Unrolling schedule, stored with the adapter"),
+    ):
+        defaults = "; ".join(
+            f"{kind}: {values[name]:g}" if kind_type is not str else f"{kind}: {values[name]}"
+            for kind, values in KIND_DEFAULTS.items()
+            if name in values
+        )
+        adapter.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind_type,
+            choices=SCHEDULES if name == "schedule" else None,
+            help=f"{help} (default per kind: {defaults})",
+        )
     for name, help in (
-        ("rank", "r (pema, residual), clamped to the hidden size"),
-        ("alpha", "scaling s = alpha / rank (pema, residual)"),
         ("dropout", "dropout on the adapter's input (sequence: also inside its blocks)"),
         ("kappa", "weight of the reconstruction loss in stage 2"),
         ("lambda_min", "default λ floor of Gradual Unrolling"),
     ):
         _config_flag(adapter, AdapterConfig, name, help)
-    kind_defaults = "; ".join(
-        f"{kind}: {lam:g} {schedule}" for kind, (lam, schedule) in MIXING_DEFAULTS.items()
-    )
-    adapter.add_argument(
-        "--lambda-max",
-        type=float,
-        help=f"default λ_max of Gradual Unrolling, stored with the adapter (default per kind: "
-        f"{kind_defaults})",
-    )
-    adapter.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        help="default Gradual Unrolling schedule, stored with the adapter (default per kind, "
-        "as for --lambda-max)",
-    )
     _config_flag(
         adapter,
         AdapterConfig,
@@ -449,12 +449,15 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     assert served.head is not None  # fetch() refuses a server that does not share it
     train_memory, dev_memory = open_memories(memory_dir, served.info.fingerprint)
     manifest = train_memory.manifest
+    told = {k: getattr(args, k) for k in ("rank", "alpha", "lambda_max", "schedule")}
+    kind_settings = {
+        **KIND_DEFAULTS[args.adapter_kind],
+        **{k: v for k, v in told.items() if v is not None},
+    }
     adapter_config = AdapterConfig(
         hidden_size=served.info.hidden_size,
         vocab_size=served.info.vocab_size,
         kind=args.adapter_kind,
-        rank=args.rank,
-        alpha=args.alpha,
         dropout=args.dropout,
         kappa=args.kappa,
         input_norm=args.input_norm,
@@ -468,13 +471,8 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         model_id=served.info.model_id,
         template=manifest.template,
         length_ratio=manifest.length_ratio,
-        schedule=args.schedule or MIXING_DEFAULTS[args.adapter_kind][1],
-        lambda_max=(
-            args.lambda_max
-            if args.lambda_max is not None
-            else MIXING_DEFAULTS[args.adapter_kind][0]
-        ),
         lambda_min=args.lambda_min,
+        **kind_settings,  # type: ignore[arg-type]
     )
     result = train(
         adapter_config,

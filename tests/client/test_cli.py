@@ -126,6 +126,8 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
         ("sequence", 0.2, "linear"),
     ]
     assert settings["residual"]["activation"] == "gelu" and settings["sequence"]["copy"]
+    assert (settings["pema"]["rank"], settings["residual"]["rank"]) == (32, 8)  # 512 → d
+    assert (settings["pema"]["alpha"], settings["residual"]["alpha"]) == (1.0, 64.0)
     assert settings["sequence"]["width"] == 16 and settings["sequence"]["heads"] == 2
 
 
@@ -206,7 +208,7 @@ def test_help_documents_every_flag_with_its_default(capsys, command):
     if command != "train":
         return
     for default in (
-        "--rank RANK r (pema, residual), clamped to the hidden size (default: 512)",
+        "clamped to the hidden size (default per kind: pema: 512; residual: 64)",
         "(default: 20480)",
     ):
         assert default in text
