@@ -261,9 +261,10 @@ def build_adapter(
             config.activation,
             generator=generator,
         )
-    with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global CPU RNG
         if generator is not None:
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            torch.random.default_generator.manual_seed(seed)  # not the accelerators' RNGs
         return SequenceAdapter(
             head,
             config.hidden_size,

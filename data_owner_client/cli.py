@@ -434,6 +434,33 @@ def _memory_command(args: argparse.Namespace, client: PemaClient) -> None:
     )
 
 
+# The adapter kinds each adapter flag applies to (attribute of the parsed arguments).
+KIND_FLAGS = {
+    "rank": ("pema", "residual"),
+    "alpha": ("pema", "residual"),
+    "kappa": ("pema",),
+    "input_norm": ("pema",),
+    "activation": ("residual",),
+    "width": ("sequence",),
+    "layers": ("sequence",),
+    "heads": ("sequence",),
+    "no_token_inputs": ("sequence",),
+    "copy": ("sequence",),
+    "sequence_batch_size": ("sequence",),
+}
+
+
+def _warn_unused_flags(args: argparse.Namespace) -> None:
+    """Say which given adapter flags the chosen kind does not read."""
+    defaults = vars(build_parser().parse_args(["train", "--out", str(args.out)]))
+    for name, kinds in KIND_FLAGS.items():
+        given = getattr(args, name) not in (None, defaults[name])
+        if given and args.adapter_kind not in kinds:
+            flag = "--" + name.replace("_", "-")
+            log.warning("%s applies to the %s kind(s), not %s: ignored", flag, "/".join(kinds),
+                        args.adapter_kind)  # fmt: skip
+
+
 def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     if args.memory and args.data:
         raise DataError("pass either --data (build the memory) or --memory DIR (use a built one)")
@@ -449,6 +476,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     assert served.head is not None  # fetch() refuses a server that does not share it
     train_memory, dev_memory = open_memories(memory_dir, served.info.fingerprint)
     manifest = train_memory.manifest
+    _warn_unused_flags(args)
     told = {k: getattr(args, k) for k in ("rank", "alpha", "lambda_max", "schedule")}
     kind_settings = {
         **KIND_DEFAULTS[args.adapter_kind],
@@ -485,7 +513,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     )
     if world.main:
         log.info(
-            "adapter written to %s: %d steps, validation accuracy %.4f, stage 2 loss %.4f",
+            "adapter written to %s: %d steps, validation accuracy %.4f, validation loss %.4f",
             result.out_dir,
             result.steps,
             result.val_accuracy,

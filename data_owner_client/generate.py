@@ -290,12 +290,14 @@ class Generator:
         if not bool(lam.any()):
             log_probs = F.log_softmax(self.head(x), dim=-1)
         elif self.adapter is not None:
-            out = adapted if adapted is not None else self.adapter(x)
+            if adapted is None:
+                assert not isinstance(self.adapter, SequenceAdapter), "it reads the sequence"
+                adapted = self.adapter(x)
             # One projection over both: the PLM's representation and the adapter's output.
             if self.adapter.post_norm:
-                both = self.head.project(torch.cat([self.head.normalize(x), out]))
+                both = self.head.project(torch.cat([self.head.normalize(x), adapted]))
             else:
-                both = self.head(torch.cat([x, out]))
+                both = self.head(torch.cat([x, adapted]))
             lp_lm, lp_pema = F.log_softmax(both, dim=-1).chunk(2)
             log_probs = mix_log_probs(lp_lm, lp_pema, lam)
         else:

@@ -290,8 +290,7 @@ class Memory:
         tensors = self._read_shard(shard)
         if "starts" not in tensors:
             return tensors["keys"], tensors["values"]
-        offsets = tensors["offsets"]
-        scored = _example_rows(offsets) >= _per_row(tensors["starts"], offsets)
+        scored = _scored(tensors)
         keys, values = tensors["keys"][scored], tensors["values"][scored]
         if len(values) != shard.count:
             raise MemoryStoreError(
@@ -303,10 +302,8 @@ class Memory:
     def _load_examples(self, shard: ShardInfo) -> list[ExampleRows]:
         """A shard's examples, each (keys [L, d], tokens [L], labels [L]; IGNORE off-target)."""
         tensors = self._read_shard(shard)
-        offsets = tensors["offsets"]
-        before = _example_rows(offsets) < _per_row(tensors["starts"], offsets)
-        labels = tensors["values"].masked_fill(before, IGNORE)
-        bounds = offsets.tolist()
+        labels = tensors["values"].masked_fill(~_scored(tensors), IGNORE)
+        bounds = tensors["offsets"].tolist()
         return [
             (tensors["keys"][a:b], tensors["tokens"][a:b], labels[a:b])
             for a, b in itertools.pairwise(bounds)
@@ -338,15 +335,11 @@ class Memory:
         return tensors
 
 
-def _example_rows(offsets: torch.Tensor) -> torch.Tensor:
-    """Each row's position within its example, from the examples' row offsets."""
-    lengths = offsets.diff()
-    return torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths)
-
-
-def _per_row(per_example: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """An example's value repeated on each of its rows."""
-    return per_example.long().repeat_interleave(offsets.diff())
+def _scored(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which rows of a shard of all positions predict a target token: from each example's start."""
+    offsets, lengths = tensors["offsets"], tensors["offsets"].diff()
+    position = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths)
+    return position >= tensors["starts"].long().repeat_interleave(lengths)
 
 
 class SequenceView:
@@ -476,10 +469,11 @@ def write_shard(
     keys: torch.Tensor,
     values: torch.Tensor,
     examples: tuple[int, int],
-    tokens: tuple[int, int],
+    token_counts: tuple[int, int],
     sequences: dict[str, torch.Tensor] | None = None,
 ) -> ShardInfo:
-    """Write shard ``index`` atomically; returns its manifest entry (``tokens``: source, target).
+    """Write shard ``index`` atomically; returns its manifest entry (``token_counts``: source and
+    target tokens of its examples).
 
     With ``sequences`` (``tokens``, ``offsets``, ``starts``) the keys and values are every
     position's, as in a memory of all positions; without, they are the pairs.
@@ -498,8 +492,8 @@ def write_shard(
         count=count,
         rows=rows,
         examples=examples,
-        source_tokens=tokens[0],
-        target_tokens=tokens[1],
+        source_tokens=token_counts[0],
+        target_tokens=token_counts[1],
     )
 
 

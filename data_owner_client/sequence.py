@@ -143,6 +143,12 @@ class SequenceAdapter(nn.Module):
         self.normalize, self.embed = head.normalize, head.embed  # methods: saved nowhere
         self.inputs = nn.Linear(hidden_size, width)
         embedding_size = head.output_weight.shape[1]
+        if copy and embedding_size != hidden_size:
+            raise ValueError(
+                "the copy pointer adds output embeddings to the vector the head's projection "
+                f"reads, but this head projects {hidden_size} to {embedding_size} first "
+                "(project_out): train without --copy"
+            )
         self.tokens = nn.Linear(embedding_size, width, bias=False) if token_inputs else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(width, heads, dropout) for _ in range(layers))

@@ -48,6 +48,7 @@ from data_owner_client.adapter import (
     write_atomic,
 )
 from data_owner_client.memory import Memory
+from data_owner_client.sequence import SequenceAdapter
 from shared.head import Head
 
 log = logging.getLogger(__name__)
@@ -57,24 +58,19 @@ PLOT_FILE = "loss_curves.png"
 CHECKPOINT_FILE = "trainer_state.pt"
 # Default bound on one cross-entropy chunk's logits: 2**24 float32 values (64 MiB).
 CE_CHUNK_ELEMENTS = 2**24
-# Settings a resumed run must share with the run that wrote the checkpoint.
-ADAPTER_SIGNATURE = (
-    "hidden_size",
-    "vocab_size",
-    "kind",
-    "rank",
-    "alpha",
-    "dropout",
-    "kappa",
-    "input_norm",
-    "activation",
-    "width",
-    "layers",
-    "heads",
-    "token_inputs",
-    "copy",
-    "fingerprint",
-)
+# Adapter settings a resumed run must share with the run that wrote the checkpoint, per kind
+# (pema's as the first version wrote them, so its older checkpoints still resume).
+ADAPTER_SIGNATURE = {
+    "pema": ("hidden_size", "vocab_size", "rank", "alpha", "dropout", "kappa", "fingerprint"),
+    "residual": (
+        "kind", "hidden_size", "vocab_size", "rank", "alpha", "dropout", "activation",
+        "fingerprint",
+    ),
+    "sequence": (
+        "kind", "hidden_size", "vocab_size", "width", "layers", "heads", "dropout",
+        "token_inputs", "copy", "fingerprint",
+    ),
+}  # fmt: skip
 RUNTIME_ONLY = ("device", "resume", "checkpoint_dir", "log_every_steps")
 
 Batch = tuple[torch.Tensor, ...]
@@ -366,14 +362,18 @@ def evaluate_accuracy(
     head: nn.Module,
     source: BatchSource,
     *,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> float:
     """Next-token accuracy of the adapter's own prediction over every scored position of
-    ``source`` (pairs, or examples for the sequence kind; ``batch_size`` counts those).
+    ``source`` (pairs, or examples for the sequence kind: a memory is read as such; ``batch_size``
+    counts those, default 4096 pairs or 16 examples).
 
     The adapter and head are moved to ``device`` (default: the adapter's) in place.
     """
+    sequences = isinstance(adapter, SequenceAdapter)
+    source = _examples(source) if sequences else source
+    batch_size = batch_size or (16 if sequences else 4096)
     device = torch.device(device) if device is not None else next(adapter.parameters()).device
     adapter, head = adapter.to(device), head.to(device)
     training = adapter.training
@@ -465,9 +465,28 @@ def plot_loss_curves(log_path: str | Path, png_path: str | Path) -> Path:
 
 def _signature(adapter_config: AdapterConfig, config: TrainConfig, world: World) -> dict[str, Any]:
     """Settings that must not change between a checkpoint and its resumption."""
-    adapter = {k: getattr(adapter_config, k) for k in ADAPTER_SIGNATURE}
-    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_ONLY}
+    kind = adapter_config.kind
+    adapter = {k: getattr(adapter_config, k) for k in ADAPTER_SIGNATURE[kind]}
+    unused = () if kind == "sequence" else ("sequence_batch_size",)
+    skip = RUNTIME_ONLY + unused
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     return {"adapter": adapter, "train": train, "world_size": world.size}
+
+
+def _differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """``name saved → now`` for each setting that differs between two signatures."""
+
+    def flat(signature: dict[str, Any]) -> dict[str, Any]:
+        groups = ("adapter", "train")
+        settings = {f"{g}.{k}": v for g in groups for k, v in signature[g].items()}
+        return {**settings, "world_size": signature["world_size"]}
+
+    before, now = flat(saved), flat(expected)
+    return [
+        f"{k} {before.get(k)!r} → {now.get(k)!r}"
+        for k in sorted(before.keys() | now.keys())
+        if before.get(k) != now.get(k)
+    ]
 
 
 @dataclass
@@ -553,9 +572,10 @@ class _Trainer:
         saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         expected = _signature(self.adapter_config, self.config, self.world)
         if saved["signature"] != json.dumps(expected, sort_keys=True):
+            differ = _differences(json.loads(saved["signature"]), expected)
             raise ValueError(
                 f"checkpoint {self.checkpoint_path} was written with other settings "
-                f"({saved['signature']}); resume with the same settings and number of processes, "
+                f"({'; '.join(differ)}); resume with the same settings and number of processes, "
                 "or start over without resume"
             )
         log.info("resuming from %s (stage %d)", self.checkpoint_path, saved["state"]["stage"])
@@ -653,8 +673,15 @@ class _Trainer:
         target = self.adapter.features(x) if isinstance(self.adapter, PemaAdapter) else None
         kappa = self.adapter_config.kappa
         losses = _stage_loss(outputs, target, self.logits, kappa, self.chunk_rows)
+        loss = losses["loss"]
+        if self._sequences and self.world.size > 1:
+            # A rank's mean is over its own target tokens, which differ between ranks: weigh it
+            # by its share, so DDP's mean of the gradients is that of the global batch's mean.
+            count = torch.tensor([float(len(outputs[1]))], device=self.device)
+            total = _all_reduce(count.clone(), self.world)
+            loss = loss * count * self.world.size / total
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        loss.backward()
         self.optimizer.step()
         for window in self.windows.values():
             window.add(losses)
@@ -719,7 +746,7 @@ class _Trainer:
         self.adapter.train()
         sq, elements, ce, correct, rows = _all_reduce(sums.to(self.device), self.world).tolist()
         if rows == 0:
-            raise ValueError("the validation memory yielded no pairs: give it some data")
+            raise ValueError("the validation memory yielded nothing to score: give it some data")
         if not self.pema:
             return {"val_loss": ce / rows, "val_ce": ce / rows, "val_acc": correct / rows}
         mse = sq / elements

@@ -207,8 +207,12 @@ def ddp_run(kind: str) -> tuple[AdapterConfig, TrainConfig, Head, tuple[Any, Any
     )
     if kind == "sequence":
         copy = copy_task()
+        train_set = copy.sample(256, 1)
+        # Ranks then score different numbers of target tokens per step: the loss must weigh them.
+        unscored = torch.rand(train_set.labels.shape, generator=torch.Generator().manual_seed(3))
+        train_set.labels[unscored < 0.5] = -100
         # 3 validation batches of 32 (the sequence batch): one more than the ranks.
-        return adapter_config, train_config, copy.head, (copy.sample(256, 1), copy.sample(80, 2))
+        return adapter_config, train_config, copy.head, (train_set, copy.sample(80, 2))
     task = cipher_task()
     # 3 validation batches: one more than the ranks.
     return adapter_config, train_config, task.head, (task.sample(512, 1), task.sample(300, 2))

@@ -178,3 +178,19 @@ def test_a_config_without_a_kind_loads_as_the_papers_adapter(tmp_path):
 def test_bad_kind_settings_are_refused(bad):
     with pytest.raises(AdapterError):
         config(bad.pop("kind", "sequence"), **bad)
+
+
+def test_the_copy_pointer_is_refused_for_a_head_that_projects_out_first():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "norm.weight": torch.ones(D),
+        "norm.bias": torch.zeros(D),
+        "project_out.weight": torch.randn(16, D, generator=g),
+        "lm_head.weight": torch.randn(V, 16, generator=g),
+    }
+    head = Head(tensors, HeadSpec(norm="layernorm"))
+    adapter = build_adapter(config("sequence"), head).eval()  # without the pointer it works
+    x, tokens = torch.randn(1, 4, D), torch.randint(V, (1, 4))
+    assert torch.equal(head.project(adapter(x, tokens)), head(x))
+    with pytest.raises(ValueError, match="without --copy"):
+        build_adapter(config("sequence", copy=True), head)

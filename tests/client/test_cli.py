@@ -106,7 +106,7 @@ def test_memory_build_then_train_on_it_equals_train_from_data(run, data, tmp_pat
         torch.testing.assert_close(one[name], two[name], rtol=0, atol=0)
 
 
-def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_path):
+def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_path, capsys):
     run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"), *MEMORY_FLAGS)
     settings = {
         "pema": (),
@@ -129,6 +129,12 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
     assert (settings["pema"]["rank"], settings["residual"]["rank"]) == (32, 8)  # 512 → d
     assert (settings["pema"]["alpha"], settings["residual"]["alpha"]) == (1.0, 64.0)
     assert settings["sequence"]["width"] == 16 and settings["sequence"]["heads"] == 2
+    assert "applies to" not in capsys.readouterr().err
+    run("train", "--memory", str(tmp_path / "mem"), "--out", str(tmp_path / "x"),
+        "--stage1-epochs=1", "--stage2-epochs=1", "--width=16", "--kappa=0.5")  # fmt: skip
+    logged = " ".join(capsys.readouterr().err.split())
+    assert "--width applies to the sequence kind(s), not pema: ignored" in logged
+    assert "--kappa" not in logged
 
 
 def test_template_flag_reads_backslash_n_as_a_newline(run, data, tmp_path):

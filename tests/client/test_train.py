@@ -311,7 +311,7 @@ def test_resume_with_other_settings_is_refused(task, tmp_path):
         adapter_config, task.sample(128, 1), task.sample(64, 2), task.head, tmp_path, train_config
     )
     other = small_configs(stage1_epochs=1, stage2_epochs=1, lr=0.5, resume=True)[1]
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(train.lr 0.01 → 0.5\)"):
         train(adapter_config, task.sample(128, 1), task.sample(64, 2), task.head, tmp_path, other)
 
 
