@@ -64,7 +64,7 @@ CONSTANT_LAMBDA = 0.3  # the best constant λ on the Bible tuning verses (0.3 > 
 KNN = ("--knn-k", "64", "--knn-temperature", "10", "--lambda-max", "0.25")
 # The other adapter kinds, also chosen on the tuning split (README, "Quality").
 RESIDUAL = ("--adapter-kind", "residual", "--rank", "64", "--alpha", "64", "--stage2-epochs", "4")
-SEQUENCE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")
+SEQUENCE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")  # with the copy pointer
 RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.5  # constant λ of each kind's main run
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
@@ -210,7 +210,7 @@ def kind_ablation_runs() -> list[Run]:
         runs.append(Run(name, "pema", "residual: settings", setting, RESIDUAL + extra, decode))
     decode = constant(SEQUENCE_LAMBDA)
     for name, setting, extra in (
-        ("sequence-copy", "copy pointer", ("--copy",)),
+        ("sequence-no-copy", "no copy pointer", ("--no-copy",)),
         ("sequence-no-tokens", "no token inputs", ("--no-token-inputs",)),
         ("sequence-1-layer", "1 layer", ("--layers", "1")),
         ("sequence-4-layers", "4 layers", ("--layers", "4")),

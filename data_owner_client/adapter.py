@@ -91,7 +91,7 @@ class AdapterConfig:
     layers: int = 2  # sequence: transformer blocks
     heads: int = 4  # sequence: attention heads per block
     token_inputs: bool = True  # sequence: also read the output embedding of each position's token
-    copy: bool = False  # sequence: add a gated pointer that copies tokens of the sequence so far
+    copy: bool = True  # sequence: add a gated pointer that copies tokens of the sequence so far
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with

@@ -200,8 +200,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     )
     adapter.add_argument(
         "--copy",
-        action="store_true",
-        help="sequence: add a gated pointer that copies tokens of the prompt and output so far",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sequence: add a gated pointer that copies tokens of the prompt and output so far "
+        "(not for heads with a project_out)",
     )
     adapter.add_argument(
         "--input-norm",

@@ -147,7 +147,7 @@ class SequenceAdapter(nn.Module):
             raise ValueError(
                 "the copy pointer adds output embeddings to the vector the head's projection "
                 f"reads, but this head projects {hidden_size} to {embedding_size} first "
-                "(project_out): train without --copy"
+                "(project_out): train with --no-copy"
             )
         self.tokens = nn.Linear(embedding_size, width, bias=False) if token_inputs else None
         self.drop = nn.Dropout(dropout)

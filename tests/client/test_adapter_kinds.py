@@ -45,7 +45,7 @@ def config(kind: str, **overrides) -> AdapterConfig:
 @pytest.mark.parametrize("kind", ["residual", "sequence", "copy"])
 def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, head):
     torch.manual_seed(0)
-    cfg = config("sequence", copy=True) if kind == "copy" else config(kind)
+    cfg = config("sequence", copy=kind == "copy") if kind != "residual" else config(kind)
     adapter = build_adapter(cfg, head).eval()
     x = 3 * torch.randn(2, 5, D)
     z = adapter(x) if kind == "residual" else adapter(x, torch.randint(V, (2, 5)))
@@ -144,7 +144,7 @@ def test_the_cache_refuses_to_overflow():
 @pytest.mark.parametrize("kind", ["residual", "sequence", "copy"])
 def test_save_and_load_round_trip_every_kind(kind, tmp_path):
     head = random_head(D, V)
-    cfg = config("sequence", copy=True) if kind == "copy" else config(kind)
+    cfg = config("sequence", copy=kind == "copy") if kind != "residual" else config(kind)
     cfg = dataclasses.replace(cfg, fingerprint="f")
     adapter = build_adapter(cfg, head, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -189,8 +189,8 @@ def test_the_copy_pointer_is_refused_for_a_head_that_projects_out_first():
         "lm_head.weight": torch.randn(V, 16, generator=g),
     }
     head = Head(tensors, HeadSpec(norm="layernorm"))
-    adapter = build_adapter(config("sequence"), head).eval()  # without the pointer it works
+    adapter = build_adapter(config("sequence", copy=False), head).eval()  # works without it
     x, tokens = torch.randn(1, 4, D), torch.randint(V, (1, 4))
     assert torch.equal(head.project(adapter(x, tokens)), head(x))
-    with pytest.raises(ValueError, match="without --copy"):
+    with pytest.raises(ValueError, match="with --no-copy"):
         build_adapter(config("sequence", copy=True), head)

@@ -111,7 +111,7 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
     settings = {
         "pema": (),
         "residual": ("--adapter-kind=residual", "--rank=8", "--activation=gelu"),
-        "sequence": ("--adapter-kind=sequence", "--width=16", "--heads=2", "--copy"),
+        "sequence": ("--adapter-kind=sequence", "--width=16", "--heads=2", "--no-copy"),
         "told": ("--adapter-kind=sequence", "--width=16", "--lambda-max=0.2", "--schedule=linear"),
     }
     for name, flags in settings.items():
@@ -125,7 +125,8 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
         ("sequence", 0.5, "constant"),
         ("sequence", 0.2, "linear"),
     ]
-    assert settings["residual"]["activation"] == "gelu" and settings["sequence"]["copy"]
+    assert settings["residual"]["activation"] == "gelu"
+    assert not settings["sequence"]["copy"] and settings["told"]["copy"]  # on by default
     assert (settings["pema"]["rank"], settings["residual"]["rank"]) == (32, 8)  # 512 → d
     assert (settings["pema"]["alpha"], settings["residual"]["alpha"]) == (1.0, 64.0)
     assert settings["sequence"]["width"] == 16 and settings["sequence"]["heads"] == 2

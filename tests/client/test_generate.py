@@ -15,6 +15,7 @@ from data_owner_client.client import PemaClient
 from data_owner_client.data import Example
 from data_owner_client.generate import GenerationConfig, Generator, filter_top_k_top_p
 from data_owner_client.residual import ResidualAdapter
+from data_owner_client.sequence import SequenceAdapter
 from data_owner_client.served_model import ServedModel
 from plm_owner_server.runner import ModelRunner
 from tests.server.helpers import serve
@@ -209,6 +210,8 @@ def test_every_kind_decodes_as_its_mixture_over_the_whole_sequence(served_client
     with torch.no_grad():  # untrained, both kinds equal the PLM: give them weight
         last = adapter.B if isinstance(adapter, ResidualAdapter) else adapter.output.weight
         last.normal_(0, 3, generator=torch.Generator().manual_seed(1))
+        if isinstance(adapter, SequenceAdapter) and adapter.gate is not None:  # the copy pointer
+            adapter.gate.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
     adapter.eval()
     config = GenerationConfig(max_new_tokens=10, lambda_max=0.7, schedule="constant")
     first = list(
