@@ -203,7 +203,7 @@ def ddp_run(kind: str) -> tuple[AdapterConfig, TrainConfig, Head, tuple[Any, Any
     """What the DDP test trains, in one process or under torchrun (dropout 0, so they agree)."""
     adapter_config, train_config = small_configs(sequence_batch_size=32)
     adapter_config = dataclasses.replace(
-        adapter_config, kind=kind, dropout=0.0, width=32, heads=2, layers=1
+        adapter_config, kind=kind, dropout=0.0, width=32, heads=2, layers=1, copy=False
     )
     if kind == "sequence":
         copy = copy_task()
