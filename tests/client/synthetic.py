@@ -31,13 +31,22 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class TensorSource:
-    """An in-RAM batch source with the semantics of ``Memory.batches``."""
+    """An in-RAM batch source with the semantics of ``Memory.batches``: rows of ``tensors``
+    (keys and values; or keys, tokens and labels for ``Memory.sequences()``)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys.float(), values.long()
+    def __init__(self, keys: torch.Tensor, *rest: torch.Tensor) -> None:
+        self.tensors = (keys.float(), *(t.long() for t in rest))
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.tensors[-1]
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.keys)
 
     def num_batches(self, batch_size: int, world_size: int = 1) -> int:
         """Batches each rank gets per epoch."""
@@ -52,7 +61,7 @@ class TensorSource:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
-    ) -> Iterator[Batch]:
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         """Global batches in a (seed, epoch) order; rank r takes its slice of each."""
         order = torch.arange(len(self))
         if shuffle:
@@ -62,7 +71,7 @@ class TensorSource:
         steps = self.num_batches(batch_size, world_size)
         for rows in order.split(batch_size * world_size)[:steps]:
             mine = rows.tensor_split(world_size)[rank]
-            yield self.keys[mine], self.values[mine]
+            yield tuple(t[mine] for t in self.tensors)
 
 
 def random_head(d: int = 32, v: int = 64, seed: int = 0) -> Head:
@@ -105,35 +114,19 @@ def cipher_task(d: int = 32, v: int = 64, clusters: int = 12, seed: int = 0) -> 
     return CipherTask(head, centers, labels, noise=0.3)
 
 
-class SequenceSource:
+class SequenceSource(TensorSource):
     """In-RAM examples with the semantics of ``Memory.sequences().batches``."""
 
     def __init__(self, keys: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> None:
-        self.keys, self.tokens, self.labels = keys.float(), tokens.long(), labels.long()
+        super().__init__(keys, tokens, labels)
 
-    def __len__(self) -> int:
-        return len(self.keys)
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.tensors[1]
 
-    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
-        return split_batches(len(self), batch_size, world_size)
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int,
-        epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-    ) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = torch.arange(len(self))
-        if shuffle:
-            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch))
-        steps = self.num_batches(batch_size, world_size)
-        for rows in order.split(batch_size * world_size)[:steps]:
-            mine = rows.tensor_split(world_size)[rank]
-            yield self.keys[mine], self.tokens[mine], self.labels[mine]
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors[2]
 
     def pairs(self) -> TensorSource:
         """The positions that predict a target token, as pairs (what the pair kinds train on)."""

@@ -30,7 +30,6 @@ from data_owner_client.train import (
     train,
 )
 from tests.client.synthetic import (
-    SequenceSource,
     TensorSource,
     cipher_task,
     copy_task,
@@ -228,15 +227,21 @@ class Interrupted(RuntimeError):
     """Stands for the process being killed."""
 
 
-class FailAfter(TensorSource):
-    """Raises after yielding ``limit`` training batches in total, like a killed process."""
+class FailAfter:
+    """Wraps a batch source; raises after yielding ``limit`` training batches in total, like a
+    killed process."""
 
     def __init__(self, base: TensorSource, limit: int) -> None:
-        super().__init__(base.keys, base.values)
-        self.limit = limit
+        self.base, self.limit = base, limit
 
-    def batches(self, batch_size: int, **kw: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in super().batches(batch_size, **kw):
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        return self.base.num_batches(batch_size, world_size)
+
+    def batches(self, batch_size: int, **kw: Any) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in self.base.batches(batch_size, **kw):
             if self.limit == 0:
                 raise Interrupted
             self.limit -= 1
@@ -272,21 +277,6 @@ def assert_same_run(resumed: Any, whole: Any, resumed_dir: Path, whole_dir: Path
     assert keys(resumed_dir / LOG_FILE) == keys(whole_dir / LOG_FILE)
 
 
-class FailAfterExamples(SequenceSource):
-    """A sequence source that raises after ``limit`` training batches."""
-
-    def __init__(self, base: SequenceSource, limit: int) -> None:
-        super().__init__(base.keys, base.tokens, base.labels)
-        self.limit = limit
-
-    def batches(self, batch_size: int, **kw: Any) -> Iterator[tuple[torch.Tensor, ...]]:
-        for batch in super().batches(batch_size, **kw):
-            if self.limit == 0:
-                raise Interrupted
-            self.limit -= 1
-            yield batch
-
-
 def test_the_sequence_kind_resumes_to_the_uninterrupted_result(tmp_path):
     copy = copy_task()
     train_set, val_set = copy.sample(128, 1), copy.sample(32, 2)
@@ -297,9 +287,7 @@ def test_the_sequence_kind_resumes_to_the_uninterrupted_result(tmp_path):
     whole = train(adapter_config, train_set, val_set, copy.head, tmp_path / "whole", train_config)
     out = tmp_path / "killed"
     with pytest.raises(Interrupted):
-        train(
-            adapter_config, FailAfterExamples(train_set, 7), val_set, copy.head, out, train_config
-        )
+        train(adapter_config, FailAfter(train_set, 7), val_set, copy.head, out, train_config)
     train_config.resume = True
     resumed = train(adapter_config, train_set, val_set, copy.head, out, train_config)
     assert_same_run(resumed, whole, out, tmp_path / "whole")
