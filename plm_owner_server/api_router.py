@@ -101,10 +101,10 @@ async def head(state: State, _: Owner) -> Response:
     openapi_extra=body_docs(RepresentRequest),
     responses={200: {"content": {MSGPACK: {}}}},
 )
-async def represent(request: Request, state: State, _: Owner) -> Response:
+async def represent(request: Request, state: State, key: Owner) -> Response:
     """Representations f(c) of positions `start[b] .. len-1` of each sequence (and logits)."""
     body = await parse(request, RepresentRequest, state.settings.max_body_bytes)
-    return respond(request, await state.representer.represent(body))
+    return respond(request, await state.representer.represent(key, body))
 
 
 @router.post(

@@ -47,14 +47,14 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
             log.warning("no API keys configured (--api-keys-file): the server is open to anyone")
         log.info("serving %s (%s)", state.model_info.model_id, state.model_info.fingerprint)
         app.state.pema = state
-        state.representer.coalescer.start()
+        state.work.scheduler.start()
         sweeper = asyncio.create_task(_expire_sessions(state))
         try:
             yield
         finally:
             sweeper.cancel()
-            await state.representer.coalescer.stop()
-            state.thread.shutdown()
+            await state.work.scheduler.stop()
+            state.work.thread.shutdown()
 
     app = FastAPI(
         title="PEMA PLM-owner server",

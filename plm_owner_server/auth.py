@@ -1,7 +1,7 @@
 """Bearer API keys, stored as SHA-256 hashes (keys are random, so a plain hash is enough).
 
-Keys file: one key per line, ``sha256:<hex> [name]``; ``#`` starts a comment. Make a line with
-``pema-server hash-key``.
+Keys file: one key per line, ``sha256:<hex> [name] [tokens_per_minute=N]``; ``#`` starts a
+comment. Make a line with ``pema-server hash-key``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def new_key() -> str:
 class ApiKeys:
     """Maps key hashes to owner names; with no keys, everyone is ``anonymous``."""
 
-    def __init__(self, hashes: dict[str, str]) -> None:
+    def __init__(self, hashes: dict[str, str], quotas: dict[str, int] | None = None) -> None:
         self._owners = hashes
+        self.quotas = quotas or {}  # owner name -> tokens per minute
 
     @property
     def open(self) -> bool:
@@ -46,20 +47,30 @@ class ApiKeys:
         except OSError as exc:
             raise ValueError(f"cannot read the API keys file {path}: {exc}") from exc
         owners: dict[str, str] = {}
+        quotas: dict[str, int] = {}
         for number, line in enumerate(lines, 1):
             fields = line.split("#", 1)[0].split()
             if not fields:
                 continue
-            digest = fields[0]
-            if not (digest.startswith("sha256:") and len(digest) == 71):
+            digest, options = fields[0], [f for f in fields[1:] if "=" in f]
+            names = [f for f in fields[1:] if "=" not in f]
+            if not (digest.startswith("sha256:") and len(digest) == 71) or len(names) > 1:
                 raise ValueError(
-                    f"{path}:{number}: expected 'sha256:<64 hex digits> [name]'; "
-                    "make one with `pema-server hash-key`"
+                    f"{path}:{number}: expected 'sha256:<64 hex digits> [name] "
+                    "[tokens_per_minute=N]'; make one with `pema-server hash-key`"
                 )
-            owners[digest] = fields[1] if len(fields) > 1 else f"key-{digest[7:15]}"
+            name = owners[digest] = names[0] if names else f"key-{digest[7:15]}"
+            for option in options:
+                key, _, value = option.partition("=")
+                if key != "tokens_per_minute" or not value.isdigit() or int(value) < 1:
+                    raise ValueError(
+                        f"{path}:{number}: unknown option {option!r}; the one option is "
+                        "tokens_per_minute=N with N ≥ 1"
+                    )
+                quotas[name] = int(value)
         if not owners:
             raise ValueError(f"the API keys file {path} holds no keys")
-        return cls(owners)
+        return cls(owners, quotas)
 
     def owner(self, request: Request) -> str:
         """The caller's name, or a 401 for a missing or wrong key."""

@@ -20,16 +20,31 @@ class Metrics:
             "pema_request_seconds", "HTTP request latency", ["route"], registry=r
         )
         self.tokens = Counter("pema_represented_tokens", "Tokens run through the model", registry=r)
-        self.batch_rows = Histogram(
-            "pema_batch_rows",
-            "Sequences per coalesced forward pass",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        self.key_tokens = Counter(
+            "pema_key_tokens", "Tokens served per API key", ["key"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "pema_queue_depth", "Requests waiting for the model, by kind", ["kind"], registry=r
+        )
+        self.pass_jobs = Histogram(
+            "pema_pass_requests",
+            "Requests served by one scheduled pass, by kind (step, open, represent)",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
-        self.batch_requests = Histogram(
-            "pema_batch_requests",
-            "Requests coalesced into one forward pass",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
+        self.pass_keys = Histogram(
+            "pema_pass_keys",
+            "API keys served by one scheduled pass, by kind",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
+        self.pass_rows = Histogram(
+            "pema_pass_rows",
+            "Sequences in one scheduled pass, by kind",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
         self.sessions = Gauge("pema_sessions_open", "Open generation sessions", registry=r)

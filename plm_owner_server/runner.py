@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +22,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from plm_owner_server import embedded
 from plm_owner_server.architectures import ModelHead
+from plm_owner_server.backend import Logits
+from plm_owner_server.kv import KVState, split, stack, stackable
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
 from shared.protocol import LogitsMode
 
 log = logging.getLogger(__name__)
 
-Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # full, or (top-k values, indices)
-
-
-@dataclass
-class KVState:
-    """A generation session's cache: rows still alive, in cache order, and their padding mask."""
-
-    cache: DynamicCache
-    mask: torch.Tensor  # [B, T], 1 where a real token is cached (prompts are left-padded)
-    rows: list[int]  # the caller's row ids of the cache's batch entries
-
-    @property
-    def nbytes(self) -> int:
-        total = self.mask.nbytes
-        for layer in self.cache.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.nbytes
-        return total
-
 
 class ModelRunner:
-    """A causal LM that answers with its pre-final-norm hidden states."""
+    """A causal LM that answers with its pre-final-norm hidden states: the reference
+    :class:`~plm_owner_server.backend.Backend`."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, model_id: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.model_id = model_id or self.config.name_or_path or self.config.model_type
+        self.architecture = str(self.config.model_type)
         self.head = ModelHead(model)
         self._base = model.base_model
         self._captured: torch.Tensor | None = None
@@ -161,18 +144,47 @@ class ModelRunner:
         return state, hidden[:, -1]
 
     @torch.inference_mode()
+    def open_sessions(
+        self, sessions: Sequence[Sequence[Sequence[int]]]
+    ) -> list[tuple[KVState, torch.Tensor]]:
+        """Prefill several sessions' prompts in one pass; each session gets its own cache."""
+        state, hidden = self.open_session([p for prompts in sessions for p in prompts])
+        if len(sessions) == 1:
+            return [(state, hidden)]
+        if not stackable([state]):
+            return [self.open_session(prompts) for prompts in sessions]
+        parts = [(list(range(len(p))), max(map(len, p))) for p in sessions]
+        states = split(state, parts, self.config)
+        return list(zip(states, hidden.split([len(p) for p in sessions]), strict=True))
+
+    @torch.inference_mode()
     def step_session(
         self, state: KVState, rows: Sequence[int], tokens: Sequence[int]
     ) -> torch.Tensor:
         """Append one token to each listed row; rows left out are dropped from the cache."""
-        if list(rows) != state.rows:
-            where = {r: i for i, r in enumerate(state.rows)}
-            keep = torch.tensor([where[r] for r in rows], device=self.device)
-            state.cache.batch_select_indices(keep)
-            state.mask = state.mask[keep]
-            state.rows = list(rows)
+        return self.step_sessions([(state, rows, tokens)])[0]
+
+    @torch.inference_mode()
+    def step_sessions(
+        self, steps: Sequence[tuple[KVState, Sequence[int], Sequence[int]]]
+    ) -> list[torch.Tensor]:
+        """One step of several sessions (state, rows, tokens), in one pass where caches stack."""
+        states = [state for state, _, _ in steps]
+        for state, rows, _ in steps:
+            state.select(rows)
+        if len(steps) > 1 and not stackable(states):
+            return [self._step(state, tokens) for state, _, tokens in steps]
+        stacked = states[0] if len(steps) == 1 else stack(states, self.config)
+        hidden = self._step(stacked, [t for _, _, tokens in steps for t in tokens])
+        if len(steps) > 1:
+            parts = split(stacked, [(s.rows, s.width + 1) for s in states], self.config)
+            for state, part in zip(states, parts, strict=True):
+                state.cache, state.mask = part.cache, part.mask
+        return list(hidden.split([len(s.rows) for s in states]))
+
+    def _step(self, state: KVState, tokens: Sequence[int]) -> torch.Tensor:
         positions = state.mask.sum(-1, keepdim=True)
-        state.mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=-1)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=-1)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
         return self._forward(ids, state.mask, positions, state.cache)[:, -1]
 

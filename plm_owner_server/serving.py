@@ -1,5 +1,6 @@
-"""The work behind the routes: validation against the model's limits, coalesced representation,
-and generation sessions. Model work runs on one dedicated thread, off the event loop."""
+"""The work behind the routes: validation against the model's limits and the key's quota, then
+the scheduler (:mod:`plm_owner_server.scheduler`), which batches every key's work into shared
+passes on one dedicated model thread, off the event loop."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from plm_owner_server.batcher import Coalescer
+from plm_owner_server.backend import Backend, Logits
 from plm_owner_server.errors import ApiError
 from plm_owner_server.metrics import Metrics
-from plm_owner_server.runner import Logits, ModelRunner
+from plm_owner_server.quota import Quotas
+from plm_owner_server.scheduler import Kind, Scheduler
 from plm_owner_server.sessions import Session, SessionStore
 from plm_owner_server.settings import Settings
 from shared.codec import TORCH_DTYPES, encode_tensor
@@ -48,8 +50,39 @@ class ModelThread:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+class ModelWork:
+    """The model thread and the scheduler in front of it; services register how to run a pass
+    of each kind of work (a list of jobs in, one result or exception per job out)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, quotas: Quotas) -> None:
+        self.thread = ModelThread()
+        self.metrics, self.quotas = metrics, quotas
+        self.scheduler = Scheduler(self._execute, settings.max_batch_tokens, self._observe)
+        self.passes: dict[Kind, Callable[[Sequence[Any]], list[Any]]] = {}
+
+    async def submit(
+        self, owner: str, kind: Kind, job: Any, cost: int, tokens: int, session: str | None = None
+    ) -> Any:
+        """Charge ``tokens`` to the key's quota, queue the job and wait for its result."""
+        self.quotas.charge(owner, tokens)
+        self.metrics.queue_depth.labels(kind).inc()
+        try:
+            result = await self.scheduler.submit(owner, kind, job, cost, session)
+        finally:
+            self.metrics.queue_depth.labels(kind).dec()
+        self.metrics.key_tokens.labels(owner).inc(tokens)
+        return result
+
+    async def _execute(self, kind: Kind, jobs: Sequence[Any]) -> list[Any]:
+        return await self.thread.run(self.passes[kind], jobs)
+
+    def _observe(self, kind: Kind, works: Sequence[Any]) -> None:
+        self.metrics.pass_jobs.labels(kind).observe(len(works))
+        self.metrics.pass_keys.labels(kind).observe(len({w.owner for w in works}))
+
+
 def check_sequences(
-    sequences: Sequence[Sequence[int]], runner: ModelRunner, settings: Settings
+    sequences: Sequence[Sequence[int]], runner: Backend, settings: Settings
 ) -> None:
     """Refuse batches, lengths and token ids the model or the owner's limits do not allow."""
     if len(sequences) > settings.max_batch_size:
@@ -78,7 +111,7 @@ def check_sequences(
         check_token_ids(seq, runner, f"sequence {b}")
 
 
-def check_token_ids(ids: Sequence[int], runner: ModelRunner, where: str) -> None:
+def check_token_ids(ids: Sequence[int], runner: Backend, where: str) -> None:
     top = max(ids)
     if top >= runner.vocab_size:
         raise ApiError(
@@ -89,7 +122,7 @@ def check_token_ids(ids: Sequence[int], runner: ModelRunner, where: str) -> None
         )
 
 
-def check_logits(mode: LogitsMode, positions: int, runner: ModelRunner, settings: Settings) -> None:
+def check_logits(mode: LogitsMode, positions: int, runner: Backend, settings: Settings) -> None:
     if mode == "none":
         return
     per_position = runner.vocab_size if mode == "full" else min(mode, runner.vocab_size)
@@ -116,33 +149,31 @@ def encode_logits(logits: Logits | None, dtype: HiddenDType) -> WireTensor | Top
 
 
 class Representer:
-    """``/v1/represent``: validates, then coalesces concurrent requests into shared passes."""
+    """``/v1/represent``: validates, then queues the request; a pass serves many requests."""
 
     def __init__(
-        self, runner: ModelRunner, settings: Settings, thread: ModelThread, metrics: Metrics
+        self, backend: Backend, settings: Settings, work: ModelWork, metrics: Metrics
     ) -> None:
-        self.runner, self.settings, self.thread, self.metrics = runner, settings, thread, metrics
-        self.coalescer: Coalescer[RepresentRequest, RepresentResponse] = Coalescer(
-            self._run_batch, settings.max_batch_tokens
-        )
+        self.backend, self.settings, self.work, self.metrics = backend, settings, work, metrics
+        work.passes["represent"] = self._forward
 
-    async def represent(self, request: RepresentRequest) -> RepresentResponse:
-        check_sequences(request.sequences, self.runner, self.settings)
+    async def represent(self, owner: str, request: RepresentRequest) -> RepresentResponse:
+        check_sequences(request.sequences, self.backend, self.settings)
         positions = sum(
             len(s) - b for s, b in zip(request.sequences, request.starts(), strict=True)
         )
-        check_logits(request.logits, positions, self.runner, self.settings)
-        return await self.coalescer.submit(request, sum(map(len, request.sequences)))
-
-    async def _run_batch(self, requests: Sequence[RepresentRequest]) -> list[RepresentResponse]:
-        self.metrics.batch_requests.observe(len(requests))
-        return await self.thread.run(self._forward, requests)
+        check_logits(request.logits, positions, self.backend, self.settings)
+        tokens = sum(map(len, request.sequences))
+        response: RepresentResponse = await self.work.submit(
+            owner, "represent", request, tokens, tokens
+        )
+        return response
 
     def _forward(self, requests: Sequence[RepresentRequest]) -> list[RepresentResponse]:
         rows = [seq for r in requests for seq in r.sequences]
         starts = [s for r in requests for s in r.starts()]
-        hidden = self.runner.represent(rows, starts, self.settings.max_batch_tokens)
-        self.metrics.batch_rows.observe(len(rows))
+        hidden = self.backend.represent(rows, starts, self.settings.max_batch_tokens)
+        self.metrics.pass_rows.labels("represent").observe(len(rows))
         self.metrics.tokens.inc(sum(map(len, rows)))
         responses, first = [], 0
         for r in requests:
@@ -159,22 +190,23 @@ class Representer:
         offsets = [0]
         for part in parts:
             offsets.append(offsets[-1] + len(part))
-        logits = None if request.logits == "none" else self.runner.logits(hidden, request.logits)
+        logits = None if request.logits == "none" else self.backend.logits(hidden, request.logits)
         return RepresentResponse(
             hidden=encode_hidden(hidden, request.dtype),
             offsets=offsets,
             logits=encode_logits(logits, request.dtype),
-            fingerprint=self.runner.fingerprint,
+            fingerprint=self.backend.fingerprint,
         )
 
 
 class SessionService:
-    """``/v1/sessions``: open, step and close KV-cached decoding sessions."""
+    """``/v1/sessions``: open, step and close KV-cached decoding sessions. Openings of all keys
+    share a prefill pass, and steps of all sessions of all keys share a decoding pass."""
 
     def __init__(
-        self, runner: ModelRunner, settings: Settings, thread: ModelThread, metrics: Metrics
+        self, backend: Backend, settings: Settings, work: ModelWork, metrics: Metrics
     ) -> None:
-        self.runner, self.settings, self.thread, self.metrics = runner, settings, thread, metrics
+        self.backend, self.settings, self.work, self.metrics = backend, settings, work, metrics
         self._evicted_seen = 0
         self.store = SessionStore(
             settings.session_ttl_s,
@@ -182,6 +214,8 @@ class SessionService:
             settings.max_kv_cache_bytes,
             on_change=self._observe,
         )
+        work.passes["open"] = self._open_pass
+        work.passes["step"] = self._step_pass
 
     def _observe(self, store: SessionStore) -> None:
         self.metrics.sessions.set(len(store))
@@ -190,47 +224,96 @@ class SessionService:
         self._evicted_seen = store.evicted
 
     async def open(self, owner: str, request: SessionOpenRequest) -> SessionOpenResponse:
-        check_sequences(request.sequences, self.runner, self.settings)
-        check_logits(request.logits, len(request.sequences), self.runner, self.settings)
-        return await self.thread.run(self._open, owner, request)
+        check_sequences(request.sequences, self.backend, self.settings)
+        check_logits(request.logits, len(request.sequences), self.backend, self.settings)
+        cost = len(request.sequences) * max(map(len, request.sequences))
+        tokens = sum(map(len, request.sequences))
+        response: SessionOpenResponse = await self.work.submit(
+            owner, "open", (owner, request), cost, tokens
+        )
+        return response
 
-    def _open(self, owner: str, request: SessionOpenRequest) -> SessionOpenResponse:
-        width = max(map(len, request.sequences))
-        self.store.check_room(
-            owner, self.runner.kv_bytes_per_token * width * len(request.sequences)
-        )
-        state, hidden = self.runner.open_session(request.sequences)
-        session = Session(owner, state, request.dtype, prompt_len=width)
-        self.store.add(session)
-        self.metrics.tokens.inc(sum(map(len, request.sequences)))
-        return SessionOpenResponse(
-            session_id=session.id,
-            hidden=encode_hidden(hidden, request.dtype),
-            logits=encode_logits(self._logits(hidden, request.logits), request.dtype),
-            fingerprint=self.runner.fingerprint,
-        )
+    def _open_pass(
+        self, jobs: Sequence[tuple[str, SessionOpenRequest]]
+    ) -> list[SessionOpenResponse | ApiError]:
+        """Prefill every admitted opening in one pass; each gets its own session."""
+        results: dict[int, SessionOpenResponse | ApiError] = {}
+        pending: dict[str, int] = {}  # openings admitted in this pass, by key
+        for i, (owner, request) in enumerate(jobs):
+            width = max(map(len, request.sequences))
+            nbytes = self.backend.kv_bytes_per_token * width * len(request.sequences)
+            try:
+                self.store.check_room(owner, nbytes, pending.get(owner, 0))
+            except ApiError as exc:
+                results[i] = exc
+                continue
+            pending[owner] = pending.get(owner, 0) + 1
+        admitted = [i for i in range(len(jobs)) if i not in results]
+        prompts = [jobs[i][1].sequences for i in admitted]
+        opened = self.backend.open_sessions(prompts) if admitted else []
+        self.metrics.pass_rows.labels("open").observe(sum(map(len, prompts)))
+        for i, (state, hidden) in zip(admitted, opened, strict=True):
+            owner, request = jobs[i]
+            width = max(map(len, request.sequences))
+            session = Session(owner, state, request.dtype, prompt_len=width)
+            try:
+                self.store.add(session)
+            except ApiError as exc:
+                results[i] = exc
+                continue
+            self.metrics.tokens.inc(sum(map(len, request.sequences)))
+            results[i] = SessionOpenResponse(
+                session_id=session.id,
+                hidden=encode_hidden(hidden, request.dtype),
+                logits=encode_logits(self._logits(hidden, request.logits), request.dtype),
+                fingerprint=self.backend.fingerprint,
+            )
+        return [results[i] for i in range(len(jobs))]
 
     async def step(
         self, owner: str, session_id: str, request: SessionStepRequest
     ) -> SessionStepResponse:
-        check_token_ids(request.tokens, self.runner, "tokens")
-        check_logits(request.logits, len(request.tokens), self.runner, self.settings)
-        return await self.thread.run(self._step, owner, session_id, request)
-
-    def _step(
-        self, owner: str, session_id: str, request: SessionStepRequest
-    ) -> SessionStepResponse:
-        session = self.store.get(session_id, owner)
-        rows = request.rows if request.rows is not None else session.state.rows
-        self._check_step(session, rows, request.tokens)
-        hidden = self.runner.step_session(session.state, rows, request.tokens)
-        session.steps += 1
-        self.store.update(session)
-        self.metrics.tokens.inc(len(rows))
-        return SessionStepResponse(
-            hidden=encode_hidden(hidden, session.dtype),
-            logits=encode_logits(self._logits(hidden, request.logits), session.dtype),
+        check_token_ids(request.tokens, self.backend, "tokens")
+        check_logits(request.logits, len(request.tokens), self.backend, self.settings)
+        rows = len(request.tokens)
+        response: SessionStepResponse = await self.work.submit(
+            owner, "step", (owner, session_id, request), rows, rows, session=session_id
         )
+        return response
+
+    def _step_pass(
+        self, jobs: Sequence[tuple[str, str, SessionStepRequest]]
+    ) -> list[SessionStepResponse | ApiError]:
+        """Step the session of every valid job, all in one pass."""
+        results: dict[int, SessionStepResponse | ApiError] = {}
+        steps: list[tuple[int, Session, list[int]]] = []
+        for i, (owner, session_id, request) in enumerate(jobs):
+            try:
+                session = self.store.get(session_id, owner)
+                rows = request.rows if request.rows is not None else session.state.rows
+                self._check_step(session, rows, request.tokens)
+            except ApiError as exc:
+                results[i] = exc
+                continue
+            steps.append((i, session, list(rows)))
+        batch = [(session.state, rows, jobs[i][2].tokens) for i, session, rows in steps]
+        hidden = self.backend.step_sessions(batch) if batch else []
+        self.metrics.pass_rows.labels("step").observe(sum(len(rows) for _, _, rows in steps))
+        for (i, session, rows), h in zip(steps, hidden, strict=True):
+            request = jobs[i][2]
+            session.steps += 1
+            self.metrics.tokens.inc(len(rows))
+            try:
+                # May evict other sessions (their answers in this pass stand), or this one.
+                self.store.update(session)
+            except ApiError as exc:
+                results[i] = exc
+                continue
+            results[i] = SessionStepResponse(
+                hidden=encode_hidden(h, session.dtype),
+                logits=encode_logits(self._logits(h, request.logits), session.dtype),
+            )
+        return [results[i] for i in range(len(jobs))]
 
     def _check_step(self, session: Session, rows: Sequence[int], tokens: Sequence[int]) -> None:
         if len(rows) != len(tokens):
@@ -255,18 +338,18 @@ class SessionService:
                 f"this session reached the server's limit of {self.settings.max_new_tokens} "
                 "steps; close it",
             )
-        if session.prompt_len + session.steps >= self.runner.max_positions:
+        if session.prompt_len + session.steps >= self.backend.max_positions:
             raise ApiError(
                 422,
                 "context_full",
-                f"this session filled the model's context of {self.runner.max_positions} tokens",
+                f"this session filled the model's context of {self.backend.max_positions} tokens",
             )
 
     def _logits(self, hidden: torch.Tensor, mode: LogitsMode) -> Logits | None:
-        return None if mode == "none" else self.runner.logits(hidden, mode)
+        return None if mode == "none" else self.backend.logits(hidden, mode)
 
     async def close(self, owner: str, session_id: str) -> None:
-        await self.thread.run(self.store.remove, session_id, owner)
+        await self.work.thread.run(self.store.remove, session_id, owner)
 
     async def expire(self) -> int:
-        return await self.thread.run(self.store.expire)
+        return await self.work.thread.run(self.store.expire)

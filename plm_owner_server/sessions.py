@@ -12,15 +12,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from plm_owner_server.backend import SessionState
 from plm_owner_server.errors import ApiError
-from plm_owner_server.runner import KVState
 from shared.protocol import HiddenDType
 
 
 @dataclass
 class Session:
     owner: str
-    state: KVState
+    state: SessionState
     dtype: HiddenDType
     prompt_len: int  # longest prompt; the cache grows by one position per step
     id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
@@ -53,8 +53,9 @@ class SessionStore:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._sessions.values())
 
-    def check_room(self, owner: str, nbytes: int) -> None:
-        """Refuse a new session its owner has no slot for, or that could never fit."""
+    def check_room(self, owner: str, nbytes: int, pending: int = 0) -> None:
+        """Refuse a new session its owner has no slot for (``pending`` more of the owner's are
+        about to be added), or that could never fit."""
         self.expire()
         if nbytes > self.max_bytes:
             raise ApiError(
@@ -63,7 +64,7 @@ class SessionStore:
                 f"this session needs about {nbytes / 2**20:.1f} MiB of KV cache but the server "
                 f"allows {self.max_bytes / 2**20:.1f} MiB in all; send fewer or shorter prompts",
             )
-        if sum(s.owner == owner for s in self._sessions.values()) >= self.max_per_owner:
+        if sum(s.owner == owner for s in self._sessions.values()) + pending >= self.max_per_owner:
             raise ApiError(
                 429,
                 "too_many_sessions",

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     share_head: bool = Field(True, description="serve the output head on /v1/head")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="embedded-model cache")
     max_batch_tokens: int = Field(
-        16384, gt=0, description="padded tokens per coalesced forward pass"
+        16384, gt=0, description="padded tokens of all keys' work per scheduled iteration"
     )
     max_batch_size: int = Field(256, gt=0, description="sequences per request")
     max_request_tokens: int = Field(65536, gt=0, description="tokens per request")
@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, gt=0, description="steps per generation session")
     max_sessions_per_key: int = Field(16, gt=0, description="open sessions per API key")
     session_ttl_s: float = Field(600.0, gt=0, description="idle seconds before a session expires")
+    tokens_per_minute: int | None = Field(
+        None, gt=0, description="token quota per key per minute (a keys-file line may set its own)"
+    )
     max_kv_cache_mib: int = Field(4096, gt=0, description="KV-cache memory of all sessions (MiB)")
     log_level: str = Field("info", description="uvicorn log level")
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plm_owner_server.auth import ApiKeys
+from plm_owner_server.backend import Backend
 from plm_owner_server.metrics import Metrics
-from plm_owner_server.runner import ModelRunner
-from plm_owner_server.serving import ModelThread, Representer, SessionService
+from plm_owner_server.quota import Quotas
+from plm_owner_server.serving import ModelWork, Representer, SessionService
 from plm_owner_server.settings import Settings
 from shared.head import head_to_bytes
 from shared.protocol import Limits, ModelInfo
@@ -20,10 +21,10 @@ from shared.protocol import Limits, ModelInfo
 @dataclass
 class AppState:
     settings: Settings
-    runner: ModelRunner
+    backend: Backend
     keys: ApiKeys
     metrics: Metrics
-    thread: ModelThread
+    work: ModelWork
     representer: Representer
     sessions: SessionService
     model_info: ModelInfo
@@ -32,28 +33,28 @@ class AppState:
 
     @classmethod
     def build(
-        cls, settings: Settings, runner: ModelRunner, keys: ApiKeys, metrics: Metrics
+        cls, settings: Settings, backend: Backend, keys: ApiKeys, metrics: Metrics
     ) -> AppState:
-        thread = ModelThread()
-        head = runner.head
+        work = ModelWork(settings, metrics, Quotas(keys.quotas, settings.tokens_per_minute))
+        head = backend.head
         return cls(
             settings=settings,
-            runner=runner,
+            backend=backend,
             keys=keys,
             metrics=metrics,
-            thread=thread,
-            representer=Representer(runner, settings, thread, metrics),
-            sessions=SessionService(runner, settings, thread, metrics),
-            model_info=model_info(runner, settings),
-            tokenizer_zip=tokenizer_zip(runner),
+            work=work,
+            representer=Representer(backend, settings, work, metrics),
+            sessions=SessionService(backend, settings, work, metrics),
+            model_info=model_info(backend, settings),
+            tokenizer_zip=tokenizer_zip(backend),
             head_bytes=head_to_bytes(head.tensors(), head.spec) if settings.share_head else None,
         )
 
 
-def model_info(runner: ModelRunner, settings: Settings) -> ModelInfo:
+def model_info(runner: Backend, settings: Settings) -> ModelInfo:
     return ModelInfo(
         model_id=runner.model_id,
-        architecture=runner.config.model_type,
+        architecture=runner.architecture,
         hidden_size=runner.hidden_size,
         vocab_size=runner.vocab_size,
         max_positions=runner.max_positions,
@@ -74,7 +75,7 @@ def model_info(runner: ModelRunner, settings: Settings) -> ModelInfo:
     )
 
 
-def tokenizer_zip(runner: ModelRunner) -> bytes:
+def tokenizer_zip(runner: Backend) -> bytes:
     """The tokenizer's files, as ``save_pretrained`` writes them, zipped at the archive root."""
     buffer = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,77 @@
+"""What the server needs from a model engine. :class:`~plm_owner_server.runner.ModelRunner`
+(transformers, in process) is the reference implementation; README "Scale" says how an existing
+engine would implement it.
+
+Every method runs on the server's one model thread; batching across API keys is the scheduler's
+job (:mod:`plm_owner_server.scheduler`): a backend gets each pass's work already gathered.
+Representations are f(c), the input of the model's final norm, as ``[n, d]`` tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from plm_owner_server.architectures import ModelHead
+from shared.protocol import LogitsMode
+
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # full, or (top-k values, indices)
+
+
+class SessionState(Protocol):
+    """A session's cache as the backend keeps it."""
+
+    @property
+    def rows(self) -> list[int]:
+        """The caller's ids of the rows still alive."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds now (the server bounds the sum over sessions)."""
+        ...
+
+
+class Backend(Protocol):
+    model_id: str
+    architecture: str
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: torch.dtype
+    fingerprint: str  # of the weights as served
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    tokenizer: Any  # saved with ``save_pretrained`` for GET /v1/tokenizer
+    head: ModelHead  # exported for GET /v1/head
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token of one row costs (to refuse sessions that cannot fit)."""
+        ...
+
+    def represent(
+        self, rows: Sequence[Sequence[int]], starts: Sequence[int], max_batch_tokens: int
+    ) -> list[torch.Tensor]:
+        """Per row, f(c) of positions ``start .. len-1``; passes of at most the padded budget."""
+        ...
+
+    def logits(self, hidden: torch.Tensor, mode: LogitsMode) -> Logits:
+        """The head applied to representations: all logits or the top-k."""
+        ...
+
+    def open_sessions(
+        self, sessions: Sequence[Sequence[Sequence[int]]]
+    ) -> Sequence[tuple[SessionState, torch.Tensor]]:
+        """Prefill each session's prompts; per session its state and last f(c) per row."""
+        ...
+
+    def step_sessions(
+        self, steps: Sequence[tuple[Any, Sequence[int], Sequence[int]]]
+    ) -> list[torch.Tensor]:
+        """Per (state, rows, tokens): append one token to each listed row, drop the unlisted
+        rows, and return the new f(c) of the listed rows. A closed session's state is simply
+        dropped by the server."""
+        ...

@@ -1,0 +1,128 @@
+"""One scheduler for all model work of all API keys.
+
+Requests queue per key. Each iteration takes work round-robin across keys (one job per key per
+round, starting with a different key each iteration) until the padded-token budget is spent, then
+runs it grouped by kind: every session step of every key in one pass, every session opening in one
+pass, every ``/v1/represent`` row in as few passes as the budget allows. Steps run first, so a
+decoding client never waits behind a long prefill of the same iteration. A job costlier than the
+budget runs alone; a session steps at most once per iteration; work whose caller went away is
+dropped. There is no time window: an iteration is whatever queued while the last one ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["step", "open", "represent"]
+KINDS: tuple[Kind, ...] = ("step", "open", "represent")  # the order passes run in
+
+# Runs one kind's jobs on the model; one result (or the exception to raise) per job.
+Execute = Callable[[Kind, Sequence[Any]], Awaitable[Sequence[Any]]]
+
+
+@dataclass
+class Work:
+    owner: str
+    kind: Kind
+    job: Any
+    cost: int  # padded tokens the job adds to a pass
+    session: str | None = None  # a step's session: one step per session per iteration
+    future: asyncio.Future[Any] = field(default_factory=asyncio.Future)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        execute: Execute,
+        budget: int,
+        observe: Callable[[Kind, Sequence[Work]], None] = lambda kind, works: None,
+    ) -> None:
+        self._execute, self._budget, self._observe = execute, budget, observe
+        self._queues: OrderedDict[str, deque[Work]] = OrderedDict()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="pema-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def depth(self) -> dict[Kind, int]:
+        """Queued jobs by kind."""
+        counts = dict.fromkeys(KINDS, 0)
+        for queue in self._queues.values():
+            for work in queue:
+                counts[work.kind] += 1
+        return counts
+
+    async def submit(
+        self, owner: str, kind: Kind, job: Any, cost: int, session: str | None = None
+    ) -> Any:
+        work = Work(owner, kind, job, cost, session)
+        self._queues.setdefault(owner, deque()).append(work)
+        self._wakeup.set()
+        return await work.future
+
+    def take(self) -> list[Work]:
+        """The next iteration's work: round-robin across keys, within the budget."""
+        batch: list[Work] = []
+        spent, sessions, blocked = 0, set[str | None](), set[str]()
+        while True:
+            taken = False
+            for owner, queue in self._queues.items():
+                if owner in blocked or not queue:
+                    continue
+                work = queue[0]
+                fits = not batch or spent + work.cost <= self._budget
+                if not fits or (work.session is not None and work.session in sessions):
+                    blocked.add(owner)  # the key's later jobs keep their order: none this time
+                    continue
+                queue.popleft()
+                if work.future.done():  # the caller went away (disconnect or timeout)
+                    taken = True
+                    continue
+                batch.append(work)
+                spent += work.cost
+                sessions.add(work.session)
+                taken = True
+            if not taken:
+                break
+        for owner in [o for o, q in self._queues.items() if not q]:
+            del self._queues[owner]
+        if self._queues:  # the next iteration starts with the next key
+            self._queues.move_to_end(next(iter(self._queues)))
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queues:
+                batch = self.take()
+                for kind in KINDS:
+                    works = [w for w in batch if w.kind == kind]
+                    if works:
+                        await self._run(kind, works)
+
+    async def _run(self, kind: Kind, works: list[Work]) -> None:
+        self._observe(kind, works)
+        try:
+            results = await self._execute(kind, [w.job for w in works])
+        except Exception as exc:  # delivered to every waiting caller, who maps it to a response
+            results = [exc] * len(works)
+        for work, result in zip(works, results, strict=True):
+            if work.future.done():
+                continue
+            if isinstance(result, Exception):
+                work.future.set_exception(result)
+            else:
+                work.future.set_result(result)
