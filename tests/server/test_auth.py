@@ -219,3 +219,19 @@ def test_shared_head_is_served(client):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
     assert client.get("/v1/model", headers=bearer(ALICE)).json()["head_shared"] is True
+
+
+def test_keys_file_sets_token_quotas(tmp_path):
+    """``tokens_per_minute=N`` after a key gives that key a quota; other keys have none."""
+    path = tmp_path / "keys"
+    path.write_text(f"{hash_key(ALICE)} alice tokens_per_minute=500\n{hash_key(BOB)}\n")
+    assert ApiKeys.from_file(path).quotas == {"alice": 500}
+
+
+@pytest.mark.parametrize("option", ["tokens_per_minute=0", "tokens_per_minute=x", "rate=5"])
+def test_keys_file_refuses_a_bad_option(runner, tmp_path, option):
+    path = tmp_path / "keys"
+    path.write_text(f"{hash_key(ALICE)} alice\n{hash_key(BOB)} bob {option}\n")
+    with pytest.raises(ValueError, match="tokens_per_minute=N") as raised:
+        create_app(Settings(api_keys_file=path), runner=runner)
+    assert f"{path}:2:" in str(raised.value)
