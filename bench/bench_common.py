@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,16 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_server(threads: int, log: Path, model: str | None = None) -> Iterator[str]:
+def running_server(
+    threads: int, log: Path, model: str | None = None, flags: Sequence[str] = ()
+) -> Iterator[str]:
     """A `pema-server` subprocess with ``threads`` torch threads, serving ``model`` (default: its
-    own setting, the embedded SmolLM2 unless PEMA_MODEL says otherwise); yields its base URL."""
+    own setting, the embedded SmolLM2 unless PEMA_MODEL says otherwise) with extra ``flags``;
+    yields its base URL."""
     port = free_port()
     argv = [sys.executable, "-c", *SERVER_CMD, "--port", str(port), "--log-level", "warning"]
     argv += ["--model", model] if model else []
+    argv += list(flags)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,204 @@
+"""Many data owners at once, against one real `pema-server`, measured in one run.
+
+    python bench/bench_tenants.py [--quick] [--json PATH]
+
+1. Aggregate decoding tokens/s of N concurrent clients, each with its own API key and its own
+   1-row session, against one client decoding the same N rows in one session (N = 1, 4, 16).
+   Greedy steps asking for top-1 logits, 64-token prompts of real text. The scheduler puts the
+   steps of all sessions into shared passes; goal: ≥ 0.8× at N = 16.
+2. Step latency (p50, p99) of a 1-row client while another key decodes a 64-row session,
+   against the same client alone; goal: ≤ 2×.
+
+Runs are interleaved and repeated; ratios are medians of the ratios of adjacent pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import DATA, machine, running_server
+from bench_server import token_windows
+from transformers import AutoTokenizer
+
+from data_owner_client.client import PemaClient
+from plm_owner_server.auth import hash_key, new_key
+
+PROMPT_LEN = 64
+CLIENTS = (1, 4, 16)
+BIG_SESSION_ROWS = 64
+AGGREGATE_GOAL = 0.8
+LATENCY_GOAL = 2.0
+
+
+def decode(url: str, key: str, prompts: Sequence[list[int]], steps: int, ready: Any) -> list[float]:
+    """Open a session, wait for ``ready``, then ``steps`` greedy steps; each step's seconds."""
+    with PemaClient(url, api_key=key) as client:
+        session, _, top = client.open_session(prompts, dtype="float16", logits=1)
+        ready()
+        times = []
+        try:
+            for _ in range(steps):
+                start = time.perf_counter()
+                _, top = client.step(session, top[1][:, 0].tolist(), logits=1)  # type: ignore[index]
+                times.append(time.perf_counter() - start)
+        finally:
+            client.close_session(session)
+    return times
+
+
+def concurrent_tokens_s(url: str, keys: list[str], prompts: list[list[int]], steps: int) -> float:
+    """N clients, one row each, stepping at once; tokens/s from the first to the last step."""
+    barrier = threading.Barrier(len(prompts) + 1)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [
+            pool.submit(decode, url, key, [prompt], steps, barrier.wait)
+            for key, prompt in zip(keys, prompts, strict=False)
+        ]
+        barrier.wait()
+        start = time.perf_counter()
+        for future in futures:
+            future.result()
+        wall = time.perf_counter() - start
+    return len(prompts) * steps / wall
+
+
+def batched_tokens_s(url: str, key: str, prompts: list[list[int]], steps: int) -> float:
+    times = decode(url, key, prompts, steps, lambda: None)
+    return len(prompts) * steps / sum(times)
+
+
+def bench_aggregate(
+    url: str, keys: list[str], prompts: list[list[int]], steps: int, repeats: int
+) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for n in CLIENTS:
+        together, batched = [], []
+        for _ in range(repeats):
+            together.append(concurrent_tokens_s(url, keys[:n], prompts[:n], steps))
+            batched.append(batched_tokens_s(url, keys[0], prompts[:n], steps))
+        out[n] = {
+            "clients_tokens_s": statistics.median(together),
+            "one_session_tokens_s": statistics.median(batched),
+            "ratio": statistics.median(t / b for t, b in zip(together, batched, strict=True)),
+        }
+        print(f"  N={n}: {out[n]}", flush=True)
+    return out
+
+
+def big_session(url: str, key: str, prompts: list[list[int]], stop: threading.Event) -> None:
+    """Decode 16-step sessions of all ``prompts``, one after another, until ``stop``."""
+    while not stop.is_set():
+        decode(url, key, prompts, 16, lambda: None)
+
+
+def bench_latency(
+    url: str, keys: list[str], prompts: list[list[int]], steps: int, repeats: int
+) -> dict[str, Any]:
+    """The 1-row client's step latencies alone and next to a 64-row session of another key."""
+    alone: list[float] = []
+    loaded: list[float] = []
+    for _ in range(repeats):
+        alone += decode(url, keys[0], prompts[:1], steps, lambda: None)
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            background = pool.submit(big_session, url, keys[1], prompts[:BIG_SESSION_ROWS], stop)
+            time.sleep(1.0)  # the big session is open and stepping
+            loaded += decode(url, keys[0], prompts[:1], steps, lambda: None)
+            stop.set()
+            background.result()
+
+    def pct(samples: list[float], q: float) -> float:
+        return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+    return {
+        "alone_s": {"p50": pct(alone, 50), "p99": pct(alone, 99)},
+        "loaded_s": {"p50": pct(loaded, 50), "p99": pct(loaded, 99)},
+        "p50_ratio": pct(loaded, 50) / pct(alone, 50),
+        "p99_ratio": pct(loaded, 99) / pct(alone, 99),
+    }
+
+
+def _goal(value: float, goal: float, at_least: bool) -> str:
+    met = value >= goal if at_least else value <= goal
+    return f"{'≥' if at_least else '≤'} {goal:g} {'met' if met else 'missed'}"
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| N | N clients, 1 row each (tokens/s) | 1 client, N rows (tokens/s) | ratio | goal |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for n, r in results["aggregate"].items():
+        goal = _goal(r["ratio"], AGGREGATE_GOAL, True) if n == max(CLIENTS) else ""
+        lines.append(
+            f"| {n} | {r['clients_tokens_s']:.1f} | {r['one_session_tokens_s']:.1f} "
+            f"| {r['ratio']:.2f}× | {goal} |"
+        )
+    lat = results["latency"]
+    lines += [
+        "",
+        f"| 1-row client's step | alone | next to a {BIG_SESSION_ROWS}-row session of another key "
+        "| ratio | goal |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for q in ("p50", "p99"):
+        ratio = lat[f"{q}_ratio"]
+        lines.append(
+            f"| {q} | {lat['alone_s'][q] * 1e3:.0f} ms | {lat['loaded_s'][q] * 1e3:.0f} ms "
+            f"| {ratio:.2f}× | {_goal(ratio, LATENCY_GOAL, False)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 4 steps")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats")
+    parser.add_argument("--steps", type=int, default=24, help="greedy steps per session")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="server's")
+    parser.add_argument("--data", type=Path, default=DATA, help="JSONL file of real text")
+    parser.add_argument("--field", default="en", help="text field of --data")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.steps = 1, 4
+    started = time.perf_counter()
+    keys = [new_key() for _ in range(max(CLIENTS) + 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        keys_file = Path(tmp) / "keys"
+        keys_file.write_text("".join(f"{hash_key(k)} tenant-{i}\n" for i, k in enumerate(keys)))
+        flags = ["--api-keys-file", str(keys_file)]
+        with running_server(args.threads, Path(tmp) / "log", flags=flags) as url:
+            with PemaClient(url, api_key=keys[0]) as client:
+                folder = client.download_tokenizer(Path(tmp) / "tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            rows = max(max(CLIENTS), BIG_SESSION_ROWS)
+            prompts = token_windows(args.data, args.field, tokenizer, PROMPT_LEN, rows)
+            results: dict[str, Any] = {
+                "aggregate": bench_aggregate(url, keys, prompts, args.steps, args.repeats),
+                "latency": bench_latency(url, keys, prompts, 2 * args.steps, args.repeats),
+            }
+    results["machine"] = m = machine(args.threads)
+    results["wall_s"] = time.perf_counter() - started
+    print(
+        f"{m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}, {args.threads} server threads; "
+        f"{args.repeats} repeats, {args.steps} steps, {PROMPT_LEN}-token prompts; "
+        f"{results['wall_s']:.0f} s\n"
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
