@@ -7,7 +7,9 @@ import io
 import os
 import time
 import zipfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -35,6 +37,8 @@ from shared.protocol import (
 )
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+R = TypeVar("R")
 RETRY_STATUSES = (429, 503)
 Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
@@ -204,3 +208,31 @@ def _raise_for_error(response: httpx.Response) -> None:
     except ValueError:
         code, message = f"http_{response.status_code}", response.text[:500]
     raise ServerError(response.status_code, code, message)
+
+
+def pipelined(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    cost: Callable[[T], int],
+    window: int,
+    max_calls: int = 8,
+) -> Generator[R, None, None]:
+    """``fn(item)`` for each item, in order, with up to ``max_calls`` calls in flight and their
+    summed cost within ``window`` (at least one call), so a server has the next request queued
+    while it answers the last and while this process handles the answer. An error stops the
+    rest and is raised."""
+    pool = ThreadPoolExecutor(max_workers=max_calls, thread_name_prefix="pema-request")
+    pending: deque[tuple[Future[R], int]] = deque()
+    in_flight = 0
+    try:
+        for item in items:
+            while pending and (in_flight + cost(item) > window or len(pending) == max_calls):
+                future, spent = pending.popleft()
+                in_flight -= spent
+                yield future.result()
+            pending.append((pool.submit(fn, item), cost(item)))
+            in_flight += cost(item)
+        while pending:
+            yield pending.popleft()[0].result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -31,7 +31,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save
 
-from data_owner_client.client import PemaClient, ServerError
+from data_owner_client.client import PemaClient, ServerError, pipelined
 from data_owner_client.data import DataError, Example, dataset_hash, encode_prompt, encode_target
 from data_owner_client.data import source_length as count_source_tokens
 from data_owner_client.progress import progress_bar
@@ -55,6 +55,7 @@ VERSION: Final = 2
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 LOCK = ".lock"
+DEFAULT_PASS_TOKENS = 16384  # a server too old to say its max_batch_tokens
 SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
 Context = Literal["teacher", "generated"]
 Positions = Literal["targets", "all"]
@@ -557,6 +558,7 @@ class _Builder:
     context: Context
     dtype: HiddenDType
     batch_size: int
+    in_flight: int = 4  # requests at the server at once (1: one after another)
     advance: Callable[[int, int], None] = lambda pairs, tokens: None
 
     def encode(self, index: int) -> Encoded:
@@ -589,14 +591,22 @@ class _Builder:
     def shard(self, index: int, first: int, end: int) -> ShardInfo:
         """Compute the shard of examples ``[first, end)`` and write it as shard ``index``."""
         encoded = [self.encode(i) for i in range(first, end)]
+        parts = [
+            part
+            for lo in range(0, len(encoded), self.batch_size)
+            for part in _requests(encoded[lo : lo + self.batch_size], self.info)
+        ]
+        compute = self.teacher if self.context == "teacher" else self.generated
+        # Two of the server's passes in flight: one running, the next one queued behind it.
+        window = 2 * (self.info.limits.max_batch_tokens or DEFAULT_PASS_TOKENS)
+        calls = self.in_flight
+        if self.context == "generated":  # each call holds a session: stay inside the key's cap
+            calls = max(1, min(calls, self.info.limits.max_sessions_per_key // 4))
         keys: list[torch.Tensor] = []
-        for lo in range(0, len(encoded), self.batch_size):
-            batch = encoded[lo : lo + self.batch_size]
-            for part in _requests(batch, self.info):
-                keys.extend(
-                    self.teacher(part) if self.context == "teacher" else self.generated(part)
-                )
-                self.advance(sum(len(e.target) for e in part), sum(len(e.sequence) for e in part))
+        with closing(pipelined(compute, parts, _tokens, window, calls)) as answers:
+            for part, rows in zip(parts, answers, strict=True):
+                keys.extend(rows)
+                self.advance(sum(len(e.target) for e in part), _tokens(part))
         tokens = sum(e.source_tokens for e in encoded), sum(len(e.target) - 1 for e in encoded)
         all_keys, span = torch.cat(keys).to(DTYPES[self.dtype]), (first, end)
         if self.context != "teacher":
@@ -661,6 +671,10 @@ class _Builder:
             log.warning("could not close session %s: %s", session, exc)
 
 
+def _tokens(part: Sequence[Encoded]) -> int:
+    return sum(len(e.sequence) for e in part)
+
+
 def _top1(logits: Any) -> list[int]:
     """Each row's greedy token from a top-1 answer (values, indices)."""
     if not isinstance(logits, tuple):
@@ -696,22 +710,38 @@ def build_memory(
     shard_examples: int = 512,
     progress: bool = True,
     overwrite: bool = False,
+    requests_in_flight: int = 4,
 ) -> Memory:
     """Build (or finish) the external memory of ``examples`` in ``out_dir`` through the server.
 
     ``context="teacher"`` pairs each target token with the representation of the gold prefix;
     ``"generated"`` (the paper's variant) with that of the model's own greedy continuation.
+    Up to ``requests_in_flight`` requests are at the server at once, so it always has the next
+    one queued. The server may batch them with each other or with other clients' work, which
+    moves float rounding (≤ 1e-5): only a build of one request at a time against an otherwise
+    idle server is bit-reproducible.
     A directory holding a matching unfinished build is continued; one holding another build is
     refused unless ``overwrite``. An example without a target, or too long for the server, is a
     :class:`DataError` naming it: the build stops before any request rather than skip data.
     """
-    if batch_size < 1 or shard_examples < 1:
-        raise ValueError("batch_size and shard_examples must be at least 1")
+    if min(batch_size, shard_examples, requests_in_flight) < 1:
+        raise ValueError("batch_size, shard_examples and requests_in_flight must be at least 1")
     if not examples:
         raise DataError("no examples to build a memory from")
     info = client.model_info()
     out = Path(out_dir)
-    builder = _Builder(client, tokenizer, out, examples, template, info, context, dtype, batch_size)
+    builder = _Builder(
+        client,
+        tokenizer,
+        out,
+        examples,
+        template,
+        info,
+        context,
+        dtype,
+        batch_size,
+        requests_in_flight,
+    )
     pairs = [len(builder.encode(i).target) for i in range(len(examples))]  # validates all first
     fresh = _fresh_manifest(info, examples, template, context, dtype, shard_examples)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,7 @@ def model_info(runner: Backend, settings: Settings) -> ModelInfo:
             max_new_tokens=settings.max_new_tokens,
             max_sessions_per_key=settings.max_sessions_per_key,
             session_ttl_s=settings.session_ttl_s,
+            max_batch_tokens=settings.max_batch_tokens,
         ),
     )
 

@@ -97,6 +97,7 @@ class Limits(WireModel):
     max_new_tokens: int
     max_sessions_per_key: int
     session_ttl_s: float
+    max_batch_tokens: int | None = None  # padded tokens of one scheduled iteration (absent: old)
 
 
 class ModelInfo(WireModel):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,9 +50,15 @@ def make_examples(n: int, offset: int = 0) -> list[Example]:
 def build(
     client: PemaClient, tokenizer: Any, out: Path, examples: list[Example], **kw: Any
 ) -> Memory:
-    """A small float32 build: 2 examples per request, 3 per shard."""
+    """A small float32 build: 2 examples per request, 3 per shard, one request at a time (so
+    counted and failing calls are deterministic and the bytes reproducible)."""
     options: dict[str, Any] = dict(
-        template=TEMPLATE, dtype="float32", batch_size=2, shard_examples=3, progress=False
+        template=TEMPLATE,
+        dtype="float32",
+        batch_size=2,
+        shard_examples=3,
+        progress=False,
+        requests_in_flight=1,
     )
     return build_memory(client, tokenizer, examples, out, **{**options, **kw})
 
@@ -198,16 +206,56 @@ def test_generated_context_pairs_greedy_continuation_with_gold_tokens(
     assert not torch.allclose(keys, teacher, atol=1e-3)  # the contexts really differ
 
 
+@pytest.mark.parametrize("context", ["teacher", "generated"])
+def test_requests_in_flight_overlap_and_build_the_same_memory(
+    client, tokenizer, tmp_path, monkeypatch, context
+):
+    """With several requests in flight the server gets them together (they overlap) and the
+    memory equals the one-at-a-time build within float tolerance."""
+    examples = make_examples(9)
+    one = build(client, tokenizer, tmp_path / "one", examples, context=context).load_all()
+    name = "represent" if context == "teacher" else "open_session"
+    lock, live, peak = threading.Lock(), [0], [0]
+    call = getattr(client, name)
+
+    def overlapping(*args, **kwargs):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.05)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    monkeypatch.setattr(client, name, overlapping)
+    many = build(
+        client, tokenizer, tmp_path / "many", examples, context=context, requests_in_flight=4
+    ).load_all()
+    assert peak[0] > 1
+    torch.testing.assert_close(many[0], one[0], rtol=0, atol=1e-5)
+    assert torch.equal(many[1], one[1])
+
+
 def test_generated_build_closes_its_session_when_a_step_fails(
     client, tokenizer, tmp_path, monkeypatch
 ):
+    opened: list[str] = []
     closed: list[str] = []
-    close = client.close_session
+    close, open_session = client.close_session, client.open_session
+
+    def recording_open(*args, **kwargs):
+        answer = open_session(*args, **kwargs)
+        opened.append(answer[0])
+        return answer
+
+    monkeypatch.setattr(client, "open_session", recording_open)
     monkeypatch.setattr(client, "close_session", lambda sid: closed.append(sid) or close(sid))
     monkeypatch.setattr(client, "step", fail_after(1, client.step))
     with pytest.raises(Killed):
         build(client, tokenizer, tmp_path / "m", make_examples(4), context="generated")
-    assert len(closed) == 1
+    assert opened and sorted(closed) == sorted(opened)
 
 
 def test_example_without_target_or_too_long_is_refused_before_any_request(
