@@ -8,6 +8,9 @@
    steps of all sessions into shared passes; goal: ≥ 0.8× at N = 16.
 2. Step latency (p50, p99) of a 1-row client while another key decodes a 64-row session,
    against the same client alone; goal: ≤ 2×.
+3. Memory build: tokens/s of `build_memory` (teacher-forced, float16, the CLI's defaults) through
+   the server, against `ModelRunner.represent` of the same sequences in the same batches in this
+   process, answers cast to float16; goal: ≥ 0.8×.
 
 Runs are interleaved and repeated; ratios are medians of the ratios of adjacent pairs.
 """
@@ -28,16 +31,24 @@ from typing import Any
 import torch
 from bench_common import DATA, machine, running_server
 from bench_server import token_windows
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from data_owner_client.client import PemaClient
+from data_owner_client.data import Example, load_examples
+from data_owner_client.memory import Memory, build_memory
 from plm_owner_server.auth import hash_key, new_key
+from plm_owner_server.runner import ModelRunner
+from plm_owner_server.settings import Settings
 
 PROMPT_LEN = 64
 CLIENTS = (1, 4, 16)
 BIG_SESSION_ROWS = 64
+BUILD_EXAMPLES = 256
+BUILD_BATCH = 32  # examples per request: build_memory's default
 AGGREGATE_GOAL = 0.8
 LATENCY_GOAL = 2.0
+BUILD_GOAL = 0.8
 
 
 def decode(url: str, key: str, prompts: Sequence[list[int]], steps: int, ready: Any) -> list[float]:
@@ -117,7 +128,7 @@ def bench_latency(
             stop.set()
             background.result()
 
-    def pct(samples: list[float], q: float) -> float:
+    def pct(samples: list[float], q: int) -> float:
         return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
     return {
@@ -126,6 +137,52 @@ def bench_latency(
         "p50_ratio": pct(loaded, 50) / pct(alone, 50),
         "p99_ratio": pct(loaded, 99) / pct(alone, 99),
     }
+
+
+def memory_sequences(memory: Memory) -> list[list[int]]:
+    """The sequences a teacher-forced memory was built from (every position is stored)."""
+    out: list[list[int]] = []
+    for shard in memory.manifest.shards:
+        tensors = load_file(memory.path / shard.file)
+        tokens, offsets = tensors["tokens"].tolist(), tensors["offsets"].tolist()
+        out += [tokens[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+    return out
+
+
+def bench_build(
+    url: str, key: str, runner: ModelRunner, examples: list[Example], tmp: Path, repeats: int
+) -> dict[str, Any]:
+    """Memory-build tokens/s through the server against the same forward passes in process."""
+    tokenizer = runner.tokenizer
+    build, local = [], []
+    for r in range(repeats):
+        with PemaClient(url, api_key=key) as client:
+            start = time.perf_counter()
+            memory = build_memory(
+                client,
+                tokenizer,
+                examples,
+                tmp / f"memory-{r}",
+                template="translate",
+                progress=False,
+            )
+            build_s = time.perf_counter() - start
+        rows = memory_sequences(memory)
+        tokens = sum(map(len, rows))
+        start = time.perf_counter()
+        for lo in range(0, len(rows), BUILD_BATCH):
+            batch = rows[lo : lo + BUILD_BATCH]
+            [h.to(torch.float16) for h in runner.represent(batch, [0] * len(batch), 16384)]
+        local_s = time.perf_counter() - start
+        build.append(tokens / build_s)
+        local.append(tokens / local_s)
+    result = {
+        "build_tokens_s": statistics.median(build),
+        "in_process_tokens_s": statistics.median(local),
+        "ratio": statistics.median(b / i for b, i in zip(build, local, strict=True)),
+    }
+    print(f"  memory build: {result}", flush=True)
+    return result
 
 
 def _goal(value: float, goal: float, at_least: bool) -> str:
@@ -157,6 +214,15 @@ def table(results: dict[str, Any]) -> str:
             f"| {q} | {lat['alone_s'][q] * 1e3:.0f} ms | {lat['loaded_s'][q] * 1e3:.0f} ms "
             f"| {ratio:.2f}× | {_goal(ratio, LATENCY_GOAL, False)} |"
         )
+    b = results["build"]
+    lines += [
+        "",
+        f"| memory build, {BUILD_EXAMPLES} WMT22 pairs | in process (tokens/s) "
+        "| through the server (tokens/s) | ratio | goal |",
+        "|---|---:|---:|---:|---|",
+        f"| teacher-forced, float16 | {b['in_process_tokens_s']:.0f} | {b['build_tokens_s']:.0f} "
+        f"| {b['ratio']:.2f}× | {_goal(b['ratio'], BUILD_GOAL, True)} |",
+    ]
     return "\n".join(lines)
 
 
@@ -188,6 +254,10 @@ def main(argv: list[str] | None = None) -> None:
                 "aggregate": bench_aggregate(url, keys, prompts, args.steps, args.repeats),
                 "latency": bench_latency(url, keys, prompts, 2 * args.steps, args.repeats),
             }
+            torch.set_num_threads(args.threads)
+            runner = ModelRunner.load(Settings())
+            examples = load_examples(args.data, args.field, "du", limit=BUILD_EXAMPLES)
+            results["build"] = bench_build(url, keys[0], runner, examples, Path(tmp), args.repeats)
     results["machine"] = m = machine(args.threads)
     results["wall_s"] = time.perf_counter() - started
     print(

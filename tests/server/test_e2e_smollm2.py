@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +122,56 @@ def test_session_steps_equal_full_forward_and_greedy_decoding(client, reference_
     with pytest.raises(ServerError) as excinfo:
         client.step(session, [1, 1])
     assert excinfo.value.status == 404
+
+
+def _greedy_session(url: str, prompts: list[list[int]], steps: int, barrier: threading.Barrier):
+    """Decode greedily in a session of its own client, in step with the other threads; the
+    last row finishes after 3 steps. Returns each row's sequence and representations."""
+    with PemaClient(url) as client:
+        head = client.head()
+        session, hidden, _ = client.open_session(prompts)
+        seqs, reps = [list(p) for p in prompts], [[h] for h in hidden]
+        rows = list(range(len(prompts)))
+        for step in range(steps):
+            if step == 3 and len(rows) > 1:
+                rows = rows[:-1]
+            with torch.no_grad():
+                tokens = head(torch.stack([reps[r][-1] for r in rows])).argmax(-1).tolist()
+            for r, token in zip(rows, tokens, strict=True):
+                seqs[r].append(token)
+            barrier.wait(timeout=60)  # every client steps at once: they share passes
+            hidden, _ = client.step(session, tokens, rows=rows)
+            for r, h in zip(rows, hidden, strict=True):
+                reps[r].append(h)
+        client.close_session(session)
+    return seqs, reps
+
+
+def test_concurrent_sessions_share_passes_and_equal_the_full_forward(
+    server_url, client, reference_model
+):
+    """Three clients with prompts of different lengths decode at once, rows finishing at
+    different steps: the server steps them in shared passes, and every representation equals a
+    plain forward of that row alone."""
+    model, tokenizer = reference_model
+    sessions = [tokenizer(TEXTS[:2]).input_ids, tokenizer(TEXTS[1:2]).input_ids]
+    sessions.append(tokenizer(TEXTS[2:] + TEXTS[:1]).input_ids)
+    barrier = threading.Barrier(len(sessions))
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        futures = [pool.submit(_greedy_session, server_url, p, 8, barrier) for p in sessions]
+        results = [f.result() for f in futures]
+    for seqs, reps in results:
+        for seq, got in zip(seqs, reps, strict=True):
+            ref_hidden, _ = _reference(model, seq)
+            _close(torch.stack(got), ref_hidden[-len(got) :], rel=1e-5)
+    metrics = httpx.get(f"{server_url}/metrics").text
+    count = _metric(metrics, 'pema_pass_requests_count{kind="step"}')
+    total = _metric(metrics, 'pema_pass_requests_sum{kind="step"}')
+    assert total > count  # some step passes served several sessions
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
 
 
 def test_pema_client_at_lambda_zero_decodes_as_transformers_greedy(
