@@ -24,7 +24,7 @@ class Metrics:
             "pema_key_tokens", "Tokens served per API key", ["key"], registry=r
         )
         self.queue_depth = Gauge(
-            "pema_queue_depth", "Requests waiting for the model, by kind", ["kind"], registry=r
+            "pema_queue_depth", "Requests queued or in a model pass, by kind", ["kind"], registry=r
         )
         self.pass_jobs = Histogram(
             "pema_pass_requests",

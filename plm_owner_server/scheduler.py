@@ -114,8 +114,8 @@ class Scheduler:
                         await self._run(kind, works)
 
     async def _run(self, kind: Kind, works: list[Work]) -> None:
-        self._observe(kind, works)
         try:
+            self._observe(kind, works)
             results = await self._execute(kind, [w.job for w in works])
         except Exception as exc:  # delivered to every waiting caller, who maps it to a response
             results = [exc] * len(works)
