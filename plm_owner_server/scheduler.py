@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from typing import Any, Literal
 
 Kind = Literal["step", "open", "represent"]
 KINDS: tuple[Kind, ...] = ("step", "open", "represent")  # the order passes run in
+
+LINGER_SHARE = 0.25  # of the last step pass's time, waited for its sessions' next steps
+LINGER_MAX_S = 0.05
 
 # Runs one kind's jobs on the model; one result (or the exception to raise) per job.
 Execute = Callable[[Kind, Sequence[Any]], Awaitable[Sequence[Any]]]
@@ -44,6 +48,8 @@ class Scheduler:
     ) -> None:
         self._execute, self._budget, self._observe = execute, budget, observe
         self._queues: OrderedDict[str, deque[Work]] = OrderedDict()
+        self._stepped: set[str] = set()  # the sessions of the last step pass
+        self._linger = 0.0  # seconds to wait for them, from that pass's time
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -107,18 +113,35 @@ class Scheduler:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queues:
+                await self._linger_for_stepped()
                 batch = self.take()
                 for kind in KINDS:
                     works = [w for w in batch if w.kind == kind]
                     if works:
                         await self._run(kind, works)
 
+    async def _linger_for_stepped(self) -> None:
+        """Wait (briefly) until every session of the last step pass has its next step queued."""
+        deadline = time.monotonic() + self._linger
+        while self._stepped - {w.session for q in self._queues.values() for w in q}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), left)
+        self._stepped = set()
+
     async def _run(self, kind: Kind, works: list[Work]) -> None:
+        started = time.monotonic()
         try:
             self._observe(kind, works)
             results = await self._execute(kind, [w.job for w in works])
         except Exception as exc:  # delivered to every waiting caller, who maps it to a response
             results = [exc] * len(works)
+        if kind == "step":
+            self._stepped = {w.session for w in works if w.session is not None}
+            self._linger = min(LINGER_SHARE * (time.monotonic() - started), LINGER_MAX_S)
         for work, result in zip(works, results, strict=True):
             if work.future.done():
                 continue

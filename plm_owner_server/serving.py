@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -135,6 +136,26 @@ def check_logits(mode: LogitsMode, positions: int, runner: Backend, settings: Se
         )
 
 
+@torch.inference_mode()
+def logits_of(
+    backend: Backend, hidden: Sequence[torch.Tensor], modes: Sequence[LogitsMode]
+) -> list[Logits | None]:
+    """Each part's logits in its mode, with one head pass per distinct mode: the head's weights
+    (V × d, the largest matrix read per step) are read once per pass, not once per request."""
+    out: list[Logits | None] = [None] * len(hidden)
+    for mode in set(modes) - {"none"}:
+        picked = [i for i, m in enumerate(modes) if m == mode]
+        sizes = [len(hidden[i]) for i in picked]
+        logits = backend.logits(torch.cat([hidden[i] for i in picked]), mode)
+        if isinstance(logits, tuple):
+            parts: Sequence[Logits] = list(zip(*(t.split(sizes) for t in logits), strict=True))
+        else:
+            parts = logits.split(sizes)
+        for i, part in zip(picked, parts, strict=True):
+            out[i] = part
+    return out
+
+
 def encode_hidden(hidden: torch.Tensor, dtype: HiddenDType) -> WireTensor:
     return encode_tensor(hidden.to(TORCH_DTYPES[dtype]))
 
@@ -175,28 +196,21 @@ class Representer:
         hidden = self.backend.represent(rows, starts, self.settings.max_batch_tokens)
         self.metrics.pass_rows.labels("represent").observe(len(rows))
         self.metrics.tokens.inc(sum(map(len, rows)))
-        responses, first = [], 0
+        per_request, first = [], 0
         for r in requests:
-            parts = hidden[first : first + len(r.sequences)]
+            per_request.append(hidden[first : first + len(r.sequences)])
             first += len(r.sequences)
-            responses.append(self._respond(r, parts))
-        return responses
-
-    @torch.inference_mode()
-    def _respond(
-        self, request: RepresentRequest, parts: Sequence[torch.Tensor]
-    ) -> RepresentResponse:
-        hidden = torch.cat(list(parts))
-        offsets = [0]
-        for part in parts:
-            offsets.append(offsets[-1] + len(part))
-        logits = None if request.logits == "none" else self.backend.logits(hidden, request.logits)
-        return RepresentResponse(
-            hidden=encode_hidden(hidden, request.dtype),
-            offsets=offsets,
-            logits=encode_logits(logits, request.dtype),
-            fingerprint=self.backend.fingerprint,
-        )
+        joined = [torch.cat(parts) for parts in per_request]
+        logits = logits_of(self.backend, joined, [r.logits for r in requests])
+        return [
+            RepresentResponse(
+                hidden=encode_hidden(h, r.dtype),
+                offsets=[0, *itertools.accumulate(len(part) for part in parts)],
+                logits=encode_logits(lg, r.dtype),
+                fingerprint=self.backend.fingerprint,
+            )
+            for r, parts, h, lg in zip(requests, per_request, joined, logits, strict=True)
+        ]
 
 
 class SessionService:
@@ -252,7 +266,9 @@ class SessionService:
         prompts = [jobs[i][1].sequences for i in admitted]
         opened = self.backend.open_sessions(prompts) if admitted else []
         self.metrics.pass_rows.labels("open").observe(sum(map(len, prompts)))
-        for i, (state, hidden) in zip(admitted, opened, strict=True):
+        modes = [jobs[i][1].logits for i in admitted]
+        logits = logits_of(self.backend, [hidden for _, hidden in opened], modes)
+        for i, (state, hidden), lg in zip(admitted, opened, logits, strict=True):
             owner, request = jobs[i]
             width = max(map(len, request.sequences))
             session = Session(owner, state, request.dtype, prompt_len=width)
@@ -265,7 +281,7 @@ class SessionService:
             results[i] = SessionOpenResponse(
                 session_id=session.id,
                 hidden=encode_hidden(hidden, request.dtype),
-                logits=encode_logits(self._logits(hidden, request.logits), request.dtype),
+                logits=encode_logits(lg, request.dtype),
                 fingerprint=self.backend.fingerprint,
             )
         return [results[i] for i in range(len(jobs))]
@@ -299,8 +315,8 @@ class SessionService:
         batch = [(session.state, rows, jobs[i][2].tokens) for i, session, rows in steps]
         hidden = self.backend.step_sessions(batch) if batch else []
         self.metrics.pass_rows.labels("step").observe(sum(len(rows) for _, _, rows in steps))
-        for (i, session, rows), h in zip(steps, hidden, strict=True):
-            request = jobs[i][2]
+        logits = logits_of(self.backend, hidden, [jobs[i][2].logits for i, _, _ in steps])
+        for (i, session, rows), h, lg in zip(steps, hidden, logits, strict=True):
             session.steps += 1
             self.metrics.tokens.inc(len(rows))
             try:
@@ -311,7 +327,7 @@ class SessionService:
                 continue
             results[i] = SessionStepResponse(
                 hidden=encode_hidden(h, session.dtype),
-                logits=encode_logits(self._logits(h, request.logits), session.dtype),
+                logits=encode_logits(lg, session.dtype),
             )
         return [results[i] for i in range(len(jobs))]
 
@@ -344,9 +360,6 @@ class SessionService:
                 "context_full",
                 f"this session filled the model's context of {self.backend.max_positions} tokens",
             )
-
-    def _logits(self, hidden: torch.Tensor, mode: LogitsMode) -> Logits | None:
-        return None if mode == "none" else self.backend.logits(hidden, mode)
 
     async def close(self, owner: str, session_id: str) -> None:
         await self.work.thread.run(self.store.remove, session_id, owner)

@@ -153,7 +153,7 @@ def test_steps_of_different_keys_share_passes_and_answer_as_alone(runner, tmp_pa
     keys = write_keys(tmp_path / "keys", *((k, "") for k in KEYS))
     app = create_app(Settings(api_keys_file=keys), runner=runner)
     together, alone, passes = asyncio.run(decode_together_then_alone(app, gated))
-    assert passes[:2] == [1, len(KEYS) - 1]  # the held step, then the two queued ones together
+    assert passes[0] == 1 and passes[1] >= len(KEYS) - 1  # the held step, then the queued ones
     for session_together, session_alone in zip(together, alone, strict=True):
         for got, want in zip(session_together, session_alone, strict=True):
             torch.testing.assert_close(
