@@ -325,3 +325,30 @@ def test_a_caller_cancelled_while_its_pass_runs_harms_nobody():
 
     seen = asyncio.run(with_scheduler(10, scenario)).seen
     assert seen == [["first", "mate"], ["later"]]
+
+
+def test_sessions_of_the_last_step_pass_get_a_moment_to_join_the_next():
+    """Two clients decoding together answer a few ms apart: the scheduler waits briefly for the
+    late one, so their steps keep sharing passes instead of drifting apart."""
+    seen: list[list[str]] = []
+
+    async def execute(kind: Kind, jobs: Sequence[str]) -> list[str]:
+        seen.append(list(jobs))
+        await asyncio.sleep(0.08)  # a step pass of 80 ms: the linger is 20 ms
+        return list(jobs)
+
+    async def client(scheduler: Scheduler, session: str, delay: float) -> None:
+        for step in range(3):
+            await scheduler.submit(session, "step", f"{session}{step}", 1, session)
+            await asyncio.sleep(delay)
+
+    async def scenario() -> None:
+        scheduler = Scheduler(execute, budget=10)
+        scheduler.start()
+        try:
+            await asyncio.gather(client(scheduler, "a", 0), client(scheduler, "b", 0.008))
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(scenario())
+    assert seen == [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
