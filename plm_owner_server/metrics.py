@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class Metrics:
@@ -55,17 +55,30 @@ class Metrics:
 
     def install(self, app: FastAPI) -> None:
         """Count and time every request by its route template (not its raw path)."""
+        app.add_middleware(_Observe, metrics=self)
 
-        @app.middleware("http")
-        async def _observe(
-            request: Request, call_next: Callable[[Request], Awaitable[Response]]
-        ) -> Response:
-            start, status = time.perf_counter(), 500  # an unhandled error passes through here
-            try:
-                response = await call_next(request)
-                status = response.status_code
-                return response
-            finally:
-                route = getattr(request.scope.get("route"), "path", "unmatched")
-                self.requests.labels(request.method, route, str(status)).inc()
-                self.latency.labels(route).observe(time.perf_counter() - start)
+
+class _Observe:
+    """Pure ASGI middleware (no per-request task and body streaming, unlike ``@middleware``)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500  # an unhandled error passes through here
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
