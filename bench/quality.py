@@ -66,6 +66,7 @@ KNN = ("--knn-k", "64", "--knn-temperature", "10", "--lambda-max", "0.25")
 RESIDUAL = ("--adapter-kind", "residual", "--rank", "64", "--alpha", "64", "--stage2-epochs", "4")
 SEQUENCE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")  # with the copy pointer
 RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.5  # constant λ of each kind's main run
+NO_REPEAT_4 = ("--no-repeat-ngram", "4")
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
 
@@ -119,8 +120,10 @@ class Run:
     @property
     def predictions_key(self) -> str:
         """Names the outputs: runs with the same adapter and decoding share them (greedy)."""
-        if self.method in ("plm", "lora"):
+        if self.method == "lora" or (self.method == "plm" and not self.decode):
             return self.method
+        if self.method == "plm":
+            return "_".join(["plm", *(a.lstrip("-") for a in self.decode)])
         return "_".join([self.method, self.adapter_key, *(a.lstrip("-") for a in self.decode)])
 
 
@@ -192,8 +195,9 @@ def ablation_runs() -> list[Run]:
 
 
 def kind_ablation_runs() -> list[Run]:
-    """The residual and sequence kinds: mixing weight and schedule, then their own settings."""
-    runs = []
+    """The residual and sequence kinds: mixing weight, schedule and the repetition guard, then
+    their own settings; and the PLM alone with the guard."""
+    runs = [Run("plm-no-repeat-4", "plm", "PLM alone", "no repeated 4-gram", (), NO_REPEAT_4)]
     for kind, flags in (("residual", RESIDUAL), ("sequence", SEQUENCE)):
         group = f"{kind}: λ"
         for lam in (0.3, 0.5, 0.7, 1.0):
@@ -202,6 +206,11 @@ def kind_ablation_runs() -> list[Run]:
             )
         gu = ("--lambda-max", "0.9", "--schedule", "quadratic")
         runs.append(Run(f"{kind}-gu-0.9", "pema", group, "GU 0.9", flags, gu))
+        lam = RESIDUAL_LAMBDA if kind == "residual" else SEQUENCE_LAMBDA
+        for n in (3, 4):
+            guard = (*constant(lam), "--no-repeat-ngram", str(n))
+            setting = f"no repeated {n}-gram"
+            runs.append(Run(f"{kind}-no-repeat-{n}", "pema", group, setting, flags, guard))
     decode = constant(RESIDUAL_LAMBDA)
     for name, setting, extra in (
         ("residual-rank-256", "rank 256", ("--rank", "256", "--alpha", "256")),
@@ -344,7 +353,7 @@ class Bench:
             "generation": generation_speed(records),
             "training": cost,
         }
-        if run.method != "plm":
+        if run.method != "plm" or run.decode:
             plm = [r["prediction"] for r in self.generate(task, PLM)]
             result["versus_plm"] = paired_bootstrap(plm, predictions, references)
         path.parent.mkdir(parents=True, exist_ok=True)

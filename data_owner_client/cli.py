@@ -265,6 +265,7 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         ("top_k", "when sampling, only the k most likely tokens (0: all)"),
         ("top_p", "when sampling, only the smallest set holding this probability"),
         ("seed", "seeds sampling"),
+        ("no_repeat_ngram", "never repeat an n-gram of an output, e.g. 4 (0: off)"),
         ("batch_size", "inputs decoded together in one server session"),
         ("device", "where the head and adapter run: auto (cuda, mps, cpu) or a torch device"),
     ):
@@ -565,6 +566,7 @@ def _decoder(
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        no_repeat_ngram=args.no_repeat_ngram,
         stop=tuple(stop.replace("\\n", "\n") for stop in args.stop),
         batch_size=args.batch_size,
         hidden_dtype=args.hidden_dtype,

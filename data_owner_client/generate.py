@@ -12,6 +12,7 @@ exactly the PLM's own decoding.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class GenerationConfig:
     top_k: int = 0  # sample among the k most likely tokens (0: all)
     top_p: float = 1.0  # sample from the smallest set holding this much probability
     seed: int = 0  # seeds sampling
+    no_repeat_ngram: int = 0  # never repeat an n-gram of a row's output (0: off)
     stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
     batch_size: int = 8  # rows decoded together in one server session
     hidden_dtype: HiddenDType = "float32"  # representations on the wire
@@ -57,6 +59,8 @@ class GenerationConfig:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be 0 (off) or more, got {self.no_repeat_ngram}")
         if self.gu_horizon is not None and self.gu_horizon <= 0:
             raise ValueError(f"the GU horizon must be positive, got {self.gu_horizon}")
         if any(not s for s in self.stop):
@@ -238,7 +242,8 @@ class Generator:
             for step in range(self.max_new_tokens):
                 # Each live row's next token from its mixed distribution.
                 horizons = torch.tensor([rows[b].horizon for b in live], device=self.device)
-                tokens = self.next_tokens(hidden, step, horizons, adapted)
+                history = [rows[b].tokens for b in live]
+                tokens = self.next_tokens(hidden, step, horizons, adapted, history)
                 for b, token in zip(live, tokens, strict=True):
                     self._append(rows[b], token, started)
                 # Only rows still alive advance; the server drops the others from its cache.
@@ -281,9 +286,11 @@ class Generator:
         step: int,
         horizons: torch.Tensor,
         adapted: torch.Tensor | None = None,
+        history: Sequence[Sequence[int]] | None = None,
     ) -> list[int]:
         """The next token of each row from its representation ``[B, d]`` at step ``step``
-        (``adapted``: the adapter's outputs for them, when it needs more than ``hidden``)."""
+        (``adapted``: the adapter's outputs for them, when it needs more than ``hidden``;
+        ``history``: each row's output so far, for ``no_repeat_ngram``)."""
         x = hidden.to(self.device, torch.float32)
         m = self.mixing
         lam = gu_lambdas(step, horizons, m.lambda_max, m.lambda_min, m.schedule)
@@ -304,6 +311,10 @@ class Generator:
             assert self.knn is not None, "λ > 0 needs an adapter or a kNN-LM (Mixing.resolve)"
             lp_lm = F.log_softmax(self.head(x), dim=-1)
             log_probs = mix_log_probs(lp_lm, self.knn.log_probs(x), lam)
+        if self.config.no_repeat_ngram and history is not None:
+            for b, tokens in enumerate(history):
+                if banned := repeated_ngram_ends(tokens, self.config.no_repeat_ngram):
+                    log_probs[b, banned] = -math.inf
         return self._pick(log_probs).tolist()
 
     def _pick(self, log_probs: torch.Tensor) -> torch.Tensor:
@@ -352,6 +363,19 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
         drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def repeated_ngram_ends(tokens: Sequence[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram already in ``tokens`` (as transformers'
+    ``no_repeat_ngram_size``, over the output only: copying from the prompt stays allowed)."""
+    if len(tokens) < n - 1:
+        return []
+    prefix = list(tokens[len(tokens) - n + 1 :]) if n > 1 else []
+    return [
+        tokens[i + n - 1]
+        for i in range(len(tokens) - n + 1)
+        if list(tokens[i : i + n - 1]) == prefix
+    ]
 
 
 def _stop_index(text: str, stops: Iterable[str]) -> int | None:

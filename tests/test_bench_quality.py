@@ -34,7 +34,14 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     assert ablations["residual-lambda-0.5"].predictions_key == main["residual"].predictions_key
     assert ablations["sequence-lambda-0.5"].predictions_key == main["sequence"].predictions_key
     assert ablations["sequence-lambda-1"].adapter_key == main["sequence"].adapter_key
-    assert len({ablations[name].adapter_key for name in kinds}) == 2 + 2 + 6
+    # The PLM run trains nothing (key "all"); two main adapters, two residual and six sequence
+    # settings.
+    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 2 + 2 + 6
+    # The repetition guard only changes decoding: the main adapter, other outputs.
+    guarded = ablations["sequence-no-repeat-4"]
+    assert guarded.adapter_key == main["sequence"].adapter_key
+    assert guarded.predictions_key != main["sequence"].predictions_key
+    assert ablations["plm-no-repeat-4"].predictions_key != quality.PLM.predictions_key
 
 
 def test_generation_speed_counts_each_batch_at_its_slowest_row():

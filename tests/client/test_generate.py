@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, build_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.data import Example
-from data_owner_client.generate import GenerationConfig, Generator, filter_top_k_top_p
+from data_owner_client.generate import (
+    GenerationConfig,
+    Generator,
+    filter_top_k_top_p,
+    repeated_ngram_ends,
+)
 from data_owner_client.residual import ResidualAdapter
 from data_owner_client.sequence import SequenceAdapter
 from data_owner_client.served_model import ServedModel
@@ -234,3 +239,42 @@ def test_every_kind_decodes_as_its_mixture_over_the_whole_sequence(served_client
             z = adapter(x) if kind == "residual" else adapter(x[None], torch.tensor([sequence]))[0]
             p = 0.3 * F.softmax(head(x), -1) + 0.7 * F.softmax(head.project(z), -1)
         assert p[len(prompt) - 1 :].argmax(-1).tolist() == output.token_ids
+
+
+def test_repeated_ngram_ends():
+    assert repeated_ngram_ends([1, 2, 3, 1, 2], 3) == [3]
+    assert repeated_ngram_ends([1, 2, 3, 1, 2], 2) == [3]
+    assert repeated_ngram_ends([5, 2, 5, 7, 5], 2) == [2, 7]
+    assert repeated_ngram_ends([4, 4, 6], 1) == [4, 4, 6]
+    assert repeated_ngram_ends([1, 2], 4) == []
+    assert repeated_ngram_ends([], 1) == []
+
+
+def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def test_no_repeat_ngram_stops_loops_and_changes_nothing_before(served_client):
+    """Greedy decoding of the tiny model loops; with no_repeat_ngram=3 no 3-gram of an output
+    repeats, and each output equals plain greedy up to where that would repeat one."""
+    runner, client, served = served_client
+    plain = GenerationConfig(max_new_tokens=40, lambda_max=0.0)
+    free = generated_tokens(Generator(client, served, plain, TEMPLATE), PROMPTS)
+    guarded = dataclasses.replace(plain, no_repeat_ngram=3)
+    outputs = generated_tokens(Generator(client, served, guarded, TEMPLATE), PROMPTS)
+    looped = 0
+    for loose, tight in zip(free, outputs, strict=True):
+        grams = ngrams(tight, 3)
+        assert len(grams) == len(set(grams))
+        first_repeat = next(
+            (i + 3 for i, g in enumerate(ngrams(loose, 3)) if g in ngrams(loose, 3)[:i]),
+            len(loose),
+        )
+        looped += first_repeat < len(loose)
+        assert tight[: first_repeat - 1] == loose[: first_repeat - 1]
+    assert looped  # the check had loops to stop
+
+
+def test_no_repeat_ngram_must_not_be_negative():
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        GenerationConfig(no_repeat_ngram=-1)
