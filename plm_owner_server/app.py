@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from plm_owner_server import openapi
 from plm_owner_server.api_router import public, router
 from plm_owner_server.auth import ApiKeys
 from plm_owner_server.errors import install_error_handlers
@@ -66,4 +67,5 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     app.include_router(router)
     app.include_router(public)
     metrics.install(app)
+    openapi.install(app)
     return app

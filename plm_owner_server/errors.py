@@ -46,7 +46,11 @@ def invalid(exc: ValidationError | RequestValidationError) -> ApiError:
     )
     where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5])
     detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
-    return ApiError(422, "invalid_request", f"invalid request: {where}", detail)
+    # Errors on the body as a whole break a rule between fields (rows and tokens of different
+    # lengths, a start outside its sequence) that a JSON schema cannot state.
+    whole = all(not e["loc"] and e["type"] == "value_error" for e in errors)
+    code = "inconsistent_request" if whole else "invalid_request"
+    return ApiError(422, code, f"invalid request: {where}", detail)
 
 
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}

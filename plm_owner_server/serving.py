@@ -126,7 +126,14 @@ def check_token_ids(ids: Sequence[int], runner: Backend, where: str) -> None:
 def check_logits(mode: LogitsMode, positions: int, runner: Backend, settings: Settings) -> None:
     if mode == "none":
         return
-    per_position = runner.vocab_size if mode == "full" else min(mode, runner.vocab_size)
+    if mode != "full" and mode > runner.vocab_size:
+        raise ApiError(
+            422,
+            "logits_out_of_range",
+            f"top-{mode} logits asked of a vocabulary of {runner.vocab_size}; ask for k ≤ "
+            f"{runner.vocab_size}, or 'full'",
+        )
+    per_position = runner.vocab_size if mode == "full" else mode
     if positions * per_position > settings.max_logits_values:
         raise ApiError(
             413,
@@ -335,7 +342,7 @@ class SessionService:
         if len(rows) != len(tokens):
             raise ApiError(
                 422,
-                "invalid_request",
+                "inconsistent_request",
                 f"{len(tokens)} tokens for {len(rows)} live rows; send one token per row, "
                 "or list the rows",
             )

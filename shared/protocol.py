@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
-    PositiveInt,
     field_serializer,
     model_validator,
 )
@@ -25,11 +25,23 @@ MSGPACK = "application/x-msgpack"
 
 WireDType = Literal["float32", "float16", "bfloat16", "int32"]
 HiddenDType = Literal["float32", "float16", "bfloat16"]
+
+
+def _integer(value: Any) -> Any:
+    """An integer as JSON Schema means it: ``7`` or ``7.0``, never ``true`` or ``"7"`` (which
+    pydantic's lax mode would turn into 1 and 7)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    return value
+
+
+Index = Annotated[int, Field(ge=0), BeforeValidator(_integer)]  # a token id, position or row
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
 # "none", "full" (all V logits per position) or k > 0 (top-k values and indices per position).
-LogitsMode = Literal["none", "full"] | PositiveInt
+LogitsMode = Literal["none", "full"] | Count
 
 ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}
-TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+TokenIds = Annotated[list[Index], Field(min_length=1)]
 
 
 class WireModel(BaseModel):
@@ -141,7 +153,7 @@ class RepresentRequest(WireModel):
     """Representations of positions ``start[b] .. len-1`` of every sequence."""
 
     sequences: Annotated[list[TokenIds], Field(min_length=1)]
-    start: list[NonNegativeInt] | None = None
+    start: list[Index] | None = None
     dtype: HiddenDType = "float32"
     logits: LogitsMode = "none"
 
@@ -181,8 +193,8 @@ class SessionOpenResponse(WireModel):
 class SessionStepRequest(WireModel):
     """One token for each listed row; a row left out is finished and its cache is freed."""
 
-    tokens: Annotated[list[NonNegativeInt], Field(min_length=1)]
-    rows: list[NonNegativeInt] | None = None
+    tokens: TokenIds
+    rows: list[Index] | None = None
     logits: LogitsMode = "none"
 
     @model_validator(mode="after")
