@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
 from plm_owner_server import openapi
+from plm_owner_server.access import RequestIds
 from plm_owner_server.api_router import public, router
 from plm_owner_server.auth import ApiKeys
 from plm_owner_server.errors import install_error_handlers
@@ -32,10 +34,31 @@ async def _expire_sessions(state: AppState) -> None:
             log.exception("expiring idle sessions failed; trying again later")
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def api_keys(config: Settings) -> ApiKeys:
+    """The keys file's keys; refuses a bad file, or no keys on a non-loopback address."""
+    keys = ApiKeys.from_file(config.api_keys_file)
+    if keys.open and not config.insecure_no_auth and not is_loopback(config.host):
+        raise ValueError(
+            f"refusing to serve {config.host} without API keys: anyone who reaches it could use "
+            "the model. Make keys with `pema-server hash-key --name NAME >> keys.txt` and pass "
+            "--api-keys-file keys.txt, or bind 127.0.0.1, or pass --insecure-no-auth"
+        )
+    return keys
+
+
 def create_app(settings: Settings | None = None, runner: ModelRunner | None = None) -> FastAPI:
     """The server app; tests pass a runner over a tiny model."""
     config = settings or Settings()
-    keys = ApiKeys.from_file(config.api_keys_file)  # a bad keys file fails here, before loading
+    keys = api_keys(config)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -67,5 +90,6 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     app.include_router(router)
     app.include_router(public)
     metrics.install(app)
+    app.add_middleware(RequestIds)  # outermost: its id is set before anything else runs
     openapi.install(app)
     return app

@@ -7,6 +7,7 @@ comment. Make a line with ``pema-server hash-key``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from pathlib import Path
 
@@ -84,7 +85,10 @@ class ApiKeys:
                 "missing API key; send the header 'Authorization: Bearer <key>'",
                 headers=CHALLENGE,
             )
-        owner = self._owners.get(hash_key(key.strip()))
+        digest, owner = hash_key(key.strip()), None
+        for stored, name in self._owners.items():  # every entry, in constant time each
+            if hmac.compare_digest(stored, digest):
+                owner = name
         if owner is None:
             raise ApiError(
                 401,

@@ -75,9 +75,10 @@ def _prepare(settings: Settings) -> None:
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from plm_owner_server.app import create_app
+    from plm_owner_server.app import api_keys, create_app
     from plm_owner_server.runner import ModelRunner
 
+    api_keys(settings)  # a bad keys file, or none where one is needed, fails before loading
     # Loaded before uvicorn starts, so a bad model name is one clear line, not a lifespan trace.
     runner = ModelRunner.load(settings)
     uvicorn.run(
@@ -85,6 +86,9 @@ def _serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=False,  # plm_owner_server.access logs each request, with its id
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
         timeout_graceful_shutdown=10,
     )
 

@@ -32,9 +32,15 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(code=code, message=message, detail=detail))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+def error_response(
+    request: Request, status: int, code: str, message: str, detail: Any = None
+) -> JSONResponse:
+    request_id = request.scope.get("state", {}).get("request_id")
+    info = ErrorInfo(code=code, message=message, detail=detail, request_id=request_id)
+    response = JSONResponse(ErrorResponse(error=info).model_dump(mode="json"), status_code=status)
+    if request_id is not None:  # also on a 500, which bypasses the request-id middleware
+        response.headers["x-request-id"] = request_id
+    return response
 
 
 def invalid(exc: ValidationError | RequestValidationError) -> ApiError:
@@ -59,23 +65,25 @@ _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        response = error_response(exc.status, exc.code, exc.message, exc.detail)
+        response = error_response(request, exc.status, exc.code, exc.message, exc.detail)
         response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = invalid(exc)
-        return error_response(err.status, err.code, err.message, err.detail)
+        return error_response(request, err.status, err.code, err.message, err.detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        response = error_response(exc.status_code, code, str(exc.detail))
+        response = error_response(request, exc.status_code, code, str(exc.detail))
         response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
         return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error; see the server log")
+        return error_response(
+            request, 500, "internal_error", "internal server error; see the server log"
+        )

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     api_keys_file: Path | None = Field(None, description="file of hashed API keys; none: open")
+    insecure_no_auth: bool = Field(
+        False, description="serve without API keys on a non-loopback address (refused otherwise)"
+    )
+    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); with ssl_keyfile")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
     share_head: bool = Field(True, description="serve the output head on /v1/head")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="embedded-model cache")
     max_batch_tokens: int = Field(
@@ -47,7 +52,7 @@ class Settings(BaseSettings):
     max_kv_cache_mib: int = Field(4096, gt=0, description="KV-cache memory of all sessions (MiB)")
     log_level: str = Field("info", description="uvicorn log level")
 
-    @field_validator("api_keys_file", mode="before")
+    @field_validator("api_keys_file", "ssl_certfile", "ssl_keyfile", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # PEMA_API_KEYS_FILE= (set but empty) means no keys, not the current directory.

@@ -87,6 +87,7 @@ class ErrorInfo(WireModel):
     code: str
     message: str
     detail: Any = None
+    request_id: str | None = None  # also in the X-Request-ID header and the server's log line
 
 
 class ErrorResponse(WireModel):

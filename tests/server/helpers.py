@@ -35,7 +35,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> ErrorInfo:
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message", "detail"}, body
+    assert set(body["error"]) == {"code", "message", "detail", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     error = ErrorResponse.model_validate(body).error
     assert error.code == code, error
     assert error.message.strip(), error
