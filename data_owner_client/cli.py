@@ -267,6 +267,7 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         ("seed", "seeds sampling"),
         ("no_repeat_ngram", "never repeat an n-gram of an output, e.g. 4 (0: off)"),
         ("batch_size", "inputs decoded together in one server session"),
+        ("reconnect_s", "seconds to wait for a server that went away mid-decode"),
         ("device", "where the head and adapter run: auto (cuda, mps, cpu) or a torch device"),
     ):
         _config_flag(decoding, GenerationConfig, name, help)
@@ -570,6 +571,7 @@ def _decoder(
         stop=tuple(stop.replace("\\n", "\n") for stop in args.stop),
         batch_size=args.batch_size,
         hidden_dtype=args.hidden_dtype,
+        reconnect_s=args.reconnect_s,
         device=args.device,
     )
     return served, config, template, adapter, adapter_config

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,7 @@ from data_owner_client.train import resolve_device
 from shared.protocol import HiddenDType
 
 log = logging.getLogger(__name__)
+RECONNECT_POLL_S = 0.5  # between health checks while the server is away
 
 
 @dataclass
@@ -52,6 +54,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
     batch_size: int = 8  # rows decoded together in one server session
     hidden_dtype: HiddenDType = "float32"  # representations on the wire
+    reconnect_s: float = 120.0  # how long to wait for a server that went away mid-decode
     device: str = "auto"  # where the head and adapter run: auto (cuda, mps, cpu) or a name
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class GenerationConfig:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.reconnect_s < 0:
+            raise ValueError(f"reconnect_s must be 0 or more, got {self.reconnect_s}")
         if self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be 0 (off) or more, got {self.no_repeat_ngram}")
         if self.gu_horizon is not None and self.gu_horizon <= 0:
@@ -236,6 +241,7 @@ class Generator:
         session, hidden, _ = self.client.open_session(
             [r.prompt for r in rows], dtype=self.config.hidden_dtype
         )
+        slots = list(range(len(rows)))  # each row's row id in the server's session
         try:
             cache, adapted = self._start_sequence(rows)
             live = list(range(len(rows)))
@@ -251,7 +257,15 @@ class Generator:
                 if not live:
                     break
                 new = [rows[b].tokens[-1] for b in live]
-                hidden, _ = self.client.step(session, new, live)
+                try:
+                    hidden, _ = self.client.step(session, new, [slots[b] for b in live])
+                except (ServerError, httpx.TransportError) as exc:
+                    if isinstance(exc, ServerError) and not _lost(exc):
+                        raise
+                    # Restarted, evicted or unreachable: the same state from what we hold.
+                    session, hidden = self._reopen(rows, live, exc)
+                    for slot, b in enumerate(live):
+                        slots[b] = slot
                 if cache is not None:  # the sequence adapter reads the same new position
                     adapted = self._step_sequence(cache, hidden, new, live)
         finally:
@@ -343,6 +357,31 @@ class Generator:
     def _text(self, tokens: list[int]) -> str:
         return str(self.served.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
+    def _reopen(
+        self, rows: list[_Row], live: list[int], cause: Exception
+    ) -> tuple[str, torch.Tensor]:
+        """A new session of each live row's prompt and output so far, once the server answers
+        again (within ``reconnect_s``): its last representations are what the lost step would
+        have returned."""
+        log.warning("the server lost the session (%s); re-opening it", cause)
+        deadline = time.monotonic() + self.config.reconnect_s
+        while not self.client.health():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the server has not answered for {self.config.reconnect_s:g} s after "
+                    f"{cause}; run again, or wait longer with --reconnect-s"
+                ) from cause
+            time.sleep(RECONNECT_POLL_S)
+        fingerprint = self.client.model_info().fingerprint
+        if fingerprint != self.served.info.fingerprint:
+            raise RuntimeError(
+                f"the server came back with another model ({fingerprint}, was "
+                f"{self.served.info.fingerprint}); the outputs so far would not match"
+            ) from cause
+        sequences = [rows[b].prompt + rows[b].tokens for b in live]
+        session, hidden, _ = self.client.open_session(sequences, dtype=self.config.hidden_dtype)
+        return session, hidden
+
     def _close(self, session: str) -> None:
         try:
             self.client.close_session(session)
@@ -376,6 +415,11 @@ def repeated_ngram_ends(tokens: Sequence[int], n: int) -> list[int]:
         for i in range(len(tokens) - n + 1)
         if list(tokens[i : i + n - 1]) == prefix
     ]
+
+
+def _lost(error: ServerError) -> bool:
+    """Whether the server no longer has the session: restarted or evicted (404), or down."""
+    return error.code == "session_not_found" or error.status >= 500
 
 
 def _stop_index(text: str, stops: Iterable[str]) -> int | None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, build_adapter
-from data_owner_client.client import PemaClient
+from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import Example
 from data_owner_client.generate import (
     GenerationConfig,
@@ -278,3 +278,44 @@ def test_no_repeat_ngram_stops_loops_and_changes_nothing_before(served_client):
 def test_no_repeat_ngram_must_not_be_negative():
     with pytest.raises(ValueError, match="no_repeat_ngram"):
         GenerationConfig(no_repeat_ngram=-1)
+
+
+def test_a_session_lost_mid_decode_is_reopened_and_the_output_is_unchanged(
+    served_client, monkeypatch
+):
+    """The server drops the session (eviction, or a restart) in the middle: the generator
+    re-opens it from each live row's prompt and output, and decodes exactly as without."""
+    runner, client, served = served_client
+    config = GenerationConfig(max_new_tokens=20, lambda_max=0.0, reconnect_s=5)
+    want = generated_tokens(Generator(client, served, config, TEMPLATE), PROMPTS)
+    step, calls, opened = client.step, [], []
+    open_session = client.open_session
+
+    def recording_open(*args, **kwargs):
+        answer = open_session(*args, **kwargs)
+        opened.append(answer[0])
+        return answer
+
+    def step_losing_the_session(session_id, tokens, rows=None, logits="none"):
+        calls.append(rows)
+        if len(calls) in (3, 9):  # the server forgets the session twice
+            client.close_session(session_id)
+        return step(session_id, tokens, rows, logits)
+
+    monkeypatch.setattr(client, "open_session", recording_open)
+    monkeypatch.setattr(client, "step", step_losing_the_session)
+    assert generated_tokens(Generator(client, served, config, TEMPLATE), PROMPTS) == want
+    assert len(opened) == 3  # the first session and two re-openings
+    assert calls[-1] == list(range(len(calls[-1])))  # live rows renumbered by the re-opening
+
+
+def test_a_session_error_other_than_loss_is_raised(served_client, monkeypatch):
+    runner, client, served = served_client
+    config = GenerationConfig(max_new_tokens=8, lambda_max=0.0)
+
+    def refuse(*args, **kwargs):
+        raise ServerError(422, "row_not_live", "no")
+
+    monkeypatch.setattr(client, "step", refuse)
+    with pytest.raises(ServerError, match="row_not_live"):
+        generated_tokens(Generator(client, served, config, TEMPLATE), PROMPTS)
