@@ -34,7 +34,7 @@ test: model lint
 serve: model
 	$(BIN)/pema-server
 
-# The main job end to end (about 15 minutes on 2 CPU cores): see demo/demo.py.
+# The main job end to end (about 20 minutes on 2 CPU cores): see demo/demo.py.
 demo: model
 	$(BIN)/python -m pip install --quiet -e ".[demo]"
 	$(BIN)/python demo/demo.py

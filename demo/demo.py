@@ -7,7 +7,7 @@
 4. Prints the table and stops the server.
 
 Every step runs the same console commands a user would, printed before they run. A second run
-reuses the finished memory. Sized for about 15 minutes on 2 CPU cores.
+reuses the finished memory. Sized for about 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
