@@ -34,6 +34,7 @@ from data_owner_client.data import (
     TEMPLATES,
     DataError,
     Example,
+    dataset_hash,
     load_examples,
     resolve_template,
     split_dev,
@@ -42,6 +43,7 @@ from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
+from data_owner_client.outputs import file_digest, resume
 from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
 from data_owner_client.served_model import ServedModel
@@ -342,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _input_flags(inputs, "inputs (a target field, when present, is kept as the reference)", None)
     inputs.add_argument(
-        "--output", type=Path, help="JSONL file of the outputs of --data (default: stdout)"
+        "--output",
+        type=Path,
+        help="JSONL file of the outputs of --data (default: stdout); run again, the same run "
+        "continues after the outputs already written",
+    )
+    inputs.add_argument(
+        "--overwrite", action="store_true", help="start --output again instead of continuing it"
     )
     knn = generate.add_argument_group(
         "kNN-LM baseline (instead of an adapter; λ defaults to 0.25, constant)"
@@ -618,13 +626,44 @@ def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
             sys.stdout.write(output.prediction + "\n")
         return
     examples = _inputs(args, require_target=False)
-    outputs = generator.generate(examples, progress=not args.no_progress)
-    with args.output.open("w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as f:
+    start = 0
+    if args.output:
+        record = _run_record(args, examples, served, config, template)
+        start = resume(args.output, record, len(examples), generator.batch_size, args.overwrite)
+        if start:
+            log.info("%s: continuing after %d finished outputs", args.output, start)
+    outputs = generator.generate(examples, progress=not args.no_progress, start=start)
+    with args.output.open("a", encoding="utf-8") if args.output else nullcontext(sys.stdout) as f:
         for output in outputs:
             f.write(json.dumps(output.to_dict(), ensure_ascii=False) + "\n")
             f.flush()
     if args.output:
         log.info("%d outputs written to %s", len(examples), args.output)
+
+
+def _run_record(
+    args: argparse.Namespace,
+    examples: list[Example],
+    served: ServedModel,
+    config: GenerationConfig,
+    template: str,
+) -> dict[str, Any]:
+    """What decides an output file's records: inputs, model, adapter or kNN memory, settings."""
+    settings = dataclasses.asdict(config)
+    for volatile in ("device", "reconnect_s"):  # where and how patiently, not what
+        settings.pop(volatile)
+    adapter = None
+    if args.adapter is not None:
+        weights = (".json", ".safetensors")  # its config and tensors, not logs or checkpoints
+        adapter = file_digest(*sorted(p for p in args.adapter.iterdir() if p.suffix in weights))
+    knn = None if args.knn is None else file_digest(args.knn / "manifest.json")
+    return {
+        "inputs": dataset_hash(examples, template),
+        "model": served.info.fingerprint,
+        "adapter": adapter,
+        "knn": knn,
+        "settings": settings,
+    }
 
 
 def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:

@@ -205,10 +205,18 @@ class Generator:
             log.warning("the server decodes at most %d new tokens per row", self.max_new_tokens)
         self.batch_size = min(config.batch_size, limits.max_batch_size)
 
-    def generate(self, examples: Sequence[Example], progress: bool = False) -> Iterator[Generation]:
-        """Each example's generation, in order, a batch at a time."""
-        with progress_bar("generate", "rows", len(examples), enabled=progress) as advance:
-            for first in range(0, len(examples), self.batch_size):
+    def generate(
+        self, examples: Sequence[Example], progress: bool = False, start: int = 0
+    ) -> Iterator[Generation]:
+        """Each example's generation from ``start`` on (a multiple of ``batch_size``), in order,
+        a batch at a time. A batch samples with its own seed, so a run continued from a batch
+        decodes it as the whole run would."""
+        if start % self.batch_size and start < len(examples):
+            raise ValueError(f"start {start} is not a multiple of the batch size")
+        total = len(examples)
+        with progress_bar("generate", "rows", total, start, enabled=progress) as advance:
+            for first in range(start, total, self.batch_size):
+                self.sampler.manual_seed(self.config.seed + first)
                 batch = examples[first : first + self.batch_size]
                 rows = [self._row(first + i, e) for i, e in enumerate(batch)]
                 self._decode(rows)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_owner_client import cli
+from data_owner_client import generate as generate_module
 from data_owner_client.adapter import load_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.memory import Memory
@@ -219,3 +220,51 @@ def test_help_documents_every_flag_with_its_default(capsys, command):
         "(default: 20480)",
     ):
         assert default in text
+
+
+def test_generate_output_continues_after_a_kill_and_refuses_another_run(
+    run, data, tmp_path, monkeypatch
+):
+    """A killed `generate --output` run, started again, keeps the finished batches, decodes the
+    rest and ends as the uninterrupted run; other settings, or a foreign file, are refused."""
+    out = tmp_path / "out.jsonl"
+    flags = ("generate", "--data", str(data), "--source-field=src", f"--template={TEMPLATE}",
+             "--limit=10", "--batch-size=4", "--max-new-tokens=6", "--lambda-max=0",
+             "--output", str(out))  # fmt: skip
+    run(*flags)
+    whole = out.read_text()
+    assert len(whole.splitlines()) == 10
+    decoded: list[int] = []
+    decode = generate_module.Generator._decode
+
+    def counting(self, rows):
+        decoded.append(len(rows))
+        return decode(self, rows)
+
+    monkeypatch.setattr(generate_module.Generator, "_decode", counting)
+    lines = whole.splitlines(keepends=True)
+    out.write_text("".join(lines[:6]) + lines[6][:15])  # killed while writing row 7
+    run(*flags)
+    assert out.read_text().startswith("".join(lines[:4]))  # the finished batch, untouched
+    assert timeless(out.read_text()) == timeless(whole)
+    assert decoded == [4, 2]  # rows 0-3 kept; the cut batch and the last one again
+    decoded.clear()
+    resumed = out.read_text()
+    run(*flags)  # finished: nothing to decode
+    assert timeless(out.read_text()) == timeless(resumed) and decoded == []
+    with pytest.raises(SystemExit, match=r"another run \(settings differ\)"):
+        run(*flags[:-2], "--max-new-tokens=7", "--output", str(out))
+    assert out.read_text() == resumed
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text("mine\n")
+    with pytest.raises(SystemExit, match="--overwrite"):
+        run(*flags[:-1], str(foreign))
+    assert foreign.read_text() == "mine\n"
+    run(*flags[:-1], str(foreign), "--overwrite")
+    assert timeless(foreign.read_text()) == timeless(whole)
+
+
+def timeless(jsonl: str) -> list[dict[str, object]]:
+    """The records without their decoding times."""
+    records = [json.loads(line) for line in jsonl.splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]

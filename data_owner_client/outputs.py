@@ -1,0 +1,79 @@
+"""Resumable output files (`pema-client generate --output FILE`): records are appended as each
+batch of rows finishes, and a sidecar ``FILE.run.json`` records what produced them. Run again with
+the same inputs, model, adapter and settings, the command keeps the finished batches and continues
+after them (a batch cut off by a kill is decoded again, so the file ends as an uninterrupted run's
+would); a run of anything else is refused rather than mixed in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SIDECAR_SUFFIX = ".run.json"
+
+
+class OutputFileError(ValueError):
+    """The output file belongs to another run, or to nobody we know."""
+
+
+def file_digest(*paths: Path) -> str:
+    """``sha256:<hex>`` of the files' names and bytes, in order (an adapter's identity)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def resume(
+    path: Path, run: dict[str, Any], total: int, batch_size: int, overwrite: bool = False
+) -> int:
+    """Prepare ``path`` for the run described by ``run`` (JSON data) over ``total`` inputs;
+    returns how many records it keeps (whole batches, or all when finished), after which the run
+    continues appending."""
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    run = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
+    if overwrite or not path.exists():
+        _replace(path, "")
+        _replace(sidecar, json.dumps(run, indent=2, sort_keys=True) + "\n")
+        return 0
+    if not sidecar.is_file():
+        raise OutputFileError(
+            f"{path} exists but pema-client generate did not write it (no {sidecar.name}); "
+            "choose another --output, or pass --overwrite to replace it"
+        )
+    before = json.loads(sidecar.read_text())
+    if differ := sorted(k for k in run.keys() | before.keys() if before.get(k) != run.get(k)):
+        raise OutputFileError(
+            f"{path} holds the outputs of another run ({', '.join(differ)} differ); choose "
+            "another --output, or pass --overwrite to start again"
+        )
+    finished = _complete_records(path.read_text(encoding="utf-8"))
+    if len(finished) < total:
+        finished = finished[: len(finished) - len(finished) % batch_size]
+    keep = finished[:total]
+    _replace(path, "".join(keep))
+    return len(keep)
+
+
+def _complete_records(text: str) -> list[str]:
+    """The file's lines up to the first that a kill cut short (unterminated or not JSON)."""
+    records = []
+    for line in text.splitlines(keepends=True):
+        try:
+            if not line.endswith("\n"):
+                break
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        records.append(line)
+    return records
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a kill leaves the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
