@@ -142,6 +142,14 @@ def _data_flags() -> argparse.ArgumentParser:
         "--shard-examples", type=int, default=512, help="examples per memory shard file"
     )
     group.add_argument(
+        "--requests-in-flight",
+        type=int,
+        default=4,
+        help="requests at the server at once (1: one at a time, bit-reproducible against an "
+        "otherwise idle server; more: faster, and the server may batch them together, which "
+        "changes the last bits of some keys)",
+    )
+    group.add_argument(
         "--overwrite", action="store_true", help="replace a memory of another build in place"
     )
     return flags
@@ -421,6 +429,7 @@ def build_memories(
             shard_examples=args.shard_examples,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            requests_in_flight=args.requests_in_flight,
         )
 
     return build(TRAIN, train_set), build(DEV, dev_set)
