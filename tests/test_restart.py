@@ -3,12 +3,8 @@ port: `Generator` waits for it, re-opens its session and ends token-for-token as
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,37 +12,10 @@ from data_owner_client.client import PemaClient
 from data_owner_client.data import Example
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.served_model import ServedModel
+from tests.tiny_server import TinyServer
 from tests.uvicorn_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["w5 w9 w11", "w20", "w30 w31 w40 w41 w50 w7 w8 w60", "w44 w45"]
-
-
-class TinyServer:
-    """``python -m tests.tiny_server`` on a fixed port, which can be killed and started again."""
-
-    def __init__(self, port: int, log: Path) -> None:
-        self.port, self.log, self.process = port, log, None
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "tests.tiny_server", "--port", str(self.port)]
-        with self.log.open("ab") as sink:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
-            )
-
-    def wait_ready(self) -> None:
-        with PemaClient(self.url, retries=0) as client:
-            deadline = time.monotonic() + 60
-            while not client.health():
-                assert time.monotonic() < deadline, self.log.read_text()[-2000:]
-                time.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture

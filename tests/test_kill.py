@@ -1,0 +1,108 @@
+"""A real `pema-client` process killed with SIGKILL in the middle of its work, then run again:
+the memory build, and the adapter's training, end byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_server import ROOT, TinyServer
+from tests.uvicorn_server import free_port
+from tests.word_cipher import cipher_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
+MEMORY_FLAGS = (
+    "--source-field=src", "--target-field=tgt", "--template={source}", "--memory-dtype=float32",
+    "--memory-batch-size=8", "--shard-examples=24", "--requests-in-flight=1", "--no-progress",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[TinyServer]:
+    server = TinyServer(free_port(), tmp_path_factory.mktemp("server") / "log")
+    server.start()
+    server.wait_ready()
+    yield server
+    server.kill()
+
+
+def client(server: TinyServer, *argv: str) -> list[str]:
+    return [sys.executable, "-m", "data_owner_client", "--server", server.url, *argv]
+
+
+def run(command: list[str], cache: Path) -> None:
+    env = {**os.environ, "PEMA_CLIENT_CACHE": str(cache)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def kill_when(command: list[str], cache: Path, ready: Callable[[], bool]) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``ready()`` holds (fail if it ends first)."""
+    env = {**os.environ, "PEMA_CLIENT_CACHE": str(cache)}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert process.poll() is None, "the command ended before the kill"
+        assert time.monotonic() < deadline, "never reached the point of the kill"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def files(folder: Path, *names: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name in names or (
+        p.name.startswith("shard-"))}  # fmt: skip
+
+
+def shards_recorded(memory: Path) -> int:
+    try:
+        return len(json.loads((memory / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        return 0
+
+
+def in_stage_two(log: Path) -> bool:
+    """Whether training logged a record of its second stage (the memory is built by then)."""
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return False
+    return any(json.loads(line).get("stage") == 2 for line in lines[:-1])  # the last may be cut
+
+
+def test_memory_build_killed_resumes_byte_identical(server, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", cipher_rows(200))
+    build = ("memory", "build", "--data", str(data), *MEMORY_FLAGS)
+    run(client(server, *build, "--out", str(tmp_path / "whole")), tmp_path / "cache")
+    killed = tmp_path / "killed"
+    command = client(server, *build, "--out", str(killed))
+    kill_when(command, tmp_path / "cache", lambda: shards_recorded(killed) >= 2)
+    assert not (json.loads((killed / "manifest.json").read_text())["complete"])
+    run(command, tmp_path / "cache")
+    want = files(tmp_path / "whole", "manifest.json")
+    assert len(want) == 1 + 9 and files(killed, "manifest.json") == want
+
+
+def test_training_killed_resumes_byte_identical(server, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", cipher_rows(300))
+    train = ("train", "--data", str(data), *MEMORY_FLAGS, "--rank=16", "--stage1-epochs=2",
+             "--stage2-epochs=30", "--patience=30", "--resume")  # fmt: skip
+    run(client(server, *train, "--out", str(tmp_path / "whole")), tmp_path / "cache")
+    killed = tmp_path / "killed"
+    command = client(server, *train, "--out", str(killed))
+    log = killed / "train_log.jsonl"
+    kill_when(command, tmp_path / "cache", lambda: in_stage_two(log))
+    assert not (killed / "adapter_model.safetensors").exists()
+    run(command, tmp_path / "cache")
+    names = ("adapter_model.safetensors", "adapter_config.json")
+    assert files(killed, *names) == files(tmp_path / "whole", *names)
