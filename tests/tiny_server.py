@@ -5,6 +5,7 @@ and :class:`TinyServer`, which runs it as a subprocess that tests can kill and s
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -24,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class TinyServer:
     """``python -m tests.tiny_server`` on a fixed port, which can be killed and started again."""
 
-    def __init__(self, port: int, log: Path) -> None:
-        self.port, self.log = port, log
+    def __init__(self, port: int, log: Path, env: dict[str, str] | None = None) -> None:
+        """``env``: ``PEMA_*`` settings of the server, e.g. a keys file or cache bound."""
+        self.port, self.log, self.env = port, log, env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{port}"
 
@@ -33,7 +35,11 @@ class TinyServer:
         command = [sys.executable, "-m", "tests.tiny_server", "--port", str(self.port)]
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
+                command,
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
             )
 
     def wait_ready(self) -> None:
