@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
-from data_owner_client.outputs import file_digest, resume
+from data_owner_client.outputs import append_outputs, file_digest, resume, settings_record
 from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
 from data_owner_client.served_model import ServedModel
@@ -387,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--report",
         type=Path,
         help="directory for report.json, report.md and both predictions files "
-        "(default: ADAPTER/evaluation)",
+        "(default: ADAPTER/evaluation); run again, the same evaluation continues where it stopped",
+    )
+    inputs.add_argument(
+        "--overwrite", action="store_true", help="start the predictions again instead"
     )
     return parser
 
@@ -642,12 +644,12 @@ def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
         if start:
             log.info("%s: continuing after %d finished outputs", args.output, start)
     outputs = generator.generate(examples, progress=not args.no_progress, start=start)
-    with args.output.open("a", encoding="utf-8") if args.output else nullcontext(sys.stdout) as f:
+    if not args.output:
         for output in outputs:
-            f.write(json.dumps(output.to_dict(), ensure_ascii=False) + "\n")
-            f.flush()
-    if args.output:
-        log.info("%d outputs written to %s", len(examples), args.output)
+            sys.stdout.write(json.dumps(output.to_dict(), ensure_ascii=False) + "\n")
+        return
+    append_outputs(args.output, outputs)
+    log.info("%d outputs written to %s", len(examples), args.output)
 
 
 def _run_record(
@@ -658,9 +660,6 @@ def _run_record(
     template: str,
 ) -> dict[str, Any]:
     """What decides an output file's records: inputs, model, adapter or kNN memory, settings."""
-    settings = dataclasses.asdict(config)
-    for volatile in ("device", "reconnect_s"):  # where and how patiently, not what
-        settings.pop(volatile)
     adapter = None
     if args.adapter is not None:
         weights = (".json", ".safetensors")  # its config and tensors, not logs or checkpoints
@@ -671,7 +670,7 @@ def _run_record(
         "model": served.info.fingerprint,
         "adapter": adapter,
         "knn": knn,
-        "settings": settings,
+        "settings": settings_record(config),
     }
 
 
@@ -691,6 +690,7 @@ def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:
         template,
         report_dir,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     sys.stdout.write(markdown_table(report))
     log.info("report written to %s", report_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from data_owner_client.adapter import Adapter, AdapterConfig, write_atomic
+from data_owner_client.adapter import Adapter, AdapterConfig, adapter_tensors, write_atomic
 from data_owner_client.client import PemaClient
-from data_owner_client.data import DataError, Example
-from data_owner_client.generate import Generation, GenerationConfig, Generator, Mixing
+from data_owner_client.data import DataError, Example, dataset_hash
+from data_owner_client.generate import GenerationConfig, Generator, Mixing
+from data_owner_client.outputs import append_outputs, resume, settings_record, tensors_digest
 from data_owner_client.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -59,21 +59,15 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     }
 
 
-def _run(
-    generator: Generator, examples: Sequence[Example], progress: bool
-) -> tuple[list[Generation], float]:
-    started = time.perf_counter()
-    outputs = list(generator.generate(examples, progress=progress))
-    return outputs, time.perf_counter() - started
-
-
-def _scores(outputs: list[Generation], seconds: float) -> Scores:
-    references = [o.reference or "" for o in outputs]
+def _scores(records: list[dict[str, Any]], batch_size: int) -> Scores:
+    """Scores of the prediction records; the decoding time is each batch's slowest row (a row's
+    seconds run from its batch's start), so a continued evaluation times like a whole one."""
+    batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     return Scores(
-        **score([o.prediction for o in outputs], references),
-        rows=len(outputs),
-        new_tokens=sum(o.tokens for o in outputs),
-        seconds=round(seconds, 3),
+        **score([r["prediction"] for r in records], [r.get("reference", "") for r in records]),
+        rows=len(records),
+        new_tokens=sum(r["tokens"] for r in records),
+        seconds=round(sum(max(r["seconds"] for r in batch) for batch in batches), 3),
     )
 
 
@@ -87,8 +81,13 @@ def evaluate(
     template: str,
     report_dir: Path,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Decode ``examples`` with the PLM alone and with PEMA; write and return the report."""
+    """Decode ``examples`` with the PLM alone and with PEMA; write and return the report.
+
+    Each method's predictions are appended to ``predictions_<method>.jsonl`` batch by batch, so
+    an evaluation run again after a kill continues after the finished batches (another
+    evaluation in the same directory is refused unless ``overwrite``)."""
     if missing := [i for i, e in enumerate(examples) if not e.target]:
         raise DataError(f"example {missing[0]} has no reference; evaluation needs --target-field")
     mixing = Mixing.resolve(config, adapter_config)
@@ -101,12 +100,21 @@ def evaluate(
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
+    weights = tensors_digest(adapter_tensors(adapter))
     for name, generator in runs.items():
-        log.info("evaluate: decoding %d inputs with %s", len(examples), _LABELS[name])
-        outputs, seconds = _run(generator, examples, progress)
-        lines = "".join(json.dumps(o.to_dict(), ensure_ascii=False) + "\n" for o in outputs)
-        write_atomic(report_dir / f"predictions_{name}.jsonl", lines.encode())
-        scores = _scores(outputs, seconds)
+        path = report_dir / f"predictions_{name}.jsonl"
+        run = {
+            "method": name,
+            "inputs": dataset_hash(examples, template),
+            "model": served.info.fingerprint,
+            "adapter": weights if name == "pema" else None,
+            "settings": settings_record(generator.config),
+        }
+        start = resume(path, run, len(examples), generator.batch_size, overwrite)
+        log.info("evaluate: decoding %d inputs with %s", len(examples) - start, _LABELS[name])
+        append_outputs(path, generator.generate(examples, progress=progress, start=start))
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        scores = _scores(records, generator.batch_size)
         results[name] = {
             **dataclasses.asdict(scores),
             "tokens_per_second": scores.tokens_per_second,

@@ -6,11 +6,15 @@ would); a run of anything else is refused rather than mixed in."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 SIDECAR_SUFFIX = ".run.json"
 
@@ -25,6 +29,33 @@ def file_digest(*paths: Path) -> str:
     for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"sha256:{digest.hexdigest()}"
+
+
+def settings_record(config: Any) -> dict[str, Any]:
+    """A GenerationConfig's fields that decide the outputs (not where or how patiently)."""
+    settings = dataclasses.asdict(config)
+    for volatile in ("device", "reconnect_s"):
+        settings.pop(volatile, None)
+    return settings
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` of named tensors (an adapter's weights), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def append_outputs(path: Path, outputs: Iterable[Any]) -> None:
+    """Append each output's JSON record to ``path`` as it comes (flushed: a kill loses at most
+    the record being written)."""
+    with path.open("a", encoding="utf-8") as f:
+        for output in outputs:
+            f.write(json.dumps(output.to_dict(), ensure_ascii=False) + "\n")
+            f.flush()
 
 
 def resume(
