@@ -46,7 +46,7 @@ def tiny_server(runner) -> Iterator[str]:
     thread.join(timeout=30)
 
 
-def fuzz(url: str, examples: int, seed: int = 7) -> None:
+def fuzz(url: str, examples: int, workdir: Path, seed: int = 7) -> None:
     """``st run`` with every check (our own in place of positive_data_acceptance)."""
     command = [
         str(ST), "--config-file", str(HERE / "schemathesis.toml"), "run", f"{url}/openapi.json",
@@ -59,18 +59,20 @@ def fuzz(url: str, examples: int, seed: int = 7) -> None:
         "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
         "SCHEMATHESIS_HOOKS": "tests.server.schemathesis_hooks",
     }
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=600, cwd=workdir
+    )  # st keeps its state in ./.schemathesis
     report = done.stdout + done.stderr
     assert done.returncode == 0, report[-6000:]
     assert "Stateful" in report and "❌" not in report, report[-3000:]
 
 
-def test_fuzzer_finds_no_failure_on_the_tiny_model(tiny_server):
-    fuzz(tiny_server, examples=100)
+def test_fuzzer_finds_no_failure_on_the_tiny_model(tiny_server, tmp_path):
+    fuzz(tiny_server, examples=100, workdir=tmp_path)
 
 
 @pytest.mark.slow
 def test_fuzzer_finds_no_failure_on_the_embedded_model(tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
     with uvicorn_server("--log-level", "warning", *flags, log=tmp_path / "server.log") as url:
-        fuzz(url, examples=30)
+        fuzz(url, examples=30, workdir=tmp_path)
