@@ -596,6 +596,11 @@ def _decoder(
     return served, config, template, adapter, adapter_config
 
 
+def _knn_memory(path: Path) -> Path:
+    """``--knn``: a memory, or a `memory build` folder whose train/ is the memory."""
+    return path / "train" if (path / "train").is_dir() else path
+
+
 def _knn(
     args: argparse.Namespace, served: ServedModel, config: GenerationConfig
 ) -> tuple[KnnLM, str]:
@@ -603,7 +608,7 @@ def _knn(
     memory's prompt template."""
     if args.adapter is not None:
         raise DataError("pass either --adapter (PEMA) or --knn (the kNN-LM baseline), not both")
-    path = args.knn / "train" if (args.knn / "train").is_dir() else args.knn
+    path = _knn_memory(args.knn)
     memory = Memory.open(path)
     memory.check_fingerprint(served.info.fingerprint)
     assert served.head is not None  # ServedModel.fetch refuses a server without its head
@@ -664,7 +669,7 @@ def _run_record(
     if args.adapter is not None:
         weights = (".json", ".safetensors")  # its config and tensors, not logs or checkpoints
         adapter = file_digest(*sorted(p for p in args.adapter.iterdir() if p.suffix in weights))
-    knn = None if args.knn is None else file_digest(args.knn / "manifest.json")
+    knn = None if args.knn is None else file_digest(_knn_memory(args.knn) / "manifest.json")
     return {
         "inputs": dataset_hash(examples, template),
         "model": served.info.fingerprint,

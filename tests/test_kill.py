@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from tests.tiny_server import ROOT, TinyServer
 from tests.uvicorn_server import free_port
@@ -81,16 +83,17 @@ def in_stage_two(log: Path) -> bool:
 
 
 def test_memory_build_killed_resumes_byte_identical(server, tmp_path):
-    data = write_jsonl(tmp_path / "data.jsonl", cipher_rows(200))
+    data = write_jsonl(tmp_path / "data.jsonl", cipher_rows(1200))
     build = ("memory", "build", "--data", str(data), *MEMORY_FLAGS)
     run(client(server, *build, "--out", str(tmp_path / "whole")), tmp_path / "cache")
     killed = tmp_path / "killed"
     command = client(server, *build, "--out", str(killed))
-    kill_when(command, tmp_path / "cache", lambda: shards_recorded(killed) >= 2)
-    assert not (json.loads((killed / "manifest.json").read_text())["complete"])
+    kill_when(command, tmp_path / "cache", lambda: shards_recorded(killed / "train") >= 3)
+    assert not (json.loads((killed / "train" / "manifest.json").read_text())["complete"])
     run(command, tmp_path / "cache")
-    want = files(tmp_path / "whole", "manifest.json")
-    assert len(want) == 1 + 9 and files(killed, "manifest.json") == want
+    for part, shards in (("train", 45), ("dev", 5)):  # 1,080 and 120 examples, 24 per shard
+        want = files(tmp_path / "whole" / part, "manifest.json")
+        assert len(want) == 1 + shards and files(killed / part, "manifest.json") == want
 
 
 def test_training_killed_resumes_byte_identical(server, tmp_path):
@@ -104,5 +107,16 @@ def test_training_killed_resumes_byte_identical(server, tmp_path):
     kill_when(command, tmp_path / "cache", lambda: in_stage_two(log))
     assert not (killed / "adapter_model.safetensors").exists()
     run(command, tmp_path / "cache")
-    names = ("adapter_model.safetensors", "adapter_config.json")
-    assert files(killed, *names) == files(tmp_path / "whole", *names)
+    whole = tmp_path / "whole"
+    assert files(killed, "adapter_config.json") == files(whole, "adapter_config.json")
+    # The same tensors and metadata; the safetensors header orders its metadata keys by a hash
+    # seeded per process, so the files' bytes may differ there and only there.
+    got, want = (safetensors_content(d / "adapter_model.safetensors") for d in (killed, whole))
+    assert got[1] == want[1] and got[0].keys() == want[0].keys()
+    for name, tensor in want[0].items():
+        assert torch.equal(got[0][name], tensor), name
+
+
+def safetensors_content(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    with safe_open(str(path), "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
