@@ -87,6 +87,12 @@ def _connection_flags() -> argparse.ArgumentParser:
     # SUPPRESS: an absent flag leaves the value given before the command (or None) in place.
     group.add_argument("--server", default=argparse.SUPPRESS, help="server URL ($PEMA_SERVER)")
     group.add_argument("--api-key", default=argparse.SUPPRESS, help="API key ($PEMA_API_KEY)")
+    group.add_argument(
+        "--ca-cert",
+        default=argparse.SUPPRESS,
+        help="CA certificate (PEM) to trust for an https server, e.g. its self-signed one "
+        "($PEMA_CA_CERT)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return flags
@@ -303,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--server", help="server URL, also accepted after the command")
     parser.add_argument("--api-key", help="API key, also accepted after the command")
+    parser.add_argument("--ca-cert", help="CA certificate, also accepted after the command")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     connection, data = _connection_flags(), _data_flags()
     formatter = _HelpFormatter
@@ -715,8 +722,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PemaClient], None]] = {
 
 
 def connect(args: argparse.Namespace) -> PemaClient:
-    """The client for ``--server``/``--api-key`` (tests replace this to serve in-process)."""
-    return PemaClient(args.server, args.api_key)
+    """The client for ``--server``/``--api-key``/``--ca-cert`` (tests replace this to serve
+    in-process)."""
+    return PemaClient(args.server, args.api_key, ca_cert=args.ca_cert)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import ssl
 import time
 import zipfile
 from collections import deque
@@ -71,7 +72,9 @@ def _logits(wire: WireTensor | TopK | None) -> Logits:
 
 
 class PemaClient:
-    """A `pema-server` at ``base_url`` (default ``PEMA_SERVER``), key from ``PEMA_API_KEY``."""
+    """A `pema-server` at ``base_url`` (default ``PEMA_SERVER``), key from ``PEMA_API_KEY``; an
+    https server's certificate is checked against ``ca_cert`` (default ``PEMA_CA_CERT``), else the
+    system's CAs."""
 
     def __init__(
         self,
@@ -81,6 +84,7 @@ class PemaClient:
         retries: int = 4,
         backoff: float = 0.5,
         http: httpx.Client | None = None,
+        ca_cert: str | Path | None = None,
     ) -> None:
         """``http`` replaces the connection (tests pass a FastAPI ``TestClient``)."""
         api_key = api_key or os.environ.get("PEMA_API_KEY")
@@ -89,8 +93,14 @@ class PemaClient:
             base_url = base_url or os.environ.get("PEMA_SERVER")
             if not base_url:
                 raise ValueError("no server given: pass --server URL or set PEMA_SERVER")
+            ca_cert = ca_cert or os.environ.get("PEMA_CA_CERT")
+            verify: ssl.SSLContext | bool = True
+            if ca_cert:
+                verify = ssl.create_default_context(cafile=str(ca_cert))
             http = httpx.Client(
-                base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10.0)
+                base_url=base_url.rstrip("/"),
+                timeout=httpx.Timeout(timeout, connect=10.0),
+                verify=verify,
             )
         http.headers.update(headers)
         self._http = http

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -69,7 +68,7 @@ def test_request_ids_in_headers_error_bodies_and_the_log(runner, caplog):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a certificate")
 def test_tls_with_a_self_signed_certificate(tmp_path):
     """`pema-server --ssl-certfile --ssl-keyfile` serves HTTPS; a client that trusts the
-    certificate (SSL_CERT_FILE) connects, one that does not is refused."""
+    certificate (`--ca-cert`, `PEMA_CA_CERT`) connects, one that does not is refused."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -100,12 +99,10 @@ def test_tls_with_a_self_signed_certificate(tmp_path):
             httpx.get(f"{url}/v1/health")  # not trusted
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/v1/health")  # no plain HTTP
-        os.environ["SSL_CERT_FILE"] = str(cert)
-        try:
-            with PemaClient(url) as client:
-                assert client.model_info().model_id
-        finally:
-            del os.environ["SSL_CERT_FILE"]
+        with PemaClient(url, ca_cert=cert) as client:
+            assert client.model_info().model_id
+        with PemaClient(url, retries=0) as client, pytest.raises(httpx.ConnectError):
+            client.model_info()  # the system's CAs do not know it
     finally:
         server.terminate()
         server.wait(timeout=30)
