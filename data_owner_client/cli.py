@@ -22,8 +22,10 @@ import torch.distributed as dist
 from rich.logging import RichHandler
 
 from data_owner_client.adapter import (
+    CONFIG_FILE,
     KIND_DEFAULTS,
     KINDS,
+    WEIGHTS_FILE,
     Adapter,
     AdapterConfig,
     load_adapter,
@@ -651,7 +653,7 @@ def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
     examples = _inputs(args, require_target=False)
     start = 0
     if args.output:
-        record = _run_record(args, examples, served, config, template)
+        record = _run_record(args, examples, served, generator, template)
         start = resume(args.output, record, len(examples), generator.batch_size, args.overwrite)
         if start:
             log.info("%s: continuing after %d finished outputs", args.output, start)
@@ -668,21 +670,20 @@ def _run_record(
     args: argparse.Namespace,
     examples: list[Example],
     served: ServedModel,
-    config: GenerationConfig,
+    generator: Generator,
     template: str,
 ) -> dict[str, Any]:
     """What decides an output file's records: inputs, model, adapter or kNN memory, settings."""
     adapter = None
     if args.adapter is not None:
-        weights = (".json", ".safetensors")  # its config and tensors, not logs or checkpoints
-        adapter = file_digest(*sorted(p for p in args.adapter.iterdir() if p.suffix in weights))
+        adapter = file_digest(args.adapter / CONFIG_FILE, args.adapter / WEIGHTS_FILE)
     knn = None if args.knn is None else file_digest(_knn_memory(args.knn) / "manifest.json")
     return {
         "inputs": dataset_hash(examples, template),
         "model": served.info.fingerprint,
         "adapter": adapter,
         "knn": knn,
-        "settings": settings_record(config),
+        "settings": settings_record(generator),
     }
 
 

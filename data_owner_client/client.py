@@ -41,6 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 R = TypeVar("R")
 RETRY_STATUSES = (429, 503)
+UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # never reached the server
 Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
@@ -115,7 +116,12 @@ class PemaClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, body: BaseModel | None = None) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, body: BaseModel | None = None, idempotent: bool = True
+    ) -> httpx.Response:
+        """Send a request, retrying 429/503 and transport errors with backoff. A request that
+        changes state (``idempotent=False``: opening or stepping a session) is resent only when
+        it never reached the server: a read error after sending could mean it was done once."""
         headers = {"accept": MSGPACK}
         content = None
         if body is not None:
@@ -124,8 +130,8 @@ class PemaClient:
             last = attempt == self.retries
             try:
                 response = self._http.request(method, path, content=content, headers=headers)
-            except httpx.TransportError:
-                if last:
+            except httpx.TransportError as exc:
+                if last or not (idempotent or isinstance(exc, UNSENT)):
                     raise
             else:
                 if response.status_code not in RETRY_STATUSES or last:
@@ -134,8 +140,15 @@ class PemaClient:
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _call(self, method: str, path: str, body: BaseModel | None, model: type[M]) -> M:
-        return unpack(self._request(method, path, body).content, model)
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None,
+        model: type[M],
+        idempotent: bool = True,
+    ) -> M:
+        return unpack(self._request(method, path, body, idempotent).content, model)
 
     def health(self) -> bool:
         try:
@@ -188,7 +201,7 @@ class PemaClient:
         request = SessionOpenRequest(
             sequences=[list(s) for s in sequences], dtype=dtype, logits=logits
         )
-        r = self._call("POST", "/v1/sessions", request, SessionOpenResponse)
+        r = self._call("POST", "/v1/sessions", request, SessionOpenResponse, idempotent=False)
         return r.session_id, decode_tensor(r.hidden), _logits(r.logits)
 
     def step(
@@ -202,7 +215,8 @@ class PemaClient:
         request = SessionStepRequest(
             tokens=list(tokens), rows=list(rows) if rows is not None else None, logits=logits
         )
-        r = self._call("POST", f"/v1/sessions/{session_id}/step", request, SessionStepResponse)
+        path = f"/v1/sessions/{session_id}/step"
+        r = self._call("POST", path, request, SessionStepResponse, idempotent=False)
         return decode_tensor(r.hidden), _logits(r.logits)
 
     def close_session(self, session_id: str) -> None:

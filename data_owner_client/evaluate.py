@@ -20,7 +20,13 @@ from data_owner_client.adapter import Adapter, AdapterConfig, adapter_tensors, w
 from data_owner_client.client import PemaClient
 from data_owner_client.data import DataError, Example, dataset_hash
 from data_owner_client.generate import GenerationConfig, Generator, Mixing
-from data_owner_client.outputs import append_outputs, resume, settings_record, tensors_digest
+from data_owner_client.outputs import (
+    append_outputs,
+    read_records,
+    resume,
+    settings_record,
+    tensors_digest,
+)
 from data_owner_client.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -108,12 +114,12 @@ def evaluate(
             "inputs": dataset_hash(examples, template),
             "model": served.info.fingerprint,
             "adapter": weights if name == "pema" else None,
-            "settings": settings_record(generator.config),
+            "settings": settings_record(generator),
         }
         start = resume(path, run, len(examples), generator.batch_size, overwrite)
         log.info("evaluate: decoding %d inputs with %s", len(examples) - start, _LABELS[name])
         append_outputs(path, generator.generate(examples, progress=progress, start=start))
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        records = read_records(path)
         scores = _scores(records, generator.batch_size)
         results[name] = {
             **dataclasses.asdict(scores),

@@ -271,7 +271,7 @@ class Generator:
                     if isinstance(exc, ServerError) and not _lost(exc):
                         raise
                     # Restarted, evicted or unreachable: the same state from what we hold.
-                    session, hidden = self._reopen(rows, live, exc)
+                    session, hidden = self._reopen(session, rows, live, exc)
                     for slot, b in enumerate(live):
                         slots[b] = slot
                 if cache is not None:  # the sequence adapter reads the same new position
@@ -366,7 +366,7 @@ class Generator:
         return str(self.served.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
     def _reopen(
-        self, rows: list[_Row], live: list[int], cause: Exception
+        self, session: str, rows: list[_Row], live: list[int], cause: Exception
     ) -> tuple[str, torch.Tensor]:
         """A new session of each live row's prompt and output so far, once the server answers
         again (within ``reconnect_s``): its last representations are what the lost step would
@@ -386,6 +386,7 @@ class Generator:
                 f"the server came back with another model ({fingerprint}, was "
                 f"{self.served.info.fingerprint}); the outputs so far would not match"
             ) from cause
+        self._close(session)  # if it is still there (a dropped connection), free its slot
         sequences = [rows[b].prompt + rows[b].tokens for b in live]
         session, hidden, _ = self.client.open_session(sequences, dtype=self.config.hidden_dtype)
         return session, hidden
@@ -393,7 +394,7 @@ class Generator:
     def _close(self, session: str) -> None:
         try:
             self.client.close_session(session)
-        except ServerError as exc:  # already expired or evicted: nothing left to free
+        except (ServerError, httpx.TransportError) as exc:  # gone, or the server is: no matter
             log.debug("could not close session %s: %s", session, exc)
 
 

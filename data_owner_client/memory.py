@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import httpx
 import torch
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -667,7 +668,7 @@ class _Builder:
         """Free the server's cache; a session it already dropped is no reason to fail the build."""
         try:
             self.client.close_session(session)
-        except ServerError as exc:
+        except (ServerError, httpx.TransportError) as exc:
             log.warning("could not close session %s: %s", session, exc)
 
 

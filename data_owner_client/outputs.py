@@ -31,12 +31,19 @@ def file_digest(*paths: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def settings_record(config: Any) -> dict[str, Any]:
-    """A GenerationConfig's fields that decide the outputs (not where or how patiently)."""
-    settings = dataclasses.asdict(config)
+def settings_record(generator: Any) -> dict[str, Any]:
+    """A Generator's settings that decide its outputs: its config as applied (the batch size and
+    token budget after the server's limits), not where or how patiently it decodes."""
+    settings = dataclasses.asdict(generator.config)
     for volatile in ("device", "reconnect_s"):
         settings.pop(volatile, None)
+    settings.update(batch_size=generator.batch_size, max_new_tokens=generator.max_new_tokens)
     return settings
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of an output file (split on newlines only)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -67,8 +74,11 @@ def resume(
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     run = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
     if overwrite or not path.exists():
-        _replace(path, "")
+        # In this order, a kill anywhere leaves no outputs (a fresh start next time) or empty
+        # outputs under this run's record: never old outputs under a new record, or none.
+        path.unlink(missing_ok=True)
         _replace(sidecar, json.dumps(run, indent=2, sort_keys=True) + "\n")
+        _replace(path, "")
         return 0
     if not sidecar.is_file():
         raise OutputFileError(
@@ -92,7 +102,9 @@ def resume(
 def _complete_records(text: str) -> list[str]:
     """The file's lines up to the first that a kill cut short (unterminated or not JSON)."""
     records = []
-    for line in text.splitlines(keepends=True):
+    # Split on newlines only: a prediction may hold U+2028 and the like, which JSON keeps raw.
+    for line in text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"):
+        line += "\n"
         try:
             if not line.endswith("\n"):
                 break

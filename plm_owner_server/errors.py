@@ -83,7 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # no ids from the path
+        request_id = request.scope.get("state", {}).get("request_id")
+        log.exception("unhandled error on %s %s (request %s)", request.method, route, request_id)
         return error_response(
             request, 500, "internal_error", "internal server error; see the server log"
         )

@@ -56,6 +56,28 @@ class KVState:
         self.rows = list(rows)
 
 
+MAX_PADDING = 2.0  # a stack may hold at most this many times the cells of its sessions
+
+
+def width_groups(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of (width, rows) items grouped for stacking: widest first, each group padded to
+    its widest item, and a group's padded cells at most ``MAX_PADDING`` times its real ones, so a
+    long session never pads a batch of short ones to its length."""
+    groups: list[list[int]] = []
+    cells = padded = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i][0]):
+        width, rows = sizes[i]
+        if groups:
+            widest = sizes[groups[-1][0]][0]
+            if padded + widest * rows <= MAX_PADDING * (cells + width * rows):
+                groups[-1].append(i)
+                cells, padded = cells + width * rows, padded + widest * rows
+                continue
+        groups.append([i])
+        cells = padded = width * rows
+    return groups
+
+
 def stackable(states: Sequence[KVState]) -> bool:
     """Whether these caches can be stacked (known layer types, every layer filled)."""
     return all(
@@ -91,7 +113,8 @@ def split(stacked: KVState, parts: Sequence[tuple[list[int], int]], config: Any)
     """Undo :func:`stack`: part ``(rows, width)`` takes the next ``len(rows)`` batch entries and
     their rightmost ``width`` positions, as if its rows had run alone.
 
-    The parts are views of the stacked tensors, not copies: the next step copies them anyway.
+    The parts are copies: views would keep the whole stacked buffer alive (and uncounted by
+    the sessions' ``nbytes``) until every session of the pass stepped again.
     """
     out, first = [], 0
     for rows, width in parts:
@@ -100,8 +123,8 @@ def split(stacked: KVState, parts: Sequence[tuple[list[int], int]], config: Any)
         cache = DynamicCache(config=config)
         for layer, (keys, values) in zip(cache.layers, _layers(stacked.cache), strict=True):
             keep = min(keys.shape[-2], width)
-            _fill(layer, keys[batch, :, -keep:], values[batch, :, -keep:], width)
-        out.append(KVState(cache, stacked.mask[batch, -width:], list(rows)))
+            _fill(layer, keys[batch, :, -keep:].clone(), values[batch, :, -keep:].clone(), width)
+        out.append(KVState(cache, stacked.mask[batch, -width:].clone(), list(rows)))
     return out
 
 

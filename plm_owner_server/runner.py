@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from plm_owner_server import embedded
 from plm_owner_server.architectures import ModelHead
 from plm_owner_server.backend import Logits
-from plm_owner_server.kv import KVState, split, stack, stackable
+from plm_owner_server.kv import KVState, split, stack, stackable, width_groups
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
 from shared.protocol import LogitsMode
 
@@ -147,15 +147,24 @@ class ModelRunner:
     def open_sessions(
         self, sessions: Sequence[Sequence[Sequence[int]]]
     ) -> list[tuple[KVState, torch.Tensor]]:
-        """Prefill several sessions' prompts in one pass; each session gets its own cache."""
-        state, hidden = self.open_session([p for prompts in sessions for p in prompts])
-        if len(sessions) == 1:
-            return [(state, hidden)]
-        if not stackable([state]):
-            return [self.open_session(prompts) for prompts in sessions]
-        parts = [(list(range(len(p))), max(map(len, p))) for p in sessions]
-        states = split(state, parts, self.config)
-        return list(zip(states, hidden.split([len(p) for p in sessions]), strict=True))
+        """Prefill several sessions' prompts in shared passes (one per group of similar widths);
+        each session gets its own cache."""
+        out: list[tuple[KVState, torch.Tensor]] = [None] * len(sessions)  # type: ignore[list-item]
+        sizes = [(max(map(len, p)), len(p)) for p in sessions]
+        for group in width_groups(sizes):
+            prompts = [sessions[i] for i in group]
+            state, hidden = self.open_session([p for ps in prompts for p in ps])
+            if len(group) > 1 and not stackable([state]):
+                parts = [self.open_session(ps) for ps in prompts]
+            elif len(group) > 1:
+                rows = [(list(range(len(ps))), max(map(len, ps))) for ps in prompts]
+                states = split(state, rows, self.config)
+                parts = list(zip(states, hidden.split([len(ps) for ps in prompts]), strict=True))
+            else:
+                parts = [(state, hidden)]
+            for i, part in zip(group, parts, strict=True):
+                out[i] = part
+        return out
 
     @torch.inference_mode()
     def step_session(
@@ -169,24 +178,33 @@ class ModelRunner:
         self, steps: Sequence[tuple[KVState, Sequence[int], Sequence[int]]]
     ) -> list[torch.Tensor]:
         """One step of several sessions (state, rows, tokens), in one pass where caches stack."""
-        states = [state for state, _, _ in steps]
         for state, rows, _ in steps:
             state.select(rows)
-        if len(steps) > 1 and not stackable(states):
-            return [self._step(state, tokens) for state, _, tokens in steps]
-        stacked = states[0] if len(steps) == 1 else stack(states, self.config)
-        hidden = self._step(stacked, [t for _, _, tokens in steps for t in tokens])
-        if len(steps) > 1:
-            parts = split(stacked, [(s.rows, s.width + 1) for s in states], self.config)
-            for state, part in zip(states, parts, strict=True):
-                state.cache, state.mask = part.cache, part.mask
-        return list(hidden.split([len(s.rows) for s in states]))
+        out: list[torch.Tensor] = [None] * len(steps)  # type: ignore[list-item]
+        for group in width_groups([(s.width, len(s.rows)) for s, _, _ in steps]):
+            states = [steps[i][0] for i in group]
+            tokens = [steps[i][2] for i in group]
+            if len(group) > 1 and not stackable(states):
+                hidden = [self._step(s, t) for s, t in zip(states, tokens, strict=True)]
+            else:
+                stacked = states[0] if len(group) == 1 else stack(states, self.config)
+                joined = self._step(stacked, [t for ts in tokens for t in ts])
+                if len(group) > 1:
+                    parts = split(stacked, [(s.rows, s.width + 1) for s in states], self.config)
+                    for state, part in zip(states, parts, strict=True):
+                        state.cache, state.mask = part.cache, part.mask
+                hidden = list(joined.split([len(s.rows) for s in states]))
+            for i, h in zip(group, hidden, strict=True):
+                out[i] = h
+        return out
 
     def _step(self, state: KVState, tokens: Sequence[int]) -> torch.Tensor:
         positions = state.mask.sum(-1, keepdim=True)
-        state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=-1)
+        mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=-1)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
-        return self._forward(ids, state.mask, positions, state.cache)[:, -1]
+        hidden = self._forward(ids, mask, positions, state.cache)[:, -1]
+        state.mask = mask  # only once the pass succeeded (a failed one is dropped by the server)
+        return hidden
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Literal
 Kind = Literal["step", "open", "represent"]
 KINDS: tuple[Kind, ...] = ("step", "open", "represent")  # the order passes run in
 
+log = logging.getLogger(__name__)
 LINGER_SHARE = 0.25  # of the last step pass's time, waited for its sessions' next steps
 LINGER_MAX_S = 0.05
 
@@ -61,6 +63,11 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for queue in self._queues.values():  # nobody will run these any more
+            for work in queue:
+                if not work.future.done():
+                    work.future.set_exception(RuntimeError("the server is shutting down"))
+        self._queues.clear()
 
     def depth(self) -> dict[Kind, int]:
         """Queued jobs by kind."""
@@ -113,12 +120,18 @@ class Scheduler:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queues:
-                await self._linger_for_stepped()
-                batch = self.take()
-                for kind in KINDS:
-                    works = [w for w in batch if w.kind == kind]
-                    if works:
-                        await self._run(kind, works)
+                try:
+                    await self._iteration()
+                except Exception:  # a bug here must not leave every later request waiting
+                    log.exception("scheduler iteration failed; continuing")
+
+    async def _iteration(self) -> None:
+        await self._linger_for_stepped()
+        batch = self.take()
+        for kind in KINDS:
+            works = [w for w in batch if w.kind == kind]
+            if works:
+                await self._run(kind, works)
 
     async def _linger_for_stepped(self) -> None:
         """Wait (briefly) until every session of the last step pass has its next step queued."""
@@ -136,6 +149,9 @@ class Scheduler:
         started = time.monotonic()
         try:
             self._observe(kind, works)
+        except Exception:
+            log.exception("observing a pass failed")
+        try:
             results = await self._execute(kind, [w.job for w in works])
         except Exception as exc:  # delivered to every waiting caller, who maps it to a response
             results = [exc] * len(works)

@@ -320,7 +320,14 @@ class SessionService:
                 continue
             steps.append((i, session, list(rows)))
         batch = [(session.state, rows, jobs[i][2].tokens) for i, session, rows in steps]
-        hidden = self.backend.step_sessions(batch) if batch else []
+        try:
+            hidden = self.backend.step_sessions(batch) if batch else []
+        except Exception:
+            # A pass that failed part-way leaves its caches half-grown: drop those sessions, so
+            # their clients get a 404 and re-open instead of stepping a broken cache.
+            for _, session, _ in steps:
+                self.store.discard(session.id)
+            raise
         self.metrics.pass_rows.labels("step").observe(sum(len(rows) for _, _, rows in steps))
         logits = logits_of(self.backend, hidden, [jobs[i][2].logits for i, _, _ in steps])
         for (i, session, rows), h, lg in zip(steps, hidden, logits, strict=True):

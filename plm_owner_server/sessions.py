@@ -115,6 +115,12 @@ class SessionStore:
         self._drop(session_id)
         self._changed()
 
+    def discard(self, session_id: str) -> None:
+        """Drop a session whose cache can no longer be trusted (no owner check)."""
+        if session_id in self._sessions:
+            self._drop(session_id, evicted=True)
+            self._changed()
+
     def expire(self) -> int:
         """Drop sessions idle for longer than the TTL; returns how many."""
         deadline = self._clock() - self.ttl_s

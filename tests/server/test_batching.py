@@ -16,7 +16,7 @@ import torch
 from plm_owner_server.app import create_app
 from plm_owner_server.auth import hash_key
 from plm_owner_server.errors import ApiError
-from plm_owner_server.kv import KVState
+from plm_owner_server.kv import MAX_PADDING, KVState, width_groups
 from plm_owner_server.quota import Quotas
 from plm_owner_server.runner import ModelRunner
 from plm_owner_server.settings import Settings
@@ -243,3 +243,16 @@ def test_default_quota_applies_to_keys_without_their_own():
     quotas.charge("a", 50)
     with pytest.raises(ApiError):
         quotas.charge("b", 11)
+
+
+def test_a_long_session_never_pads_a_batch_of_short_ones():
+    """Stacks group sessions of similar widths: padding stays within MAX_PADDING of the cells."""
+    assert width_groups([(2048, 1), (8, 256)]) == [[0], [1]]
+    assert width_groups([(70, 1)] * 4) == [[0, 1, 2, 3]]
+    for sizes in ([(40, 1), (12, 1), (10, 2), (9, 3)], [(100, 4), (90, 4), (30, 64), (3, 1)]):
+        groups = width_groups(sizes)
+        assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+        for group in groups:
+            widest = max(sizes[i][0] for i in group)
+            cells = sum(sizes[i][0] * sizes[i][1] for i in group)
+            assert widest * sum(sizes[i][1] for i in group) <= MAX_PADDING * cells
