@@ -120,11 +120,17 @@ def run_and_report(
         results = measure(runner, url, Path(tmp))
     results["machine"] = m = machine(args.threads)
     results["wall_s"] = time.perf_counter() - started
-    print(
+    header = (
         f"model {runner.model_id} ({runner.dtype}), {m['cpus']} CPUs ({m['cpu']}), torch "
         f"{m['torch']}, transformers {m['transformers']}, {args.threads} torch threads in the "
-        f"bench and in the server; {settings}, {results['wall_s']:.0f} s\n"
+        f"bench and in the server; {settings}, {results['wall_s']:.0f} s"
     )
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    publish(results, header, table(results), args.json)
+
+
+def publish(results: dict[str, Any], header: str, table: str, path: Path | None) -> None:
+    """Print a run's header and table; also write its results to ``path`` as JSON."""
+    print(header + "\n")
+    print(table)
+    if path is not None:
+        path.write_text(json.dumps(results, indent=2, default=str))

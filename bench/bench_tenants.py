@@ -18,7 +18,6 @@ Runs are interleaved and repeated; ratios are medians of the ratios of adjacent 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import DATA, machine, running_server
+from bench_common import DATA, machine, publish, running_server
 from bench_server import token_windows
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -294,14 +293,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
     results["machine"] = m = machine(args.threads)
     results["wall_s"] = time.perf_counter() - started
-    print(
+    header = (
         f"{m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}, {args.threads} server threads; "
         f"{args.repeats} repeats, {args.steps} steps, {PROMPT_LEN}-token prompts; "
-        f"{results['wall_s']:.0f} s\n"
+        f"{results['wall_s']:.0f} s"
     )
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    publish(results, header, table(results), args.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import DATA, machine, running_server
+from bench_common import DATA, machine, publish, running_server
 from lora import LoraSettings, encode, load_model, rss_bytes, train
 
 TEMPLATE = "translate"
@@ -169,14 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     results["machine"] = machine(threads)
     results["wall_s"] = time.perf_counter() - started
     m, r = results["machine"], results["memory"]
-    print(
+    header = (
         f"\nSmolLM2-135M-Instruct, {r['train_examples']} WMT22 train + {r['dev_examples']} dev "
         f"examples, {args.epochs} epochs; {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}; "
-        f"{results['wall_s']:.0f} s\n"
+        f"{results['wall_s']:.0f} s"
     )
-    print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    publish(results, header, table(results), args.json)
 
 
 if __name__ == "__main__":
