@@ -99,7 +99,7 @@ def test_memory_build_killed_resumes_byte_identical(server, tmp_path):
 def test_training_killed_resumes_byte_identical(server, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", cipher_rows(300))
     train = ("train", "--data", str(data), *MEMORY_FLAGS, "--rank=16", "--stage1-epochs=2",
-             "--stage2-epochs=30", "--patience=30", "--resume")  # fmt: skip
+             "--stage2-epochs=60", "--patience=60", "--resume")  # fmt: skip
     run(client(server, *train, "--out", str(tmp_path / "whole")), tmp_path / "cache")
     killed = tmp_path / "killed"
     command = client(server, *train, "--out", str(killed))
