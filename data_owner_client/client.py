@@ -41,6 +41,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 R = TypeVar("R")
 RETRY_STATUSES = (429, 503)
+MAX_RETRY_AFTER_S = 60.0
 UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # never reached the server
 Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
@@ -119,15 +120,16 @@ class PemaClient:
     def _request(
         self, method: str, path: str, body: BaseModel | None = None, idempotent: bool = True
     ) -> httpx.Response:
-        """Send a request, retrying 429/503 and transport errors with backoff. A request that
-        changes state (``idempotent=False``: opening or stepping a session) is resent only when
-        it never reached the server: a read error after sending could mean it was done once."""
+        """Send a request, retrying 429/503 (after the server's ``Retry-After``, up to a minute,
+        when it sends one) and transport errors with backoff. A request that changes state
+        (``idempotent=False``: opening or stepping a session) is resent only when it never
+        reached the server: a read error after sending could mean it was done once."""
         headers = {"accept": MSGPACK}
         content = None
         if body is not None:
             content, headers["content-type"] = pack(body), MSGPACK
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+            last, delay = attempt == self.retries, self.backoff * 2**attempt
             try:
                 response = self._http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:
@@ -137,7 +139,8 @@ class PemaClient:
                 if response.status_code not in RETRY_STATUSES or last:
                     _raise_for_error(response)
                     return response
-            time.sleep(self.backoff * 2**attempt)
+                delay = max(delay, _retry_after(response))
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _call(
@@ -221,6 +224,14 @@ class PemaClient:
 
     def close_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The server's ``Retry-After`` in seconds (at most a minute), or 0."""
+    try:
+        return min(float(response.headers.get("retry-after", 0)), MAX_RETRY_AFTER_S)
+    except ValueError:  # an HTTP date: rare from this server; fall back to the backoff
+        return 0.0
 
 
 def _raise_for_error(response: httpx.Response) -> None:
