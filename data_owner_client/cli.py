@@ -22,10 +22,8 @@ import torch.distributed as dist
 from rich.logging import RichHandler
 
 from data_owner_client.adapter import (
-    CONFIG_FILE,
     KIND_DEFAULTS,
     KINDS,
-    WEIGHTS_FILE,
     Adapter,
     AdapterConfig,
     load_adapter,
@@ -35,7 +33,6 @@ from data_owner_client.data import (
     TEMPLATES,
     DataError,
     Example,
-    dataset_hash,
     load_examples,
     resolve_template,
     split_dev,
@@ -44,7 +41,7 @@ from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
-from data_owner_client.outputs import append_outputs, file_digest, resume, settings_record
+from data_owner_client.outputs import append_outputs, file_digest, resume, run_record
 from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
 from data_owner_client.served_model import ServedModel
@@ -653,7 +650,8 @@ def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
     examples = _inputs(args, require_target=False)
     start = 0
     if args.output:
-        record = _run_record(args, examples, served, generator, template)
+        memory = None if args.knn is None else file_digest(_knn_memory(args.knn) / "manifest.json")
+        record = run_record(generator, examples, knn=memory)
         start = resume(args.output, record, len(examples), generator.batch_size, args.overwrite)
         if start:
             log.info("%s: continuing after %d finished outputs", args.output, start)
@@ -664,27 +662,6 @@ def _generate_command(args: argparse.Namespace, client: PemaClient) -> None:
         return
     append_outputs(args.output, outputs)
     log.info("%d outputs written to %s", len(examples), args.output)
-
-
-def _run_record(
-    args: argparse.Namespace,
-    examples: list[Example],
-    served: ServedModel,
-    generator: Generator,
-    template: str,
-) -> dict[str, Any]:
-    """What decides an output file's records: inputs, model, adapter or kNN memory, settings."""
-    adapter = None
-    if args.adapter is not None:
-        adapter = file_digest(args.adapter / CONFIG_FILE, args.adapter / WEIGHTS_FILE)
-    knn = None if args.knn is None else file_digest(_knn_memory(args.knn) / "manifest.json")
-    return {
-        "inputs": dataset_hash(examples, template),
-        "model": served.info.fingerprint,
-        "adapter": adapter,
-        "knn": knn,
-        "settings": settings_record(generator),
-    }
 
 
 def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:

@@ -16,16 +16,15 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from data_owner_client.adapter import Adapter, AdapterConfig, adapter_tensors, write_atomic
+from data_owner_client.adapter import Adapter, AdapterConfig, write_atomic
 from data_owner_client.client import PemaClient
-from data_owner_client.data import DataError, Example, dataset_hash
+from data_owner_client.data import DataError, Example
 from data_owner_client.generate import GenerationConfig, Generator, Mixing
 from data_owner_client.outputs import (
     append_outputs,
     read_records,
     resume,
-    settings_record,
-    tensors_digest,
+    run_record,
 )
 from data_owner_client.served_model import ServedModel
 
@@ -106,16 +105,9 @@ def evaluate(
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
-    weights = tensors_digest(adapter_tensors(adapter))
     for name, generator in runs.items():
         path = report_dir / f"predictions_{name}.jsonl"
-        run = {
-            "method": name,
-            "inputs": dataset_hash(examples, template),
-            "model": served.info.fingerprint,
-            "adapter": weights if name == "pema" else None,
-            "settings": settings_record(generator),
-        }
+        run = run_record(generator, examples, method=name)
         start = resume(path, run, len(examples), generator.batch_size, overwrite)
         log.info("evaluate: decoding %d inputs with %s", len(examples) - start, _LABELS[name])
         append_outputs(path, generator.generate(examples, progress=progress, start=start))

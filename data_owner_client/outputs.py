@@ -10,11 +10,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from data_owner_client.adapter import adapter_tensors
+from data_owner_client.data import Example, dataset_hash
+from data_owner_client.generate import Generator
+from shared.codec import hash_tensors
 
 SIDECAR_SUFFIX = ".run.json"
 
@@ -24,14 +27,33 @@ class OutputFileError(ValueError):
 
 
 def file_digest(*paths: Path) -> str:
-    """``sha256:<hex>`` of the files' names and bytes, in order (an adapter's identity)."""
+    """``sha256:<hex>`` of the files' names and bytes, in order (a kNN memory's identity)."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"sha256:{digest.hexdigest()}"
 
 
-def settings_record(generator: Any) -> dict[str, Any]:
+def run_record(
+    generator: Generator, examples: Sequence[Example], **identity: Any
+) -> dict[str, Any]:
+    """What decides a generator's records over ``examples``: the inputs, the model, the
+    adapter's weights, its settings, and ``identity`` (e.g. the method, or a kNN memory)."""
+    adapter = None
+    if generator.adapter is not None:
+        digest = hashlib.sha256()
+        hash_tensors(digest, adapter_tensors(generator.adapter))
+        adapter = f"sha256:{digest.hexdigest()}"
+    return {
+        "inputs": dataset_hash(examples, generator.template),
+        "model": generator.served.info.fingerprint,
+        "adapter": adapter,
+        **identity,
+        "settings": settings_record(generator),
+    }
+
+
+def settings_record(generator: Generator) -> dict[str, Any]:
     """A Generator's settings that decide its outputs: its config as applied (the batch size and
     token budget after the server's limits), not where or how patiently it decodes."""
     settings = dataclasses.asdict(generator.config)
@@ -44,16 +66,6 @@ def settings_record(generator: Any) -> dict[str, Any]:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The JSON records of an output file (split on newlines only)."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """``sha256:<hex>`` of named tensors (an adapter's weights), in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return f"sha256:{digest.hexdigest()}"
 
 
 def append_outputs(path: Path, outputs: Iterable[Any]) -> None:

@@ -11,9 +11,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -25,9 +25,11 @@ from plm_owner_server.architectures import ModelHead
 from plm_owner_server.backend import Logits
 from plm_owner_server.kv import KVState, split, stack, stackable, width_groups
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
+from shared.codec import hash_tensors
 from shared.protocol import LogitsMode
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelRunner:
@@ -149,22 +151,19 @@ class ModelRunner:
     ) -> list[tuple[KVState, torch.Tensor]]:
         """Prefill several sessions' prompts in shared passes (one per group of similar widths);
         each session gets its own cache."""
-        out: list[tuple[KVState, torch.Tensor]] = [None] * len(sessions)  # type: ignore[list-item]
-        sizes = [(max(map(len, p)), len(p)) for p in sessions]
-        for group in width_groups(sizes):
+
+        def prefill(group: list[int]) -> list[tuple[KVState, torch.Tensor]]:
             prompts = [sessions[i] for i in group]
             state, hidden = self.open_session([p for ps in prompts for p in ps])
-            if len(group) > 1 and not stackable([state]):
-                parts = [self.open_session(ps) for ps in prompts]
-            elif len(group) > 1:
-                rows = [(list(range(len(ps))), max(map(len, ps))) for ps in prompts]
-                states = split(state, rows, self.config)
-                parts = list(zip(states, hidden.split([len(ps) for ps in prompts]), strict=True))
-            else:
-                parts = [(state, hidden)]
-            for i, part in zip(group, parts, strict=True):
-                out[i] = part
-        return out
+            if len(group) == 1:
+                return [(state, hidden)]
+            if not stackable([state]):
+                return [self.open_session(ps) for ps in prompts]
+            rows = [(list(range(len(ps))), max(map(len, ps))) for ps in prompts]
+            states = split(state, rows, self.config)
+            return list(zip(states, hidden.split([len(ps) for ps in prompts]), strict=True))
+
+        return _by_width([(max(map(len, p)), len(p)) for p in sessions], prefill)
 
     @torch.inference_mode()
     def step_session(
@@ -180,23 +179,22 @@ class ModelRunner:
         """One step of several sessions (state, rows, tokens), in one pass where caches stack."""
         for state, rows, _ in steps:
             state.select(rows)
-        out: list[torch.Tensor] = [None] * len(steps)  # type: ignore[list-item]
-        for group in width_groups([(s.width, len(s.rows)) for s, _, _ in steps]):
+
+        def step(group: list[int]) -> list[torch.Tensor]:
             states = [steps[i][0] for i in group]
             tokens = [steps[i][2] for i in group]
-            if len(group) > 1 and not stackable(states):
-                hidden = [self._step(s, t) for s, t in zip(states, tokens, strict=True)]
-            else:
-                stacked = states[0] if len(group) == 1 else stack(states, self.config)
-                joined = self._step(stacked, [t for ts in tokens for t in ts])
-                if len(group) > 1:
-                    parts = split(stacked, [(s.rows, s.width + 1) for s in states], self.config)
-                    for state, part in zip(states, parts, strict=True):
-                        state.cache, state.mask = part.cache, part.mask
-                hidden = list(joined.split([len(s.rows) for s in states]))
-            for i, h in zip(group, hidden, strict=True):
-                out[i] = h
-        return out
+            if len(group) == 1:
+                return [self._step(states[0], tokens[0])]
+            if not stackable(states):
+                return [self._step(s, t) for s, t in zip(states, tokens, strict=True)]
+            stacked = stack(states, self.config)
+            joined = self._step(stacked, [t for ts in tokens for t in ts])
+            parts = split(stacked, [(s.rows, s.width + 1) for s in states], self.config)
+            for state, part in zip(states, parts, strict=True):
+                state.cache, state.mask = part.cache, part.mask
+            return list(joined.split([len(s.rows) for s in states]))
+
+        return _by_width([(s.width, len(s.rows)) for s, _, _ in steps], step)
 
     def _step(self, state: KVState, tokens: Sequence[int]) -> torch.Tensor:
         positions = state.mask.sum(-1, keepdim=True)
@@ -213,6 +211,15 @@ class ModelRunner:
             state, _ = self.open_session([[0]])
             self._kv_bytes_per_token = state.nbytes
         return self._kv_bytes_per_token
+
+
+def _by_width(sizes: Sequence[tuple[int, int]], run: Callable[[list[int]], list[T]]) -> list[T]:
+    """``run`` over each group of :func:`width_groups` of ``sizes`` (width, rows); the results
+    back in the order of ``sizes``."""
+    out: dict[int, T] = {}
+    for group in width_groups(sizes):
+        out.update(zip(group, run(group), strict=True))
+    return [out[i] for i in range(len(sizes))]
 
 
 def _chunks(rows: Sequence[Sequence[int]], max_tokens: int) -> Iterator[list[int]]:
@@ -288,8 +295,5 @@ def fingerprint(model: PreTrainedModel) -> str:
     """SHA-256 of the config and of every weight as served (names, dtypes, shapes, bytes)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy())
+    hash_tensors(digest, model.state_dict())
     return "sha256:" + digest.hexdigest()

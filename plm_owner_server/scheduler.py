@@ -6,7 +6,10 @@ runs it grouped by kind: every session step of every key in one pass, every sess
 pass, every ``/v1/represent`` row in as few passes as the budget allows. Steps run first, so a
 decoding client never waits behind a long prefill of the same iteration. A job costlier than the
 budget runs alone; a session steps at most once per iteration; work whose caller went away is
-dropped. There is no time window: an iteration is whatever queued while the last one ran.
+dropped. An iteration is whatever queued while the last one ran, with one exception: the sessions
+of the last step pass are given a moment (a quarter of that pass's time, at most ``LINGER_MAX_S``)
+to send their next step, because their clients answer a few milliseconds apart. Without it,
+decoding clients that share one pass drift into several ragged passes, each reading all weights.
 """
 
 from __future__ import annotations

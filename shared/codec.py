@@ -63,3 +63,12 @@ def unpack_raw(body: bytes) -> Any:
 def unpack(body: bytes, model: type[M]) -> M:
     """A msgpack body validated as a protocol model."""
     return model.model_validate(unpack_raw(body))
+
+
+def hash_tensors(digest: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed named tensors to a hashlib ``digest``, in name order: each name, dtype and shape,
+    then its bytes (the server's model fingerprint and the client's adapter identity)."""
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy())
