@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.knn import KnnLM
 from data_owner_client.progress import progress_bar
-from data_owner_client.schedule import check_settings, gu_lambdas, mix_log_probs
+from data_owner_client.schedule import check_settings, gu_lambda, gu_lambdas, mix_log_probs
 from data_owner_client.sequence import SequenceAdapter, SequenceCache
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import resolve_device
@@ -107,6 +108,10 @@ class Mixing:
     def needs_horizon(self) -> bool:
         return self.lambda_max > 0 and self.schedule != "constant"
 
+    def lambda_at(self, step: int, horizon: float) -> float:
+        """λ of a row of horizon ``horizon`` at generation step ``step``."""
+        return gu_lambda(step, horizon, self.lambda_max, self.lambda_min, self.schedule)
+
     def horizon_of(self, source_tokens: int) -> float:
         """The row's horizon L: fixed, or the learned ratio × its source length."""
         if self.horizon is not None:
@@ -162,19 +167,75 @@ class Generation:
 
 
 @dataclass
-class _Row:
+class Row:
+    """One prompt being decoded."""
+
     prompt: list[int]
     horizon: float
     budget: int  # new tokens this row may take
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+    text: str = ""  # the output so far, once finished (kept up to date with stop strings)
+    finish_reason: str | None = None  # "eos", "stop", "length", or "cancelled"
     seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    """Rows decoded with one set of settings and one sampler: a batch of ``generate``, or one
+    request to ``pema-client serve``. ``cancelled`` may be set from any thread: the rows end at
+    the next step."""
+
+    rows: list[Row]
+    config: GenerationConfig
+    mixing: Mixing
+    sampler: torch.Generator
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finish_reason is not None for r in self.rows)
+
+
+@dataclass
+class Batch:
+    """The rows of some jobs in one server session, with what their next tokens need."""
+
+    jobs: list[Job]
+    session: str | None
+    hidden: torch.Tensor  # the live rows' last representations [len(live), d]
+    started: float
+    cache: SequenceCache | None = None  # the sequence adapter's, over the same rows
+    adapted: torch.Tensor | None = None  # its outputs for the live rows
+    step: int = 0  # tokens each row has taken so far
+    error: Exception | None = None  # why the batch ended early
+    rows: list[Row] = field(init=False)
+    owners: list[Job] = field(init=False)  # each row's job
+    live: list[int] = field(init=False)  # the rows still decoding, in ``hidden``'s order
+    slots: list[int] = field(init=False)  # each row's row id in the server's session
+
+    def __post_init__(self) -> None:
+        self.owners = [job for job in self.jobs for _ in job.rows]
+        self.rows = [row for job in self.jobs for row in job.rows]
+        self.live, self.slots = list(range(len(self.rows))), list(range(len(self.rows)))
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only the live rows at positions ``keep`` of ``live`` go on."""
+        if len(keep) < len(self.live):
+            index = torch.tensor(keep, dtype=torch.long)
+            self.hidden = self.hidden[index.to(self.hidden.device)]
+            if self.adapted is not None:
+                self.adapted = self.adapted[index.to(self.adapted.device)]
+            self.live = [self.live[k] for k in keep]
 
 
 class Generator:
     """Decodes examples through ``client`` with the served model's head, mixed with an optional
-    adapter or kNN-LM."""
+    adapter or kNN-LM.
+
+    The decoding step is :meth:`advance`: one token for every live row of some batches, their
+    mixtures computed together, then one server step per batch. :meth:`generate` runs it on one
+    batch at a time; ``pema-client serve`` runs it on every open batch at once.
+    """
 
     def __init__(
         self,
@@ -191,7 +252,8 @@ class Generator:
         if adapter is not None and knn is not None:
             raise ValueError("mix the PLM with an adapter or with a kNN memory, not both")
         self.client, self.served, self.config, self.template = client, served, config, template
-        self.mixing = Mixing.resolve(config, adapter_config if knn is None else knn)
+        self.defaults: MixingDefaults | None = adapter_config if knn is None else knn
+        self.mixing = Mixing.resolve(config, self.defaults)
         self.device = resolve_device(config.device)
         self.head = served.head.to(self.device).eval()
         self.adapter = adapter.to(self.device).eval() if adapter is not None else None
@@ -204,6 +266,7 @@ class Generator:
         if self.max_new_tokens < config.max_new_tokens:
             log.warning("the server decodes at most %d new tokens per row", self.max_new_tokens)
         self.batch_size = min(config.batch_size, limits.max_batch_size)
+        self._pool: ThreadPoolExecutor | None = None  # steps of several batches at once
 
     def generate(
         self, examples: Sequence[Example], progress: bool = False, start: int = 0
@@ -213,15 +276,16 @@ class Generator:
         decodes it as the whole run would."""
         if start % self.batch_size and start < len(examples):
             raise ValueError(f"start {start} is not a multiple of the batch size")
-        total = len(examples)
+        total, tokenizer = len(examples), self.served.tokenizer
         with progress_bar("generate", "rows", total, start, enabled=progress) as advance:
             for first in range(start, total, self.batch_size):
-                self.sampler.manual_seed(self.config.seed + first)
                 batch = examples[first : first + self.batch_size]
-                rows = [self._row(first + i, e) for i, e in enumerate(batch)]
-                self._decode(rows)
-                advance(len(rows), sum(len(r.tokens) for r in rows))
-                for example, row in zip(batch, rows, strict=True):
+                prompts = [encode_prompt(tokenizer, self.template, e.source) for e in batch]
+                sources = [source_length(tokenizer, e.source) for e in batch]
+                job = self.job(prompts, sources, seed=self.config.seed + first, first=first)
+                self.decode([job])
+                advance(len(job.rows), sum(len(r.tokens) for r in job.rows))
+                for example, row in zip(batch, job.rows, strict=True):
                     yield Generation(
                         example.source,
                         row.text,
@@ -231,66 +295,156 @@ class Generator:
                         row.finish_reason or "length",
                     )
 
-    def _row(self, index: int, example: Example) -> _Row:
-        tokenizer, info = self.served.tokenizer, self.served.info
-        prompt = encode_prompt(tokenizer, self.template, example.source)
-        room = min(info.max_positions, info.limits.max_request_tokens) - len(prompt)
-        if not prompt or room < 1:
-            raise DataError(
-                f"example {index}: the prompt has {len(prompt)} tokens, leaving no room to "
-                f"generate within the model's {info.max_positions} positions; shorten it"
-            )
-        horizon = self.mixing.horizon_of(source_length(tokenizer, example.source))
-        return _Row(prompt, horizon, min(self.max_new_tokens, room))
+    def job(
+        self,
+        prompts: Sequence[list[int]],
+        source_tokens: Sequence[int],
+        config: GenerationConfig | None = None,
+        seed: int | None = None,
+        first: int = 0,
+    ) -> Job:
+        """A job of ``prompts`` (token ids; ``source_tokens``: each one's source length, the
+        basis of its GU horizon) decoded with ``config`` (default: the generator's), its unset
+        mixing settings taken from the adapter's; ``first`` numbers the prompts in errors."""
+        config = config or self.config
+        mixing = self.mixing if config is self.config else Mixing.resolve(config, self.defaults)
+        info = self.served.info
+        budget = min(config.max_new_tokens, self.max_new_tokens)
+        rows = []
+        for index, (prompt, source) in enumerate(zip(prompts, source_tokens, strict=True), first):
+            room = min(info.max_positions, info.limits.max_request_tokens) - len(prompt)
+            if not prompt or room < 1:
+                raise DataError(
+                    f"prompt {index} has {len(prompt)} tokens, leaving no room to generate "
+                    f"within the model's {info.max_positions} positions; shorten it"
+                )
+            rows.append(Row(prompt, mixing.horizon_of(source), min(budget, room)))
+        sampler = torch.Generator(self.device).manual_seed(config.seed if seed is None else seed)
+        return Job(rows, config, mixing, sampler)
 
-    def _decode(self, rows: list[_Row]) -> None:
-        """Decode ``rows`` together until each ends on EOS, a stop string or its budget."""
-        started = time.perf_counter()
-        session, hidden, _ = self.client.open_session(
-            [r.prompt for r in rows], dtype=self.config.hidden_dtype
-        )
-        slots = list(range(len(rows)))  # each row's row id in the server's session
+    def decode(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` together in one session until each row ends on EOS, a stop string or
+        its budget."""
+        batch = self.open(jobs)
         try:
-            cache, adapted = self._start_sequence(rows)
-            live = list(range(len(rows)))
-            for step in range(self.max_new_tokens):
-                # Each live row's next token from its mixed distribution.
-                horizons = torch.tensor([rows[b].horizon for b in live], device=self.device)
-                history = [rows[b].tokens for b in live]
-                tokens = self.next_tokens(hidden, step, horizons, adapted, history)
-                for b, token in zip(live, tokens, strict=True):
-                    self._append(rows[b], token, started)
-                # Only rows still alive advance; the server drops the others from its cache.
-                live = [b for b in live if rows[b].finish_reason is None]
-                if not live:
-                    break
-                new = [rows[b].tokens[-1] for b in live]
-                try:
-                    hidden, _ = self.client.step(session, new, [slots[b] for b in live])
-                except (ServerError, httpx.TransportError) as exc:
-                    if isinstance(exc, ServerError) and not _lost(exc):
-                        raise
-                    # Restarted, evicted or unreachable: the same state from what we hold.
-                    session, hidden = self._reopen(session, rows, live, exc)
-                    for slot, b in enumerate(live):
-                        slots[b] = slot
-                if cache is not None:  # the sequence adapter reads the same new position
-                    adapted = self._step_sequence(cache, hidden, new, live)
+            while batch.live:
+                self.advance([batch])
+            if batch.error is not None:
+                raise batch.error
         finally:
+            self.close(batch)
+
+    def open(self, jobs: list[Job]) -> Batch:
+        """A server session over the rows of ``jobs``, with their first representations (and the
+        sequence adapter's cache over their prompts)."""
+        started = time.perf_counter()
+        prompts = [row.prompt for job in jobs for row in job.rows]
+        session, hidden, _ = self.client.open_session(prompts, dtype=self.config.hidden_dtype)
+        batch = Batch(jobs, session, hidden, started)
+        try:
+            self._start_sequence(batch)
+        except BaseException:
+            self.close(batch)
+            raise
+        return batch
+
+    def close(self, batch: Batch) -> None:
+        """Free the batch's server session (once; an error closing it is only logged)."""
+        session, batch.session = batch.session, None
+        if session is not None:
             self._close(session)
 
-    def _start_sequence(self, rows: list[_Row]) -> tuple[SequenceCache | None, torch.Tensor | None]:
-        """The sequence adapter's cache over the rows' prompts, and its outputs at their last
-        positions; (None, None) for the other kinds, or when the adapter has no weight."""
-        if not isinstance(self.adapter, SequenceAdapter) or self.mixing.lambda_max == 0:
-            return None, None
-        prompts = [r.prompt for r in rows]
+    def advance(self, batches: Sequence[Batch]) -> None:
+        """One token for every live row of ``batches``, their distributions computed together;
+        then one server step of each batch that still has live rows, sent at once so that the
+        server can run them in one pass. A batch whose step fails ends with the error in
+        ``error``; its session is closed, as is each batch's whose rows all finished."""
+        for batch in batches:
+            cancelled = [b for b in batch.live if batch.owners[b].cancelled]
+            for b in cancelled:
+                batch.rows[b].finish_reason = "cancelled"
+            batch._keep([k for k, b in enumerate(batch.live) if b not in cancelled])
+        active = [batch for batch in batches if batch.live]
+        if active:
+            self._next_tokens(active)
+        stepping = []
+        for batch in batches:
+            still = [k for k, b in enumerate(batch.live) if batch.rows[b].finish_reason is None]
+            batch._keep(still)
+            if batch.live:
+                stepping.append(batch)
+            else:
+                self.close(batch)
+        if len(stepping) > 1:
+            self._pool = self._pool or ThreadPoolExecutor(thread_name_prefix="pema-step")
+            list(self._pool.map(self._step, stepping))
+        elif stepping:
+            self._step(stepping[0])
+
+    def _next_tokens(self, batches: list[Batch]) -> None:
+        """Pick and append the next token of every live row of ``batches``."""
+        lam: list[float] = []
+        adapted: list[torch.Tensor] = []
+        groups: list[tuple[Job, Batch, list[tuple[int, int]]]] = []  # rows of a job, in order
+        for batch in batches:
+            for b in batch.live:
+                job = batch.owners[b]
+                lam.append(job.mixing.lambda_at(batch.step, batch.rows[b].horizon))
+                if not groups or groups[-1][0] is not job:
+                    groups.append((job, batch, []))
+                groups[-1][2].append((len(lam) - 1, b))
+            if batch.adapted is not None:
+                adapted.append(batch.adapted)
+            elif isinstance(self.adapter, SequenceAdapter):  # weighed 0: none of its λ are
+                adapted.append(batch.hidden.new_zeros(batch.hidden.shape))
+        hidden = torch.cat([batch.hidden for batch in batches]).to(self.device, torch.float32)
+        lams = torch.tensor(lam, device=self.device)
+        with torch.inference_mode():
+            log_probs = self._log_probs(
+                hidden, lams, torch.cat(adapted).to(self.device) if adapted else None
+            )
+            for job, batch, members in groups:
+                index = torch.tensor([p for p, _ in members], device=self.device)
+                rows = [batch.rows[b] for _, b in members]
+                chosen = log_probs[index]
+                _ban_repeats(chosen, [row.tokens for row in rows], job.config.no_repeat_ngram)
+                tokens = _pick(chosen, job.config, job.sampler).tolist()
+                for row, token in zip(rows, tokens, strict=True):
+                    self._append(row, token, batch.started, job.config)
+
+    def _step(self, batch: Batch) -> None:
+        """Step the batch's live rows by their last tokens on the server (re-opening the session
+        if the server lost it) and in the sequence adapter's cache; an error ends the batch."""
+        new = [batch.rows[b].tokens[-1] for b in batch.live]
+        try:
+            assert batch.session is not None, "a live batch has a session"
+            try:
+                slots = [batch.slots[b] for b in batch.live]
+                batch.hidden, _ = self.client.step(batch.session, new, slots)
+            except (ServerError, httpx.TransportError) as exc:
+                if isinstance(exc, ServerError) and not _lost(exc):
+                    raise
+                self._reopen(batch, exc)  # restarted, evicted or unreachable
+            if batch.cache is not None:  # the sequence adapter reads the same new position
+                batch.adapted = self._step_sequence(batch.cache, batch.hidden, new, batch.live)
+            batch.step += 1
+        except Exception as exc:
+            batch.error, batch.live = exc, []
+            self.close(batch)
+
+    def _start_sequence(self, batch: Batch) -> None:
+        """The sequence adapter's cache over the batch's prompts, and its outputs at their last
+        positions; nothing for the other kinds, or when no job gives the adapter weight."""
+        if not isinstance(self.adapter, SequenceAdapter):
+            return
+        if not any(job.mixing.lambda_max > 0 for job in batch.jobs):
+            return
+        prompts = [row.prompt for row in batch.rows]
         out = self.client.represent(prompts, [0] * len(prompts), dtype=self.config.hidden_dtype)
         hidden = [h.to(self.device, torch.float32) for h in out.rows()]
-        capacity = max(len(p) for p in prompts) + self.max_new_tokens
+        capacity = max(len(row.prompt) + row.budget for row in batch.rows)
         with torch.inference_mode():
-            adapted, cache = self.adapter.start(hidden, prompts, capacity)
-        return cache, adapted
+            batch.adapted, batch.cache = self.adapter.start(hidden, prompts, capacity)
 
     @torch.inference_mode()
     def _step_sequence(
@@ -310,15 +464,25 @@ class Generator:
         adapted: torch.Tensor | None = None,
         history: Sequence[Sequence[int]] | None = None,
     ) -> list[int]:
-        """The next token of each row from its representation ``[B, d]`` at step ``step``
-        (``adapted``: the adapter's outputs for them, when it needs more than ``hidden``;
-        ``history``: each row's output so far, for ``no_repeat_ngram``)."""
-        x = hidden.to(self.device, torch.float32)
+        """The next token of each row from its representation ``[B, d]`` at step ``step``, with
+        the generator's settings (``adapted``: the adapter's outputs for them, when it needs more
+        than ``hidden``; ``history``: each row's output so far, for ``no_repeat_ngram``)."""
         m = self.mixing
         lam = gu_lambdas(step, horizons, m.lambda_max, m.lambda_min, m.schedule)
+        x = hidden.to(self.device, torch.float32)
+        log_probs = self._log_probs(x, lam.to(self.device), adapted)
+        if history is not None:
+            _ban_repeats(log_probs, history, self.config.no_repeat_ngram)
+        return _pick(log_probs, self.config, self.sampler).tolist()
+
+    def _log_probs(
+        self, x: torch.Tensor, lam: torch.Tensor, adapted: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The mixed next-token log-probabilities ``[B, V]`` of representations ``x [B, d]``
+        with each row's λ."""
         if not bool(lam.any()):
-            log_probs = F.log_softmax(self.head(x), dim=-1)
-        elif self.adapter is not None:
+            return F.log_softmax(self.head(x), dim=-1)
+        if self.adapter is not None:
             if adapted is None:
                 assert not isinstance(self.adapter, SequenceAdapter), "it reads the sequence"
                 adapted = self.adapter(x)
@@ -328,46 +492,32 @@ class Generator:
             else:
                 both = self.head(torch.cat([x, adapted]))
             lp_lm, lp_pema = F.log_softmax(both, dim=-1).chunk(2)
-            log_probs = mix_log_probs(lp_lm, lp_pema, lam)
-        else:
-            assert self.knn is not None, "λ > 0 needs an adapter or a kNN-LM (Mixing.resolve)"
-            lp_lm = F.log_softmax(self.head(x), dim=-1)
-            log_probs = mix_log_probs(lp_lm, self.knn.log_probs(x), lam)
-        if self.config.no_repeat_ngram and history is not None:
-            for b, tokens in enumerate(history):
-                if banned := repeated_ngram_ends(tokens, self.config.no_repeat_ngram):
-                    log_probs[b, banned] = -math.inf
-        return self._pick(log_probs).tolist()
+            return mix_log_probs(lp_lm, lp_pema, lam)
+        assert self.knn is not None, "λ > 0 needs an adapter or a kNN-LM (Mixing.resolve)"
+        lp_lm = F.log_softmax(self.head(x), dim=-1)
+        return mix_log_probs(lp_lm, self.knn.log_probs(x), lam)
 
-    def _pick(self, log_probs: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        if config.temperature == 0:
-            return log_probs.argmax(-1)
-        scores = filter_top_k_top_p(log_probs / config.temperature, config.top_k, config.top_p)
-        return torch.multinomial(scores.softmax(-1), 1, generator=self.sampler).squeeze(-1)
-
-    def _append(self, row: _Row, token: int, started: float) -> None:
+    def _append(self, row: Row, token: int, started: float, config: GenerationConfig) -> None:
         """Add ``token`` to ``row`` and decide whether the row is finished."""
         row.tokens.append(token)
         if token in self.eos:
             row.finish_reason = "eos"
-        elif self.config.stop:  # decoding the text every step costs: only with stop strings
-            row.text = self._text(row.tokens)
-            if (cut := _stop_index(row.text, self.config.stop)) is not None:
+        elif config.stop:  # decoding the text every step costs: only with stop strings
+            row.text = self.text(row.tokens)
+            if (cut := _stop_index(row.text, config.stop)) is not None:
                 row.text, row.finish_reason = row.text[:cut].rstrip(), "stop"
         if row.finish_reason is None and len(row.tokens) >= row.budget:
             row.finish_reason = "length"
         if row.finish_reason is not None:
             row.seconds = time.perf_counter() - started
             if row.finish_reason != "stop":
-                row.text = self._text(row.tokens[:-1] if token in self.eos else row.tokens)
+                row.text = self.text(row.tokens[:-1] if token in self.eos else row.tokens)
 
-    def _text(self, tokens: list[int]) -> str:
+    def text(self, tokens: list[int]) -> str:
+        """The text of output ``tokens``, as a finished row's (special tokens out, stripped)."""
         return str(self.served.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
-    def _reopen(
-        self, session: str, rows: list[_Row], live: list[int], cause: Exception
-    ) -> tuple[str, torch.Tensor]:
+    def _reopen(self, batch: Batch, cause: Exception) -> None:
         """A new session of each live row's prompt and output so far, once the server answers
         again (within ``reconnect_s``): its last representations are what the lost step would
         have returned."""
@@ -386,16 +536,35 @@ class Generator:
                 f"the server came back with another model ({fingerprint}, was "
                 f"{self.served.info.fingerprint}); the outputs so far would not match"
             ) from cause
-        self._close(session)  # if it is still there (a dropped connection), free its slot
-        sequences = [rows[b].prompt + rows[b].tokens for b in live]
-        session, hidden, _ = self.client.open_session(sequences, dtype=self.config.hidden_dtype)
-        return session, hidden
+        self.close(batch)  # if it is still there (a dropped connection), free its slot
+        sequences = [batch.rows[b].prompt + batch.rows[b].tokens for b in batch.live]
+        dtype = self.config.hidden_dtype
+        batch.session, batch.hidden, _ = self.client.open_session(sequences, dtype=dtype)
+        for slot, b in enumerate(batch.live):
+            batch.slots[b] = slot
 
     def _close(self, session: str) -> None:
         try:
             self.client.close_session(session)
         except (ServerError, httpx.TransportError) as exc:  # gone, or the server is: no matter
             log.debug("could not close session %s: %s", session, exc)
+
+
+def _pick(
+    log_probs: torch.Tensor, config: GenerationConfig, sampler: torch.Generator
+) -> torch.Tensor:
+    if config.temperature == 0:
+        return log_probs.argmax(-1)
+    scores = filter_top_k_top_p(log_probs / config.temperature, config.top_k, config.top_p)
+    return torch.multinomial(scores.softmax(-1), 1, generator=sampler).squeeze(-1)
+
+
+def _ban_repeats(log_probs: torch.Tensor, history: Sequence[Sequence[int]], n: int) -> None:
+    """Rule out, in place, each row's tokens that would repeat an n-gram of its output."""
+    if n:
+        for b, tokens in enumerate(history):
+            if banned := repeated_ngram_ends(tokens, n):
+                log_probs[b, banned] = -math.inf
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

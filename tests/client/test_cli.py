@@ -235,13 +235,13 @@ def test_generate_output_continues_after_a_kill_and_refuses_another_run(
     whole = out.read_text()
     assert len(whole.splitlines()) == 10
     decoded: list[int] = []
-    decode = generate_module.Generator._decode
+    decode = generate_module.Generator.decode
 
-    def counting(self, rows):
-        decoded.append(len(rows))
-        return decode(self, rows)
+    def counting(self, jobs):
+        decoded.append(sum(len(job.rows) for job in jobs))
+        return decode(self, jobs)
 
-    monkeypatch.setattr(generate_module.Generator, "_decode", counting)
+    monkeypatch.setattr(generate_module.Generator, "decode", counting)
     lines = whole.splitlines(keepends=True)
     out.write_text("".join(lines[:6]) + lines[6][:15])  # killed while writing row 7
     run(*flags)

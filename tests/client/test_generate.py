@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, build_adapter
 from data_owner_client.client import PemaClient, ServerError
-from data_owner_client.data import Example
+from data_owner_client.data import Example, source_length
 from data_owner_client.generate import (
     GenerationConfig,
     Generator,
@@ -138,10 +138,11 @@ def test_the_horizon_is_the_learned_ratio_times_the_source_length(served_client)
     _, client, served = served_client
     adapter, adapter_config = _adapter(served)
     generator = Generator(client, served, GenerationConfig(), TEMPLATE, adapter, adapter_config)
-    assert generator._row(0, Example("w5 w6 w7 w8", None)).horizon == pytest.approx(1.5 * 4)
+    source = source_length(served.tokenizer, "w5 w6 w7 w8")
+    assert generator.job([[5, 6]], [source]).rows[0].horizon == pytest.approx(1.5 * 4)
     fixed = GenerationConfig(gu_horizon=9)
     generator = Generator(client, served, fixed, TEMPLATE, adapter, adapter_config)
-    assert generator._row(0, Example("w5 w6 w7 w8", None)).horizon == 9
+    assert generator.job([[5, 6]], [source]).rows[0].horizon == 9
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(served_client):
