@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ from data_owner_client.memory import DTYPES, Memory, build_memory
 from data_owner_client.outputs import append_outputs, file_digest, resume, run_record
 from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
+from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import TrainConfig, init_distributed, resolve_device, train
+from shared.keys import KeysFile
 
 log = logging.getLogger("pema-client")
 TRAIN, DEV = "train", "dev"  # the two memories under a memory directory
@@ -397,7 +400,28 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument(
         "--overwrite", action="store_true", help="start the predictions again instead"
     )
+    serve = commands.add_parser(
+        "serve",
+        parents=[connection],
+        formatter_class=formatter,
+        help="serve the adapters (and the PLM alone) behind an OpenAI-compatible API",
+    )
+    _settings_flags(serve.add_argument_group("service (each also read from $PEMA_SERVE_<NAME>)"))
     return parser
+
+
+def _settings_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per ServeSettings field; unset flags stay None so ``PEMA_SERVE_*`` apply."""
+    for name, info in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help = info.description or ""
+        if info.annotation is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help)
+        elif name == "adapter":
+            group.add_argument(flag, action="append", metavar="NAME=DIR", help=help)
+        else:
+            choices = typing.get_args(info.annotation) if name == "hidden_dtype" else None
+            group.add_argument(flag, metavar=name.upper(), choices=choices, help=help)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -686,6 +710,29 @@ def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:
     log.info("report written to %s", report_dir)
 
 
+def _serve_command(args: argparse.Namespace, client: PemaClient) -> None:
+    import uvicorn
+
+    from data_owner_client.serve.app import create_app
+    from data_owner_client.serve.models import serving_models
+
+    given = {name: getattr(args, name) for name in ServeSettings.model_fields}
+    settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    settings.check_exposure()
+    keys = KeysFile.read(settings.api_keys_file) if settings.api_keys_file else None
+    if keys is not None and keys.quotas:
+        log.warning("tokens_per_minute in %s is not enforced by serve", settings.api_keys_file)
+    client.retries = 1  # a PLM server that is away answers requests with 503 soon, not late
+    models = serving_models(settings, client, ServedModel.fetch(client))
+    uvicorn.run(
+        create_app(models, keys),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+
+
 def _info_command(args: argparse.Namespace, client: PemaClient) -> None:
     sys.stdout.write(json.dumps(client.model_info().model_dump(), indent=2) + "\n")
 
@@ -696,6 +743,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, PemaClient], None]] = {
     "train": _train_command,
     "generate": _generate_command,
     "evaluate": _evaluate_command,
+    "serve": _serve_command,
 }
 
 

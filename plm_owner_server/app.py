@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,6 +18,7 @@ from plm_owner_server.metrics import Metrics
 from plm_owner_server.runner import ModelRunner
 from plm_owner_server.settings import Settings
 from plm_owner_server.state import AppState
+from shared.keys import is_loopback
 from shared.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -32,15 +32,6 @@ async def _expire_sessions(state: AppState) -> None:
             await state.sessions.expire()
         except Exception:  # a failed sweep must not end the sweeping
             log.exception("expiring idle sessions failed; trying again later")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 def api_keys(config: Settings) -> ApiKeys:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,3 +78,13 @@ def bearer_key(authorization: str) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header's value, or None."""
     scheme, _, key = authorization.partition(" ")
     return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (no keys needed there)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False

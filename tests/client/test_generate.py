@@ -16,6 +16,7 @@ from data_owner_client.data import Example, source_length
 from data_owner_client.generate import (
     GenerationConfig,
     Generator,
+    Job,
     filter_top_k_top_p,
     repeated_ngram_ends,
 )
@@ -320,3 +321,71 @@ def test_a_session_error_other_than_loss_is_raised(served_client, monkeypatch):
     monkeypatch.setattr(client, "step", refuse)
     with pytest.raises(ServerError, match="row_not_live"):
         generated_tokens(Generator(client, served, config, TEMPLATE), PROMPTS)
+
+
+def _strong_adapter(served: ServedModel, kind: str):
+    info = served.info
+    assert served.head is not None
+    config = AdapterConfig(
+        info.hidden_size, info.vocab_size, kind=kind, rank=8, width=16, heads=2, dropout=0.0,
+        length_ratio=1.5,
+    )  # fmt: skip
+    adapter = build_adapter(config, served.head, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        last = adapter.B if isinstance(adapter, ResidualAdapter) else adapter.output.weight
+        last.normal_(0, 3, generator=torch.Generator().manual_seed(1))
+    return adapter.eval(), config
+
+
+@pytest.mark.parametrize("kind", ["residual", "sequence"])
+def test_batches_advanced_together_decode_as_each_alone(served_client, kind):
+    """Jobs of different settings in different sessions, stepped together (one mixture pass,
+    concurrent server steps, some joining later), each give what they give alone; a cancelled
+    job's rows leave and the rest go on."""
+    _, client, served = served_client
+    adapter, adapter_config = _strong_adapter(served, kind)
+    base = GenerationConfig(max_new_tokens=8, schedule="constant")
+    generator = Generator(client, served, base, TEMPLATE, adapter, adapter_config)
+    tokenizer = served.tokenizer
+    settings = [
+        base,
+        dataclasses.replace(base, lambda_max=0.0),  # the PLM alone
+        dataclasses.replace(base, temperature=1.0, seed=5),
+        dataclasses.replace(base, lambda_max=0.3, schedule="quadratic", gu_horizon=4),
+    ]
+
+    def jobs() -> list[Job]:
+        made = []
+        for i, config in enumerate(settings):
+            prompts = [p for p in PROMPTS[i : i + 2]]
+            ids = [tokenizer(p)["input_ids"] for p in prompts]
+            made.append(generator.job(ids, [len(p) for p in ids], config))
+        return made
+
+    alone = jobs()
+    for job in alone:
+        generator.decode([job])
+    together = jobs()
+    batches = [generator.open(together[:2])]
+    generator.advance(batches)
+    batches += [generator.open([together[2]])]  # joins a step later
+    generator.advance(batches)
+    batches += [generator.open([together[3]])]
+    while any(b.live for b in batches):
+        generator.advance(batches)
+    assert all(b.error is None and b.session is None for b in batches)
+    for a, b in zip(alone, together, strict=True):
+        assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
+        assert [r.text for r in a.rows] == [r.text for r in b.rows]
+    plm = Generator(client, served, dataclasses.replace(base, lambda_max=0.0), TEMPLATE)
+    assert [r.tokens for r in alone[1].rows] == generated_tokens(plm, PROMPTS[1:3])
+
+    cancelled, other = jobs()[:2]
+    batches = [generator.open([cancelled]), generator.open([other])]
+    generator.advance(batches)
+    cancelled.cancelled = True
+    while any(b.live for b in batches):
+        generator.advance(batches)
+    assert {r.finish_reason for r in cancelled.rows} <= {"cancelled", "eos"}
+    assert batches[0].session is None
+    assert [r.tokens for r in other.rows] == [r.tokens for r in alone[1].rows]
