@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
-
-from data_owner_client.client import PemaClient
 
 START_TIMEOUT_S = 180.0
 
@@ -25,23 +24,29 @@ def free_port() -> int:
 
 
 @contextmanager
-def uvicorn_server(*flags: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``python -m plm_owner_server FLAGS --port P``; yields its URL once /v1/health answers."""
+def uvicorn_server(
+    *flags: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    module: str = "plm_owner_server",
+    health: str = "/v1/health",
+) -> Iterator[str]:
+    """``python -m MODULE FLAGS --port P`` (default: pema-server); yields its URL once
+    ``health`` answers 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "plm_owner_server", *flags, "--port", str(port)]
+    cmd = [sys.executable, "-m", module, *flags, "--port", str(port)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
             cmd, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        with PemaClient(url) as client:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not client.health():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    pytest.fail(f"pema-server did not start (exit {process.poll()}):\n{tail}")
-                time.sleep(0.25)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(url + health):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"{module} did not start (exit {process.poll()}):\n{tail}")
+            time.sleep(0.25)
         yield url
     finally:
         process.terminate()
@@ -50,3 +55,10 @@ def uvicorn_server(*flags: str, log: Path, env: dict[str, str] | None = None) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False

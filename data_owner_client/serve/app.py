@@ -311,7 +311,7 @@ class Run:
             ),
             default=0,
         )
-        return text[: len(text) - held]
+        return text[: len(text) - held].rstrip()
 
     async def snapshots(self, request: Request) -> AsyncIterator[Snapshot]:
         """The job's snapshots until it ends; its rows are cancelled if the client goes away."""

@@ -30,7 +30,9 @@ class Sampling(Strict):
     n: int = Field(1, ge=1, le=16, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=4)
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = (
+        None
+    )
     seed: int | None = None
     user: str | None = None  # accepted and ignored, as an end-user id
     presence_penalty: float = 0.0

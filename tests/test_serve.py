@@ -1,0 +1,332 @@
+"""`pema-client serve` end to end: a real `pema-server` over a tiny model, the service as a
+second real uvicorn process, driven by the official `openai` package."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from data_owner_client import cli
+from data_owner_client.adapter import AdapterConfig, build_adapter, save_adapter
+from data_owner_client.client import PemaClient
+from data_owner_client.residual import ResidualAdapter
+from data_owner_client.served_model import ServedModel
+from shared.keys import hash_key
+from tests.tiny_models import tiny_model, tiny_tokenizer
+from tests.tiny_server import TinyServer
+from tests.uvicorn_server import free_port, uvicorn_server
+
+pytestmark = pytest.mark.slow
+
+KEY = "pema_serve-test-key"
+TEMPLATE = "w7 {source} w8"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+    "{% if add_generation_prompt %}w5{% endif %}"
+)
+SOURCES = ["w5 w9 w11", "w20", "w30 w31 w40 w41 w50", "w44 w45", "w12 w13", "w60 w61 w62"]
+ADAPTERS = ("pema", "sequence")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def plm(folder) -> str:
+    """pema-server over a tiny llama whose tokenizer has a chat template."""
+    model = folder / "tiny-llama"
+    tiny_model("llama").save_pretrained(model)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    with uvicorn_server("--model", str(model), log=folder / "plm.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cache(folder) -> Path:
+    return folder / "client-cache"
+
+
+@pytest.fixture(scope="module")
+def adapters(plm, folder, cache) -> dict[str, Path]:
+    """An adapter of each kind with weights strong enough to change the PLM's outputs."""
+    with PemaClient(plm) as client:
+        served = ServedModel.fetch(client, cache_dir=cache)
+    assert served.head is not None
+    info, made = served.info, {}
+    for kind in ADAPTERS:
+        config = AdapterConfig(
+            info.hidden_size, info.vocab_size, kind=kind, rank=8, width=16, heads=2,
+            dropout=0.0, fingerprint=info.fingerprint, template=TEMPLATE, length_ratio=1.5,
+            lambda_max=0.7, schedule="quadratic",
+        )  # fmt: skip
+        adapter = build_adapter(config, served.head, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            if kind == "pema":
+                adapter.B_pd.normal_(0, 30, generator=torch.Generator().manual_seed(1))
+            else:
+                last = adapter.B if isinstance(adapter, ResidualAdapter) else adapter.output.weight
+                last.normal_(0, 3, generator=torch.Generator().manual_seed(1))
+        made[kind] = save_adapter(folder / kind, adapter, config)
+    return made
+
+
+@pytest.fixture(scope="module")
+def service(plm, adapters, folder, cache) -> str:
+    keys = folder / "keys.txt"
+    keys.write_text(f"{hash_key(KEY)} app\n")
+    flags = ["serve", "--server", plm, "--api-keys-file", str(keys)]
+    flags += [f"--adapter={name}={path}" for name, path in adapters.items()]
+    env = {"PEMA_CLIENT_CACHE": str(cache)}
+    with uvicorn_server(
+        *flags, log=folder / "serve.log", env=env, module="data_owner_client", health="/health"
+    ) as url:
+        yield url
+
+
+@pytest.fixture
+def api(service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def plm_id(plm) -> str:
+    with PemaClient(plm) as client:
+        return client.model_info().model_id
+
+
+def generate(plm, cache, monkeypatch, tmp_path, *flags: str, sources=SOURCES) -> list[dict]:
+    """`pema-client generate --data` over ``sources``: its JSONL records."""
+    monkeypatch.setenv("PEMA_CLIENT_CACHE", str(cache))
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    data.write_text("".join(json.dumps({"source": s}) + "\n" for s in sources))
+    out.unlink(missing_ok=True)
+    cli.main(["generate", "--server", plm, "--data", str(data), "--output", str(out),
+              "--no-progress", "--temperature=0", *flags])  # fmt: skip
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def render(source: str) -> str:
+    return TEMPLATE.replace("{source}", source)
+
+
+def test_models_are_the_adapters_and_the_plm(api, plm_id):
+    models = {m.id: m for m in api.models.list()}
+    assert list(models) == [plm_id, *ADAPTERS]
+    assert models["pema"].owned_by == "data-owner" and models[plm_id].owned_by == "plm-owner"
+    assert api.models.retrieve("sequence").model_extra["adapter_kind"] == "sequence"
+    assert api.models.retrieve("sequence").model_extra["template"] == TEMPLATE
+
+
+@pytest.mark.parametrize("name", [*ADAPTERS, "plm"])
+def test_completions_equal_pema_client_generate(
+    api, plm, plm_id, adapters, cache, monkeypatch, tmp_path, name
+):
+    """Greedy completions of the adapter's rendered prompts equal `generate` on the sources
+    (same tokens, same GU horizon from the source inside the template): text, finish reason,
+    usage; streamed, the text arrives in pieces that add up to the same."""
+    model, flags = (plm_id, ["--template", TEMPLATE]) if name == "plm" else (name, [])
+    if name != "plm":
+        flags = ["--adapter", str(adapters[name])]
+    want = generate(plm, cache, monkeypatch, tmp_path, "--max-new-tokens=12", *flags)
+    got = api.completions.create(
+        model=model, prompt=[render(s) for s in SOURCES], max_tokens=12, temperature=0
+    )
+    assert [c.text for c in got.choices] == [w["prediction"] for w in want]
+    reasons = {"eos": "stop", "length": "length"}
+    assert [c.finish_reason for c in got.choices] == [reasons[w["finish_reason"]] for w in want]
+    assert got.usage.completion_tokens == sum(w["tokens"] for w in want)
+    prompt_tokens = sum(len(tiny_tokenizer()(render(s))["input_ids"]) for s in SOURCES)
+    assert got.usage.prompt_tokens == prompt_tokens
+    assert got.usage.total_tokens == prompt_tokens + got.usage.completion_tokens
+
+    stream = api.completions.create(
+        model=model, prompt=render(SOURCES[2]), max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == want[2]["prediction"] and len([p for p in pieces if p]) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reasons[
+        want[2]["finish_reason"]
+    ]
+    assert chunks[-1].usage.completion_tokens == want[2]["tokens"]
+
+
+def test_stop_strings_and_max_tokens(api, plm, adapters, cache, monkeypatch, tmp_path):
+    flags = ["--adapter", str(adapters["pema"]), "--max-new-tokens=12"]
+    whole = generate(plm, cache, monkeypatch, tmp_path, *flags)
+    words = whole[2]["prediction"].split()
+    stop = " ".join(words[3:5])  # appears in the middle
+    want = generate(plm, cache, monkeypatch, tmp_path, *flags, "--stop", stop)
+    got = api.completions.create(
+        model="pema", prompt=[render(s) for s in SOURCES], max_tokens=12, temperature=0,
+        stop=[stop],
+    )  # fmt: skip
+    assert [c.text for c in got.choices] == [w["prediction"] for w in want]
+    assert got.choices[2].text == " ".join(words[:3]) and got.choices[2].finish_reason == "stop"
+    streamed = api.completions.create(
+        model="pema", prompt=render(SOURCES[2]), max_tokens=12, temperature=0, stop=stop,
+        stream=True,
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == " ".join(words[:3])
+    short = api.completions.create(model="pema", prompt=render(SOURCES[2]), max_tokens=3,
+                                   temperature=0)  # fmt: skip
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert short.choices[0].text == " ".join(words[:3])
+
+
+def test_chat_renders_the_chat_template_and_equals_generate(
+    api, plm, adapters, cache, monkeypatch, tmp_path
+):
+    chat_template = "w3 {source} w4 w5"  # what CHAT_TEMPLATE makes of one user message
+    want = generate(plm, cache, monkeypatch, tmp_path, "--adapter", str(adapters["sequence"]),
+                    "--template", chat_template, "--max-new-tokens=10")  # fmt: skip
+    for source, expected in zip(SOURCES, want, strict=True):
+        messages = [{"role": "user", "content": source}]
+        got = api.chat.completions.create(
+            model="sequence", messages=messages, max_tokens=10, temperature=0
+        )
+        assert got.choices[0].message.content == expected["prediction"]
+        assert got.choices[0].message.role == "assistant"
+        assert got.usage.completion_tokens == expected["tokens"]
+    stream = api.chat.completions.create(
+        model="sequence", messages=[{"role": "user", "content": SOURCES[2]}], max_tokens=10,
+        temperature=0, stream=True,
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want[2]["prediction"]
+    assert chunks[-1].choices[0].finish_reason is not None
+
+
+def test_lambda_zero_is_the_plm_alone(api, plm_id):
+    prompts = [render(s) for s in SOURCES]
+    plm = api.completions.create(model=plm_id, prompt=prompts, max_tokens=10, temperature=0)
+    for name in ADAPTERS:
+        off = api.completions.create(
+            model=name, prompt=prompts, max_tokens=10, temperature=0,
+            extra_body={"lambda_max": 0},
+        )  # fmt: skip
+        on = api.completions.create(model=name, prompt=prompts, max_tokens=10, temperature=0)
+        assert [c.text for c in off.choices] == [c.text for c in plm.choices]
+        assert [c.text for c in on.choices] != [c.text for c in plm.choices]
+
+
+def test_concurrent_requests_each_get_their_answer_alone(api, plm_id):
+    """Eight threads at once, over both adapters, the PLM and sampled settings: each answer is
+    what the same request gets alone."""
+    requests = [
+        dict(model=["pema", "sequence", plm_id][i % 3], prompt=render(SOURCES[i % 6]),
+             max_tokens=6 + i, temperature=0.0 if i % 2 else 1.0, seed=i)
+        for i in range(8)
+    ]  # fmt: skip
+    alone = [api.completions.create(**r).choices[0].text for r in requests]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: api.completions.create(**r).choices[0].text, requests))
+    assert together == alone
+
+
+def test_errors_have_openai_shape(api, service):
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.completions.create(model="nope", prompt="w5", max_tokens=2)
+    assert missing.value.code == "model_not_found" and "GET /v1/models" in missing.value.message
+    wrong = openai.OpenAI(base_url=f"{service}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.BadRequestError) as bad:
+        api.completions.create(model="pema", prompt="w5", max_tokens=2, temperature=5)
+    assert bad.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        api.completions.create(model="pema", prompt="w5", frequency_penalty=1)
+    with pytest.raises(openai.BadRequestError, match="no room to generate"):
+        api.completions.create(model="pema", prompt="w5 " * 5000, max_tokens=2)
+    response = httpx.post(
+        f"{service}/v1/completions", json={}, headers={"authorization": f"Bearer {KEY}"}
+    )
+    assert response.status_code == 400 and set(response.json()["error"]) == {
+        "message", "type", "param", "code"
+    }  # fmt: skip
+
+
+def _metric(plm: str, name: str) -> float:
+    text = httpx.get(f"{plm}/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def test_a_client_that_goes_away_frees_its_rows(api, service, plm, plm_id):
+    """A stream closed after its first chunk: the service stops decoding it and closes its PLM
+    session long before the tokens it asked for (which the same request takes when read)."""
+    steps = 'pema_requests_total{method="POST",route="/v1/sessions/{session_id}/step"'
+    body = {"model": plm_id, "prompt": render(SOURCES[0]), "max_tokens": 1000, "temperature": 0}
+    headers = {"authorization": f"Bearer {KEY}"}
+    before = _metric(plm, steps)
+    whole = httpx.post(f"{service}/v1/completions", json=body, headers=headers).json()
+    assert whole["choices"][0]["finish_reason"] == "length"  # the model's context is the limit
+    full = _metric(plm, steps) - before
+    assert full > 50
+    before = _metric(plm, steps)
+    with httpx.stream(
+        "POST", f"{service}/v1/completions", json=body | {"stream": True}, headers=headers
+    ) as response:
+        next(response.iter_lines())
+    deadline = time.monotonic() + 10
+    while _metric(plm, "pema_sessions_open") > 0:
+        assert time.monotonic() < deadline, "the session stayed open"
+        time.sleep(0.05)
+    assert _metric(plm, steps) - before < full / 2
+
+
+def test_plm_server_away_is_503_and_back_works(tmp_path):
+    """The PLM owner's server killed: requests get a 503 at once, not a hang; started again,
+    they work again. (This tiny model's tokenizer has no chat template: chat is a clear 400.)"""
+    plm = TinyServer(free_port(), tmp_path / "plm.log")
+    plm.start()
+    plm.wait_ready()
+    env = {"PEMA_CLIENT_CACHE": str(tmp_path / "cache")}
+    flags = ("serve", "--server", plm.url, "--reconnect-s=1")
+    try:
+        with uvicorn_server(
+            *flags, log=tmp_path / "serve.log", env=env, module="data_owner_client",
+            health="/health",
+        ) as url:  # fmt: skip
+            api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            model = api.models.list().data[0].id
+
+            def ask() -> str:
+                answer = api.completions.create(
+                    model=model, prompt="w5 w9", max_tokens=5, temperature=0
+                )
+                return answer.choices[0].text
+
+            first = ask()
+            with pytest.raises(openai.BadRequestError, match="no chat template"):
+                api.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "w5"}]
+                )
+            plm.kill()
+            started = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as away:
+                ask()
+            assert away.value.status_code == 503 and "unavailable" in away.value.message
+            assert time.monotonic() - started < 10
+            plm.start()
+            plm.wait_ready()
+            assert ask() == first
+    finally:
+        if plm.process is not None and plm.process.poll() is None:
+            plm.kill()
