@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # is why it ended early (None while it runs and when it finished).
 Notify = Callable[[Job, Exception | None], None]
 IDLE_POLL_S = 0.05  # how often a job waiting for a session looks for one
+GATHER_S = 0.005  # an idle engine waits this long after a job for the next of its burst
+GATHER_MAX_S = 0.03  # and no longer than this in all
 
 
 class EngineClosed(RuntimeError):
@@ -83,19 +86,24 @@ class Engine:
             self._end(job, EngineClosed("the service is shutting down"))
 
     def _receive(self) -> None:
-        """Take what arrived; wait for something when there is nothing to do."""
-        block = not self._batches
+        """Take what arrived. With nothing to do, wait for a job, then for the jobs that follow
+        it closely (clients of one burst share a session instead of opening one each)."""
+        idle = not self._batches
         timeout = IDLE_POLL_S if self._waiting else None
+        deadline = None
         while True:
+            if idle and deadline is not None:
+                timeout = max(0.0, min(GATHER_S, deadline - time.monotonic()))
             try:
-                item = self._inbox.get(block=block, timeout=timeout if block else None)
+                item = self._inbox.get(block=idle, timeout=timeout if idle else None)
             except queue.Empty:
                 return
-            if item is not None:
-                job, notify = item
-                self._waiting.append(job)
-                self._notify[id(job)] = notify
-            block = False
+            if item is None:
+                return
+            job, notify = item
+            self._waiting.append(job)
+            self._notify[id(job)] = notify
+            deadline = deadline or time.monotonic() + GATHER_MAX_S
 
     def _admit(self) -> None:
         """Open sessions over the waiting jobs (as many rows as one session holds each) while
