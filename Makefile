@@ -45,6 +45,7 @@ bench: model
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_generate.py
 	$(BIN)/python bench/bench_tenants.py
+	$(BIN)/python bench/bench_serve.py
 
 # PEMA against the PLM alone, kNN-LM and LoRA on WMT22 and the Bible task, with the ablations
 # (about 75 minutes on 2 CPU cores; results in results/quality, see README "Quality").

@@ -293,12 +293,13 @@ def test_a_client_that_goes_away_frees_its_rows(api, service, plm, plm_id):
 
 def test_plm_server_away_is_503_and_back_works(tmp_path):
     """The PLM owner's server killed: requests get a 503 at once, not a hang; started again,
-    they work again. (This tiny model's tokenizer has no chat template: chat is a clear 400.)"""
+    they work again. (Also: with one session allowed, a request waits for the running one; this
+    tiny model's tokenizer has no chat template, so chat is a clear 400.)"""
     plm = TinyServer(free_port(), tmp_path / "plm.log")
     plm.start()
     plm.wait_ready()
     env = {"PEMA_CLIENT_CACHE": str(tmp_path / "cache")}
-    flags = ("serve", "--server", plm.url, "--reconnect-s=1")
+    flags = ("serve", "--server", plm.url, "--reconnect-s=1", "--max-sessions=1")
     try:
         with uvicorn_server(
             *flags, log=tmp_path / "serve.log", env=env, module="data_owner_client",
@@ -314,6 +315,15 @@ def test_plm_server_away_is_503_and_back_works(tmp_path):
                 return answer.choices[0].text
 
             first = ask()
+            # One session at most: a request arriving while another decodes waits for it.
+            long = dict(model=model, prompt="w30 w31", max_tokens=40, temperature=0)
+            want = api.completions.create(**long).choices[0].text
+            with ThreadPoolExecutor(1) as pool:
+                chunks = iter(api.completions.create(**long, stream=True))
+                head = next(chunks).choices[0].text
+                waiting = pool.submit(ask)
+                assert head + "".join(c.choices[0].text for c in chunks) == want
+                assert waiting.result() == first
             with pytest.raises(openai.BadRequestError, match="no chat template"):
                 api.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": "w5"}]

@@ -3,6 +3,7 @@ the served model's id, each with a generator and an engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from data_owner_client.serve.app import ServedAdapter
 from data_owner_client.serve.engine import Engine
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
+from data_owner_client.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ def serving_models(
     """The PLM alone, then each ``--adapter NAME=DIR`` (loaded and checked against the served
     model now, so a wrong one fails before the service starts)."""
     limits = served.info.limits
+    if served.head is not None:  # one copy on the device for every model's generator
+        served = dataclasses.replace(served, head=served.head.to(resolve_device(settings.device)))
     config = GenerationConfig(
         max_new_tokens=settings.max_tokens or limits.max_new_tokens + 1,
         batch_size=limits.max_batch_size,
