@@ -38,6 +38,7 @@ from data_owner_client.data import (
     resolve_template,
     split_dev,
 )
+from data_owner_client.devices import init_distributed, resolve_device
 from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
@@ -47,7 +48,7 @@ from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
-from data_owner_client.train import TrainConfig, init_distributed, resolve_device, train
+from data_owner_client.train import TrainConfig, train
 from shared.keys import KeysFile
 
 log = logging.getLogger("pema-client")

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from data_owner_client.adapter import Adapter, AdapterConfig
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
+from data_owner_client.devices import resolve_device
 from data_owner_client.knn import KnnLM
 from data_owner_client.progress import progress_bar
 from data_owner_client.schedule import check_settings, gu_lambda, gu_lambdas, mix_log_probs
 from data_owner_client.sequence import SequenceAdapter, SequenceCache
 from data_owner_client.served_model import ServedModel
-from data_owner_client.train import resolve_device
 from shared.protocol import HiddenDType
 
 log = logging.getLogger(__name__)

@@ -42,3 +42,17 @@ def progress_bar(
             bar.update(task, advance=items, speed=f"{rate:,.1f} tokens/s")
 
         yield advance
+
+
+def stage_bar(enabled: bool) -> Progress:
+    """The trainer's bar: stage and epoch, steps, time, and the last training and validation
+    losses."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TextColumn("{task.fields[val]}"),
+        disable=not enabled,
+    )

@@ -18,26 +18,16 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sized
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
 from data_owner_client.adapter import (
     Adapter,
@@ -47,55 +37,42 @@ from data_owner_client.adapter import (
     save_adapter,
     write_atomic,
 )
-from data_owner_client.memory import Memory
-from data_owner_client.sequence import SequenceAdapter
+from data_owner_client.checkpoint import (
+    CHECKPOINT_FILE,
+    RunState,
+    cpu_copy,
+    differences,
+    run_signature,
+)
+from data_owner_client.devices import (
+    World,
+    all_reduce,
+    current_world,
+    device_rng_state,
+    gather,
+    in_lockstep,
+    init_distributed,
+    resolve_device,
+    set_device_rng_state,
+)
+from data_owner_client.objectives import (
+    Batch,
+    BatchSource,
+    StageModel,
+    ce_chunk_rows,
+    check_head,
+    eval_sums,
+    examples_of,
+    freeze_for_stage,
+    logits_of,
+    stage_loss,
+)
+from data_owner_client.progress import stage_bar
+from data_owner_client.train_log import LOG_FILE, PLOT_FILE, JsonlLog, Mean, plot_loss_curves
 from shared.head import Head
 
+__all__ = ["TrainConfig", "TrainResult", "World", "init_distributed", "resolve_device", "train"]
 log = logging.getLogger(__name__)
-
-LOG_FILE = "train_log.jsonl"
-PLOT_FILE = "loss_curves.png"
-CHECKPOINT_FILE = "trainer_state.pt"
-# Default bound on one cross-entropy chunk's logits: 2**24 float32 values (64 MiB).
-CE_CHUNK_ELEMENTS = 2**24
-# Adapter settings a resumed run must share with the run that wrote the checkpoint, per kind
-# (pema's as the first version wrote them, so its older checkpoints still resume).
-ADAPTER_SIGNATURE = {
-    "pema": ("hidden_size", "vocab_size", "rank", "alpha", "dropout", "kappa", "fingerprint"),
-    "residual": (
-        "kind", "hidden_size", "vocab_size", "rank", "alpha", "dropout", "activation",
-        "fingerprint",
-    ),
-    "sequence": (
-        "kind", "hidden_size", "vocab_size", "width", "layers", "heads", "dropout",
-        "token_inputs", "copy", "fingerprint",
-    ),
-}  # fmt: skip
-RUNTIME_ONLY = ("device", "resume", "checkpoint_dir", "log_every_steps")
-
-Batch = tuple[torch.Tensor, ...]
-
-
-class BatchSource(Protocol):
-    """Memory pairs or examples in batches; :class:`data_owner_client.memory.Memory` (pairs) and
-    its :meth:`~data_owner_client.memory.Memory.sequences` view (examples) are two.
-
-    ``batches`` yields (keys float32 [b, d], values int64 [b]) for one epoch, or for the sequence
-    kind (keys [B, T, d], tokens [B, T], labels [B, T]). The order must depend
-    on (seed, epoch) alone, ranks must get disjoint pairs, and every rank the same number of
-    batches (training also stops all ranks at the first one that runs out).
-    """
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int,
-        epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-    ) -> Iterable[Batch]: ...
 
 
 @dataclass
@@ -154,71 +131,6 @@ class TrainResult:
     steps: int  # optimizer steps over both stages
 
 
-# ---- devices and processes -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the (possibly single-process) training job."""
-
-    rank: int = 0  # this process's rank
-    size: int = 1  # number of processes
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 writes files, logs and progress."""
-        return self.rank == 0
-
-
-def current_world() -> World:
-    """The initialised process group, or a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
-    return World()
-
-
-def init_distributed() -> World:
-    """Join the process group ``torchrun`` describes (nccl on CUDA, else gloo); no-op without it."""
-    if "RANK" not in os.environ or not dist.is_available() or dist.is_initialized():
-        return current_world()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return current_world()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"``: this process's CUDA device, else MPS, else CPU; anything else as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _all_reduce(tensor: torch.Tensor, world: World, op: Any = None) -> torch.Tensor:
-    if world.size > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
-
-
-def _in_lockstep(batches: Iterator[Batch], world: World, device: torch.device) -> Iterator[Batch]:
-    """Stop every rank as soon as one runs out, so DDP's collectives never wait forever."""
-    if world.size == 1:
-        yield from batches
-        return
-    while True:
-        batch = next(batches, None)
-        flag = torch.tensor([int(batch is not None)], device=device)
-        if not _all_reduce(flag, world, dist.ReduceOp.MIN).item():
-            return
-        assert batch is not None
-        yield batch
-
-
 def _derived_seed(seed: int, purpose: str) -> int:
     """A seed for one purpose, independent of the others drawn from the same run seed."""
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
@@ -227,283 +139,6 @@ def _derived_seed(seed: int, purpose: str) -> int:
 
 def _generator(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(_derived_seed(seed, purpose))
-
-
-# ---- losses ----------------------------------------------------------------------------------
-
-
-def ce_chunk_rows(vocab_size: int, elements: int = CE_CHUNK_ELEMENTS) -> int:
-    """Rows per chunk so that one chunk's logits hold at most ``elements`` values."""
-    return max(1, elements // vocab_size)
-
-
-Logits = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _ce_sum(head: Logits, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h), y, reduction="sum")
-
-
-def chunked_cross_entropy(
-    head: Logits, h: torch.Tensor, y: torch.Tensor, chunk_rows: int
-) -> torch.Tensor:
-    """Mean ``CE(head(h), y)`` with one chunk's ``[chunk_rows, V]`` logits alive at a time.
-
-    Each chunk runs under activation checkpointing, so backward recomputes its logits instead of
-    keeping all ``n × V`` of them from the forward pass.
-    """
-    parts = [
-        checkpoint(_ce_sum, head, h_part, y_part, use_reentrant=False)
-        for h_part, y_part in zip(h.split(chunk_rows), y.split(chunk_rows), strict=True)
-    ]
-    return torch.stack(parts).sum() / len(y)
-
-
-class _StageModel(nn.Module):
-    """The adapter's outputs that one stage trains on: the module DDP wraps.
-
-    Stage 1 (pema): ``(h_rct,)``. Stage 2: ``(vectors, labels)`` of the scored positions, then
-    ``h_rct`` for pema, from the same dropout mask.
-    """
-
-    def __init__(self, adapter: Adapter, stage: int) -> None:
-        super().__init__()
-        self.adapter, self.stage = adapter, stage
-
-    def forward(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        adapter = self.adapter
-        if not isinstance(adapter, PemaAdapter):
-            return adapter.train_outputs(*batch)
-        x, y = batch
-        if self.stage == 1:
-            return (adapter.reconstruct(x),)
-        h_pd, h_rct = adapter.predict_and_reconstruct(x)
-        return h_pd, y, h_rct
-
-
-def _freeze_for_stage(adapter: Adapter, stage: int) -> list[nn.Parameter]:
-    """Leave trainable exactly what ``stage`` trains (DDP then ignores the rest)."""
-    if isinstance(adapter, PemaAdapter):
-        adapter.A.requires_grad_(True)
-        adapter.B_rct.requires_grad_(stage == 1)
-        adapter.B_pd.requires_grad_(stage == 2)
-    return [p for p in adapter.parameters() if p.requires_grad]
-
-
-def logits_of(adapter: Adapter, head: nn.Module) -> Logits:
-    """What turns the adapter's outputs into logits: the whole head, or its projection alone
-    for the kinds whose outputs live after the final norm."""
-    if not adapter.post_norm:
-        return head
-    if not isinstance(head, Head):
-        raise TypeError(f"a {type(adapter).__name__} needs the served model's Head")
-    return head.project
-
-
-def _stage_loss(
-    outputs: tuple[torch.Tensor, ...],
-    target: torch.Tensor | None,
-    head: Logits,
-    kappa: float,
-    chunk_rows: int,
-) -> dict[str, torch.Tensor]:
-    """The stage's loss under ``"loss"`` and its parts (pema's stage 2: ``"mse"``, ``"ce"``).
-
-    ``target`` is what ``h_rct`` reconstructs (pema: the adapter's features of the keys).
-    """
-    if len(outputs) == 2:
-        ce = chunked_cross_entropy(head, outputs[0], outputs[1], chunk_rows)
-        return {"loss": ce, "ce": ce}
-    assert target is not None, "pema reconstructs its features"
-    mse = F.mse_loss(outputs[-1], target)
-    if len(outputs) == 1:
-        return {"loss": mse}
-    ce = chunked_cross_entropy(head, outputs[0], outputs[1], chunk_rows)
-    return {"loss": kappa * mse + (1.0 - kappa) * ce, "mse": mse, "ce": ce}
-
-
-# ---- evaluation ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _eval_sums(
-    adapter: Adapter,
-    head: Logits,
-    batches: Iterable[Batch],
-    device: torch.device,
-    chunk_rows: int,
-    stage: int,
-) -> torch.Tensor:
-    """float64 sums over all scored positions: squared error and its elements (pema), CE,
-    correct predictions, rows."""
-    sums = torch.zeros(5, dtype=torch.float64)
-    model = _StageModel(adapter, stage)
-    for batch in batches:
-        batch = tuple(t.to(device) for t in batch)
-        outputs = model(*batch)
-        sq = elements = ce = correct = 0.0
-        rows = len(batch[0])
-        if stage == 2:
-            vectors, y = outputs[0], outputs[1]
-            for part, y_part in zip(vectors.split(chunk_rows), y.split(chunk_rows), strict=True):
-                logits = head(part)
-                ce += F.cross_entropy(logits, y_part, reduction="sum").item()
-                correct += (logits.argmax(-1) == y_part).sum().item()
-            rows = len(y)
-        if isinstance(adapter, PemaAdapter):
-            target = adapter.features(batch[0]).float()
-            sq, elements = (outputs[-1].float() - target).pow(2).sum().item(), target.numel()
-        sums += torch.tensor([sq, elements, ce, correct, rows], dtype=torch.float64)
-    return sums
-
-
-def evaluate_accuracy(
-    adapter: Adapter,
-    head: nn.Module,
-    source: BatchSource,
-    *,
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-) -> float:
-    """Next-token accuracy of the adapter's own prediction over every scored position of
-    ``source`` (pairs, or examples for the sequence kind: a memory is read as such; ``batch_size``
-    counts those, default 4096 pairs or 16 examples).
-
-    The adapter and head are moved to ``device`` (default: the adapter's) in place.
-    """
-    sequences = isinstance(adapter, SequenceAdapter)
-    source = _examples(source) if sequences else source
-    batch_size = batch_size or (16 if sequences else 4096)
-    device = torch.device(device) if device is not None else next(adapter.parameters()).device
-    adapter, head = adapter.to(device), head.to(device)
-    training = adapter.training
-    adapter.eval()
-    batches = source.batches(batch_size, seed=0, epoch=0, shuffle=False)
-    chunk = ce_chunk_rows(_vocab_size(head))
-    sums = _eval_sums(adapter, logits_of(adapter, head), batches, device, chunk, stage=2)
-    adapter.train(training)
-    if sums[4] == 0:
-        raise ValueError("the evaluation source yielded no pairs")
-    return float(sums[3] / sums[4])
-
-
-def _check_head(head: nn.Module, config: AdapterConfig) -> None:
-    """Refuse a head whose vocabulary differs from the adapter config's."""
-    weight = getattr(head, "output_weight", None)
-    if weight is not None and weight.shape[0] != config.vocab_size:
-        raise ValueError(
-            f"the head has {weight.shape[0]} output tokens but the adapter config says "
-            f"vocab_size={config.vocab_size}: take both from the same server"
-        )
-
-
-def _vocab_size(head: nn.Module) -> int:
-    """V of a head that exposes ``output_weight`` (shared.head.Head), else a generous guess."""
-    weight = getattr(head, "output_weight", None)
-    return int(weight.shape[0]) if weight is not None else 2**16
-
-
-# ---- logs, checkpoints, plots ----------------------------------------------------------------
-
-
-class _JsonlLog:
-    """Append-only JSONL records, written by rank 0; a resume cuts it back to the checkpoint."""
-
-    def __init__(self, path: Path, enabled: bool, keep_bytes: int) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled:
-            with self.path.open("ab") as f:
-                f.truncate(keep_bytes)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.enabled else 0
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``train_log.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curves(log_path: str | Path, png_path: str | Path) -> Path:
-    """Draw training and validation curves of both stages (two panels) into a PNG."""
-    from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib
-
-    records = read_log(log_path)
-    stages = sorted({r["stage"] for r in records}) or [2]
-    fig = Figure(figsize=(5.5 * len(stages), 4))
-    titles = {1: "stage 1: reconstruction MSE", 2: "stage 2: κ·MSE + (1−κ)·CE"}
-    if stages == [2]:  # a kind trained on cross-entropy alone
-        titles[2] = "cross-entropy"
-    axes = fig.subplots(1, len(stages), squeeze=False)[0]
-    for ax, stage in zip(axes, stages, strict=True):
-        title = titles[stage]
-        for kind, key, style in (("train", "loss", "-"), ("val", "val_loss", "o-")):
-            points = [
-                (r["global_step"], r[key])
-                for r in records
-                if (r["stage"], r["kind"]) == (stage, kind)
-            ]
-            if points:
-                ax.plot(
-                    *zip(*points, strict=True),
-                    style,
-                    label="train" if kind == "train" else "validation",
-                )
-        ax.set(title=title, xlabel="step", ylabel="loss", yscale="log")
-        ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    write_atomic(Path(png_path), buffer.getvalue())
-    return Path(png_path)
-
-
-def _signature(adapter_config: AdapterConfig, config: TrainConfig, world: World) -> dict[str, Any]:
-    """Settings that must not change between a checkpoint and its resumption."""
-    kind = adapter_config.kind
-    adapter = {k: getattr(adapter_config, k) for k in ADAPTER_SIGNATURE[kind]}
-    unused = () if kind == "sequence" else ("sequence_batch_size",)
-    skip = RUNTIME_ONLY + unused
-    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
-    return {"adapter": adapter, "train": train, "world_size": world.size}
-
-
-def _differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """``name saved → now`` for each setting that differs between two signatures."""
-
-    def flat(signature: dict[str, Any]) -> dict[str, Any]:
-        groups = ("adapter", "train")
-        settings = {f"{g}.{k}": v for g in groups for k, v in signature[g].items()}
-        return {**settings, "world_size": signature["world_size"]}
-
-    before, now = flat(saved), flat(expected)
-    return [
-        f"{k} {before.get(k)!r} → {now.get(k)!r}"
-        for k in sorted(before.keys() | now.keys())
-        if before.get(k) != now.get(k)
-    ]
-
-
-@dataclass
-class _State:
-    """Where a run stands; saved in every checkpoint."""
-
-    stage: int = 1  # the stage being trained
-    epoch: int = 0  # epochs finished in this stage
-    step: int = 0  # batches done in the current epoch
-    global_step: int = 0  # optimizer steps over both stages
-    since_val: int = 0  # steps since the last validation
-    best_loss: float = math.inf  # best validation loss of this stage
-    bad: int = 0  # validations in a row without improvement
-    best_metrics: dict[str, float] = field(default_factory=dict)  # metrics at the best validation
-    stage1_best: float = math.inf  # best validation loss of stage 1, once it is over
-    elapsed: float = 0.0  # seconds spent training before this process started
-    log_bytes: int = 0  # length of the JSONL log when the checkpoint was written
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -524,17 +159,17 @@ class _Trainer:
         self.adapter_config, self.config, self.out_dir = adapter_config, config, out_dir
         self.train_source, self.val_source = sources
         self.world, self.device = current_world(), resolve_device(config.device)
-        _check_head(head, adapter_config)
+        check_head(head, adapter_config)
         # The head is frozen and moved to the training device in place.
         self.head = head.to(self.device).eval().requires_grad_(False)
         self.chunk_rows = config.ce_chunk or ce_chunk_rows(adapter_config.vocab_size)
         ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else out_dir / "checkpoint"
         self.checkpoint_path = ckpt_dir / CHECKPOINT_FILE
         self.pema = adapter_config.kind == "pema"
-        self.state = _State(stage=1 if self.pema else 2)  # the other kinds only predict
+        self.state = RunState(stage=1 if self.pema else 2)  # the other kinds only predict
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.windows = {"log": _Mean(), "val": _Mean()}
-        self.bar = _progress_bar(progress and self.world.main)
+        self.windows = {"log": Mean(), "val": Mean()}
+        self.bar = stage_bar(progress and self.world.main)
 
     # -- set-up --
 
@@ -549,13 +184,13 @@ class _Trainer:
         if saved is not None:
             self._restore(saved)
         self._build_stage(optimizer_state=saved["optimizer"] if saved else None)
-        self.log = _JsonlLog(self.out_dir / LOG_FILE, self.world.main, self.state.log_bytes)
+        self.log = JsonlLog(self.out_dir / LOG_FILE, self.world.main, self.state.log_bytes)
         self.t0 = time.monotonic() - self.state.elapsed
 
     def _build_stage(self, optimizer_state: dict[str, Any] | None = None) -> None:
         """Freeze for the current stage, wrap for DDP, make the stage's optimizer."""
-        params = _freeze_for_stage(self.adapter, self.state.stage)
-        model: nn.Module = _StageModel(self.adapter, self.state.stage)
+        params = freeze_for_stage(self.adapter, self.state.stage)
+        model: nn.Module = StageModel(self.adapter, self.state.stage)
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
@@ -570,9 +205,9 @@ class _Trainer:
             log.info("no checkpoint at %s; starting from scratch", self.checkpoint_path)
             return None
         saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        expected = _signature(self.adapter_config, self.config, self.world)
+        expected = run_signature(self.adapter_config, self.config, self.world)
         if saved["signature"] != json.dumps(expected, sort_keys=True):
-            differ = _differences(json.loads(saved["signature"]), expected)
+            differ = differences(json.loads(saved["signature"]), expected)
             raise ValueError(
                 f"checkpoint {self.checkpoint_path} was written with other settings "
                 f"({'; '.join(differ)}); resume with the same settings and number of processes, "
@@ -585,10 +220,10 @@ class _Trainer:
         """Adapter, best state, run state and this rank's RNG from a checkpoint."""
         self.adapter.load_state_dict(saved["adapter"])
         self.best_state = saved["best_state"]
-        self.state = _State(**saved["state"])
+        self.state = RunState(**saved["state"])
         torch.set_rng_state(saved["rng"][self.world.rank])
         if saved["device_rng"] is not None:
-            _set_device_rng_state(self.device, saved["device_rng"][self.world.rank])
+            set_device_rng_state(self.device, saved["device_rng"][self.world.rank])
 
     # -- the stages --
 
@@ -615,7 +250,7 @@ class _Trainer:
         state, config = self.state, self.config
         skip = state.step  # batches a resumed run already trained on
         self._reset_bar()
-        for batch in _in_lockstep(self._epoch_batches(skip), self.world, self.device):
+        for batch in in_lockstep(self._epoch_batches(skip), self.world, self.device):
             self._train_step(batch)
             self._after_step()
             if config.val_every_steps and state.since_val >= config.val_every_steps:
@@ -672,13 +307,13 @@ class _Trainer:
         # What h_rct reconstructs (pema only).
         target = self.adapter.features(x) if isinstance(self.adapter, PemaAdapter) else None
         kappa = self.adapter_config.kappa
-        losses = _stage_loss(outputs, target, self.logits, kappa, self.chunk_rows)
+        losses = stage_loss(outputs, target, self.logits, kappa, self.chunk_rows)
         loss = losses["loss"]
         if self._sequences and self.world.size > 1:
             # A rank's mean is over its own target tokens, which differ between ranks: weigh it
             # by its share, so DDP's mean of the gradients is that of the global batch's mean.
             count = torch.tensor([float(len(outputs[1]))], device=self.device)
-            total = _all_reduce(count.clone(), self.world)
+            total = all_reduce(count.clone(), self.world)
             loss = loss * count * self.world.size / total
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -706,7 +341,7 @@ class _Trainer:
         assert isinstance(self.adapter, PemaAdapter), "only the pema kind has two stages"
         self.adapter.reset_for_stage2(generator=_generator(self.config.seed, "stage2"))
         state = self.state
-        self.state = _State(stage=2, global_step=state.global_step, stage1_best=state.best_loss)
+        self.state = RunState(stage=2, global_step=state.global_step, stage1_best=state.best_loss)
         self.best_state = None
         self._build_stage()
 
@@ -742,9 +377,9 @@ class _Trainer:
         batches = itertools.islice(every, self.world.rank, None, self.world.size)
         self.adapter.eval()
         stage = self.state.stage
-        sums = _eval_sums(self.adapter, self.logits, batches, self.device, self.chunk_rows, stage)
+        sums = eval_sums(self.adapter, self.logits, batches, self.device, self.chunk_rows, stage)
         self.adapter.train()
-        sq, elements, ce, correct, rows = _all_reduce(sums.to(self.device), self.world).tolist()
+        sq, elements, ce, correct, rows = all_reduce(sums.to(self.device), self.world).tolist()
         if rows == 0:
             raise ValueError("the validation memory yielded nothing to score: give it some data")
         if not self.pema:
@@ -768,20 +403,20 @@ class _Trainer:
 
     def _save_checkpoint(self) -> None:
         """Write the whole run state atomically (rank 0; every rank contributes its RNG)."""
-        rng = _gather(torch.get_rng_state(), self.world, self.device)
-        local_device_rng = _device_rng_state(self.device)
+        rng = gather(torch.get_rng_state(), self.world, self.device)
+        local_device_rng = device_rng_state(self.device)
         device_rng = None
         if local_device_rng is not None:
-            device_rng = _gather(local_device_rng, self.world, self.device)
+            device_rng = gather(local_device_rng, self.world, self.device)
         if not self.world.main:
             return
         self.state.elapsed, self.state.log_bytes = self._elapsed(), self.log.size()
-        signature = _signature(self.adapter_config, self.config, self.world)
+        signature = run_signature(self.adapter_config, self.config, self.world)
         saved = {
             "signature": json.dumps(signature, sort_keys=True),
             "state": dataclasses.asdict(self.state),
             "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
-            "best_state": _to_cpu(self.best_state),
+            "best_state": cpu_copy(self.best_state),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
             "device_rng": device_rng,
@@ -801,55 +436,6 @@ class _Trainer:
         self.bar.reset(self.task, total=total, completed=self.state.step, description=description)
 
 
-class _Mean:
-    """Running means of loss tensors, kept on the device until read (no sync per step)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            previous = self.sums.get(key)
-            self.sums[key] = value.detach() if previous is None else previous + value.detach()
-        self.count += 1
-
-    def pop(self) -> dict[str, float]:
-        means = {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
-        return means
-
-
-def _gather(tensor: torch.Tensor, world: World, device: torch.device) -> list[torch.Tensor]:
-    """Every rank's copy of ``tensor`` (an RNG state, same size on all ranks), on the CPU."""
-    if world.size == 1:
-        return [tensor.cpu()]
-    local = tensor.to(device)  # nccl gathers CUDA tensors only
-    gathered = [torch.empty_like(local) for _ in range(world.size)]
-    dist.all_gather(gathered, local)
-    return [t.cpu() for t in gathered]
-
-
-def _device_rng_state(device: torch.device) -> torch.Tensor | None:
-    """The RNG state of an accelerator (dropout draws from it there), None on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        return torch.mps.get_rng_state()
-    return None
-
-
-def _set_device_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state)
-
-
-def _to_cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    return None if state is None else {k: v.cpu() for k, v in state.items()}
-
-
 def _steps_per_epoch(source: BatchSource, batch_size: int, world_size: int) -> int | None:
     """Batches per rank and epoch, when the source can tell."""
     num_batches = getattr(source, "num_batches", None)
@@ -858,23 +444,6 @@ def _steps_per_epoch(source: BatchSource, batch_size: int, world_size: int) -> i
     if isinstance(source, Sized):
         return math.ceil(len(source) / batch_size) // world_size
     return None
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TextColumn("{task.fields[val]}"),
-        disable=not enabled,
-    )
-
-
-def _examples(source: BatchSource) -> BatchSource:
-    """A memory's whole-example view (the sequence kind's batches); other sources as they are."""
-    return source.sequences() if isinstance(source, Memory) else source
 
 
 def train(
@@ -899,7 +468,7 @@ def train(
     out_dir = Path(out_dir)
     sources = (train_source, val_source)
     if adapter_config.kind == "sequence":  # whole examples: a memory's view of them
-        sources = (_examples(train_source), _examples(val_source))
+        sources = (examples_of(train_source), examples_of(val_source))
     trainer = _Trainer(adapter_config, sources, head, out_dir, config, progress)
     if trainer.world.main:
         out_dir.mkdir(parents=True, exist_ok=True)

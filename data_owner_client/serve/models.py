@@ -12,12 +12,12 @@ from pathlib import Path
 from data_owner_client.adapter import load_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.data import TEMPLATES
+from data_owner_client.devices import resolve_device
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.serve.app import ServedAdapter
 from data_owner_client.serve.engine import Engine
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
-from data_owner_client.train import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from data_owner_client.adapter import AdapterConfig
+from data_owner_client.devices import init_distributed
 from data_owner_client.memory import split_batches
-from data_owner_client.train import TrainConfig, init_distributed, train
+from data_owner_client.train import TrainConfig, train
 from shared.head import Head
 from shared.protocol import HeadSpec
 

@@ -17,18 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_owner_client.adapter import AdapterError, build_adapter, load_adapter
-from data_owner_client.train import (
-    LOG_FILE,
-    PLOT_FILE,
-    TrainConfig,
-    ce_chunk_rows,
-    chunked_cross_entropy,
-    evaluate_accuracy,
-    init_distributed,
-    read_log,
-    resolve_device,
-    train,
-)
+from data_owner_client.devices import init_distributed, resolve_device
+from data_owner_client.objectives import ce_chunk_rows, chunked_cross_entropy, evaluate_accuracy
+from data_owner_client.train import TrainConfig, train
+from data_owner_client.train_log import LOG_FILE, PLOT_FILE, read_log
 from tests.client.synthetic import (
     TensorSource,
     cipher_task,
