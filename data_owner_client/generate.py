@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,13 +30,14 @@ from data_owner_client.data import DataError, Example, encode_prompt, source_len
 from data_owner_client.devices import resolve_device
 from data_owner_client.knn import KnnLM
 from data_owner_client.progress import progress_bar
-from data_owner_client.schedule import check_settings, gu_lambda, gu_lambdas, mix_log_probs
+from data_owner_client.schedule import check_settings, gu_lambda, mix_log_probs
 from data_owner_client.sequence import SequenceAdapter, SequenceCache
 from data_owner_client.served_model import ServedModel
 from shared.protocol import HiddenDType
 
 log = logging.getLogger(__name__)
 RECONNECT_POLL_S = 0.5  # between health checks while the server is away
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 
 
 @dataclass
@@ -175,11 +177,11 @@ class Row:
     budget: int  # new tokens this row may take
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the output so far, once finished (kept up to date with stop strings)
-    finish_reason: str | None = None  # "eos", "stop", "length", or "cancelled"
+    finish_reason: str | None = None  # "eos", "stop", "length"; or "cancelled", "error"
     seconds: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """Rows decoded with one set of settings and one sampler: a batch of ``generate``, or one
     request to ``pema-client serve``. ``cancelled`` may be set from any thread: the rows end at
@@ -190,6 +192,7 @@ class Job:
     mixing: Mixing
     sampler: torch.Generator
     cancelled: bool = False
+    error: Exception | None = None  # why its rows ended early (its settings failed)
 
     @property
     def finished(self) -> bool:
@@ -302,10 +305,12 @@ class Generator:
         config: GenerationConfig | None = None,
         seed: int | None = None,
         first: int = 0,
+        copies: int = 1,
     ) -> Job:
         """A job of ``prompts`` (token ids; ``source_tokens``: each one's source length, the
-        basis of its GU horizon) decoded with ``config`` (default: the generator's), its unset
-        mixing settings taken from the adapter's; ``first`` numbers the prompts in errors."""
+        basis of its GU horizon), ``copies`` rows each, decoded with ``config`` (default: the
+        generator's), its unset mixing settings taken from the adapter's; ``first`` numbers the
+        prompts in errors."""
         config = config or self.config
         mixing = self.mixing if config is self.config else Mixing.resolve(config, self.defaults)
         info = self.served.info
@@ -313,12 +318,16 @@ class Generator:
         rows = []
         for index, (prompt, source) in enumerate(zip(prompts, source_tokens, strict=True), first):
             room = min(info.max_positions, info.limits.max_request_tokens) - len(prompt)
-            if not prompt or room < 1:
+            if not prompt:
+                raise DataError(f"example {index}: the prompt is empty; give it some text")
+            if room < 1:
                 raise DataError(
-                    f"prompt {index} has {len(prompt)} tokens, leaving no room to generate "
-                    f"within the model's {info.max_positions} positions; shorten it"
+                    f"example {index}: the prompt has {len(prompt)} tokens, leaving no room to "
+                    f"generate within the model's {info.max_positions} positions; shorten it"
                 )
-            rows.append(Row(prompt, mixing.horizon_of(source), min(budget, room)))
+            # float32, as λ's horizons always were: the same λ bit for bit.
+            horizon = float(np.float32(mixing.horizon_of(source)))
+            rows += [Row(prompt, horizon, min(budget, room)) for _ in range(copies)]
         sampler = torch.Generator(self.device).manual_seed(config.seed if seed is None else seed)
         return Job(rows, config, mixing, sampler)
 
@@ -329,8 +338,9 @@ class Generator:
         try:
             while batch.live:
                 self.advance([batch])
-            if batch.error is not None:
-                raise batch.error
+            for error in (batch.error, *(job.error for job in jobs)):
+                if error is not None:
+                    raise error
         finally:
             self.close(batch)
 
@@ -347,6 +357,12 @@ class Generator:
             self.close(batch)
             raise
         return batch
+
+    def shutdown(self) -> None:
+        """Stop the threads that step several batches at once (when there are any)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def close(self, batch: Batch) -> None:
         """Free the batch's server session (once; an error closing it is only logged)."""
@@ -406,11 +422,21 @@ class Generator:
             for job, batch, members in groups:
                 index = torch.tensor([p for p, _ in members], device=self.device)
                 rows = [batch.rows[b] for _, b in members]
-                chosen = log_probs[index]
-                _ban_repeats(chosen, [row.tokens for row in rows], job.config.no_repeat_ngram)
-                tokens = _pick(chosen, job.config, job.sampler).tolist()
+                try:
+                    tokens = self._choose(log_probs[index], rows, job)
+                except Exception as exc:  # this job's settings: it alone ends
+                    log.warning("a job failed to pick its tokens: %s", exc)
+                    job.error = exc
+                    for row in rows:
+                        row.finish_reason = "error"
+                    continue
                 for row, token in zip(rows, tokens, strict=True):
                     self._append(row, token, batch.started, job.config)
+
+    def _choose(self, log_probs: torch.Tensor, rows: list[Row], job: Job) -> list[int]:
+        """The next token of each of a job's ``rows`` from their mixed log-probabilities."""
+        _ban_repeats(log_probs, [row.tokens for row in rows], job.config.no_repeat_ngram)
+        return _pick(log_probs, job.config, job.sampler).tolist()
 
     def _step(self, batch: Batch) -> None:
         """Step the batch's live rows by their last tokens on the server (re-opening the session
@@ -442,7 +468,7 @@ class Generator:
         prompts = [row.prompt for row in batch.rows]
         out = self.client.represent(prompts, [0] * len(prompts), dtype=self.config.hidden_dtype)
         hidden = [h.to(self.device, torch.float32) for h in out.rows()]
-        capacity = max(len(row.prompt) + row.budget for row in batch.rows)
+        capacity = max(len(p) for p in prompts) + self.max_new_tokens
         with torch.inference_mode():
             batch.adapted, batch.cache = self.adapter.start(hidden, prompts, capacity)
 
@@ -467,8 +493,7 @@ class Generator:
         """The next token of each row from its representation ``[B, d]`` at step ``step``, with
         the generator's settings (``adapted``: the adapter's outputs for them, when it needs more
         than ``hidden``; ``history``: each row's output so far, for ``no_repeat_ngram``)."""
-        m = self.mixing
-        lam = gu_lambdas(step, horizons, m.lambda_max, m.lambda_min, m.schedule)
+        lam = torch.tensor([self.mixing.lambda_at(step, float(h)) for h in horizons])
         x = hidden.to(self.device, torch.float32)
         log_probs = self._log_probs(x, lam.to(self.device), adapted)
         if history is not None:
@@ -553,7 +578,7 @@ class Generator:
 def _pick(
     log_probs: torch.Tensor, config: GenerationConfig, sampler: torch.Generator
 ) -> torch.Tensor:
-    if config.temperature == 0:
+    if config.temperature < GREEDY_BELOW:  # dividing by it would overflow: greedy, as vLLM does
         return log_probs.argmax(-1)
     scores = filter_top_k_top_p(log_probs / config.temperature, config.top_k, config.top_p)
     return torch.multinomial(scores.softmax(-1), 1, generator=sampler).squeeze(-1)

@@ -77,7 +77,9 @@ class KeysFile:
 def bearer_key(authorization: str) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header's value, or None."""
     scheme, _, key = authorization.partition(" ")
-    return key.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return key.strip()
 
 
 def is_loopback(host: str) -> bool:

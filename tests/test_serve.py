@@ -340,3 +340,27 @@ def test_plm_server_away_is_503_and_back_works(tmp_path):
     finally:
         if plm.process is not None and plm.process.poll() is None:
             plm.kill()
+
+
+def test_openai_clients_may_send_nulls_and_harmless_fields(api, service):
+    """Null means the default; fields that ask nothing of decoding are accepted; a temperature
+    too small to divide by decodes greedily, and does not fail the others decoding with it."""
+    prompt = render(SOURCES[2])
+    greedy = api.completions.create(model="pema", prompt=prompt, max_tokens=6, temperature=0)
+    body = {"model": "pema", "prompt": prompt, "max_tokens": 6, "temperature": 0, "top_p": None,
+            "n": None, "stream": None, "presence_penalty": None, "user": "u", "store": False,
+            "metadata": {"app": "test"}}  # fmt: skip
+    headers = {"authorization": f"Bearer {KEY}"}
+    answer = httpx.post(f"{service}/v1/completions", json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == greedy.choices[0].text
+    with ThreadPoolExecutor(2) as pool:
+        tiny = pool.submit(
+            api.completions.create, model="pema", prompt=prompt, max_tokens=6, temperature=1e-45
+        )
+        other = pool.submit(
+            api.completions.create, model="pema", prompt=prompt, max_tokens=6, temperature=0
+        )
+        assert tiny.result().choices[0].text == other.result().choices[0].text
+    with pytest.raises(openai.BadRequestError, match="only allowed with stream"):
+        api.completions.create(model="pema", prompt=prompt, stream_options={"include_usage": True})

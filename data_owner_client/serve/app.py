@@ -6,13 +6,13 @@ adapters, each decoded by :class:`~data_owner_client.generate.Generator` on an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data_owner_client.client import ServerError
@@ -40,6 +41,7 @@ from data_owner_client.serve.schemas import (
     Delta,
     ErrorInfo,
     ErrorResponse,
+    FinishReason,
     ModelCard,
     ModelList,
     Sampling,
@@ -49,7 +51,7 @@ from shared.keys import KeysFile, bearer_key
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a waiting request checks that its client is still there
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
+FINISH: dict[str, FinishReason] = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class OpenAIError(Exception):
@@ -152,8 +154,8 @@ def create_app(models: Sequence[ServedAdapter], keys: KeysFile | None = None) ->
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=Completion)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         model = model_of(body.model)
-        prompts, sources = _completion_prompts(model, body)
-        run = _submit(model, body, prompts, sources, body.max_tokens)
+        prompts, sources = await asyncio.to_thread(_completion_prompts, model, body)
+        run = _submit(model, body, prompts, sources, body.max_tokens, "prompt")
         return await run.respond(request, completion=True)
 
     @app.post(
@@ -161,8 +163,8 @@ def create_app(models: Sequence[ServedAdapter], keys: KeysFile | None = None) ->
     )
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         model = model_of(body.model)
-        prompt, source = _chat_prompt(model, body)
-        run = _submit(model, body, [prompt], [source], body.max_new_tokens)
+        prompt, source = await asyncio.to_thread(_chat_prompt, model, body)
+        run = _submit(model, body, [prompt], [source], body.max_new_tokens, "messages")
         return await run.respond(request, completion=False)
 
     return app
@@ -226,8 +228,10 @@ def _submit(
     prompts: list[list[int]],
     sources: list[int],
     max_tokens: int | None,
+    param: str,
 ) -> Run:
-    """The request's job (``n`` rows per prompt), handed to the model's engine."""
+    """The request's job (``n`` rows per prompt), handed to the model's engine; ``param`` names
+    the prompts' field in errors."""
     generator = model.generator
     try:
         config = dataclasses.replace(
@@ -244,17 +248,17 @@ def _submit(
             schedule=body.schedule,
             gu_horizon=body.gu_horizon,
         )
-        rows = [p for p in prompts for _ in range(body.n)]
-        job = generator.job(rows, [s for s in sources for _ in range(body.n)], config)
+        job = generator.job(prompts, sources, config, copies=body.n)
     except DataError as exc:
-        raise OpenAIError(400, str(exc), param="prompt", code="context_length_exceeded") from exc
+        code = "context_length_exceeded" if "no room" in str(exc) else "empty_prompt"
+        raise OpenAIError(400, str(exc), param=param, code=code) from exc
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
     run = Run(model, body, job, sum(len(p) for p in prompts))
     try:
         model.engine.submit(job, run.notify)
     except ValueError as exc:
-        raise OpenAIError(400, str(exc)) from exc
+        raise OpenAIError(400, str(exc), param=param) from exc
     except EngineClosed as exc:
         raise OpenAIError(503, str(exc), type="server_error") from exc
     return run
@@ -263,7 +267,7 @@ def _submit(
 @dataclass
 class Snapshot:
     texts: list[str]  # each row's text so far that will stay (all of it once finished)
-    finish: list[str | None]  # each row's OpenAI finish reason, once finished
+    finish: list[FinishReason | None]  # each row's OpenAI finish reason, once finished
     tokens: list[int]  # each row's new tokens so far
     error: Exception | None
     ended: bool
@@ -271,19 +275,19 @@ class Snapshot:
 
 class Run:
     """One request's job: hears its steps on the engine's thread and answers the request on the
-    event loop, whole or streamed."""
+    event loop, whole or streamed. Only the latest snapshot is kept: a slow reader skips to it."""
 
     def __init__(self, model: ServedAdapter, body: Sampling, job: Job, prompt_tokens: int) -> None:
         self.model, self.body, self.job, self.prompt_tokens = model, body, job, prompt_tokens
-        self.stream = body.stream
         self.loop = asyncio.get_running_loop()
-        self.updates: asyncio.Queue[Snapshot] = asyncio.Queue()
+        self.latest: Snapshot | None = None
+        self.changed = asyncio.Event()
         self.id, self.created = uuid.uuid4().hex, int(time.time())
 
     def notify(self, job: Job, error: Exception | None) -> None:
         """On the engine's thread: what the request needs of the job now."""
         ended = error is not None or job.finished
-        if not (self.stream or ended):
+        if not (self.body.stream or ended):
             return
         snapshot = Snapshot(
             [self._visible(row) for row in job.rows],
@@ -292,38 +296,43 @@ class Run:
             error,
             ended,
         )
-        self.loop.call_soon_threadsafe(self.updates.put_nowait, snapshot)
+        self.loop.call_soon_threadsafe(self._publish, snapshot)
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self.latest = snapshot
+        self.changed.set()
 
     def _visible(self, row: Row) -> str:
         """A row's text that later tokens cannot change: all of it once finished; before, without
-        trailing whitespace or a half character (the final text is stripped), nor an ending
+        a half character or trailing whitespace (the final text is stripped), nor an ending
         that may begin a stop string."""
         if row.finish_reason is not None:
-            return str(row.text)
-        text = self.model.generator.served.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        text = text.lstrip().rstrip("\ufffd").rstrip()
+            return row.text
+        stops = self.job.config.stop
+        # With stop strings the generator keeps the text up to date; else it is decoded here.
+        text = row.text if stops else self.model.generator.text(row.tokens)
+        text = text.rstrip("\ufffd").rstrip()
         held = max(
-            (
-                k
-                for stop in self.job.config.stop
-                for k in range(1, len(stop))
-                if text.endswith(stop[:k])
-            ),
+            (k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])),
             default=0,
         )
         return text[: len(text) - held].rstrip()
 
-    async def snapshots(self, request: Request) -> AsyncIterator[Snapshot]:
-        """The job's snapshots until it ends; its rows are cancelled if the client goes away."""
+    async def snapshots(self, request: Request) -> AsyncGenerator[Snapshot, None]:
+        """The job's latest snapshots until it ends; its rows are cancelled if the client goes
+        away (or stops reading)."""
         try:
             while True:
                 try:
-                    snapshot = await asyncio.wait_for(self.updates.get(), POLL_S)
+                    await asyncio.wait_for(self.changed.wait(), POLL_S)
                 except TimeoutError:
                     if await request.is_disconnected():
                         log.info("client went away; cancelling its %d rows", len(self.job.rows))
                         return
                     continue
+                self.changed.clear()
+                snapshot = self.latest
+                assert snapshot is not None
                 if snapshot.error is not None:
                     raise _failure(snapshot.error)
                 yield snapshot
@@ -340,94 +349,88 @@ class Run:
             total_tokens=self.prompt_tokens + completion,
         )
 
+    def _base(self, completion: bool) -> dict[str, Any]:
+        """The fields every answer and chunk of this request shares."""
+        kind = "cmpl" if completion else "chatcmpl"
+        return {"id": f"{kind}-{self.id}", "created": self.created, "model": self.model.id}
+
     async def respond(self, request: Request, completion: bool) -> Any:
-        snapshots = self.snapshots(request)
-        if self.stream:
+        if self.body.stream:
+            snapshots = self.snapshots(request)
             # The first token (or the failure to open a session) comes before the status line,
             # so an unavailable PLM server is a 503, not an error event.
             first = await anext(snapshots, None)
             if first is None:
-                return JSONResponse({}, status_code=499)  # the client went away
+                return Response(status_code=499)  # the client went away
             chunks = self._chunks(_after(first, snapshots), completion)
             return StreamingResponse(_sse(chunks), media_type="text/event-stream")
         last = None
-        async for snapshot in snapshots:
-            last = snapshot
-        if last is None or not last.ended:  # the client went away
-            return JSONResponse({}, status_code=499)
-        name = self.model.id
+        async with contextlib.aclosing(self.snapshots(request)) as snapshots:
+            async for snapshot in snapshots:
+                last = snapshot
+        if last is None or not last.ended:
+            return Response(status_code=499)  # the client went away
+        base = self._base(completion)
+        rows = list(zip(last.texts, last.finish, strict=True))
         if completion:
             choices = [
-                CompletionChoice(index=i, text=text, finish_reason=reason)  # type: ignore[arg-type]
-                for i, (text, reason) in enumerate(zip(last.texts, last.finish, strict=True))
+                CompletionChoice(index=i, text=text, finish_reason=reason)
+                for i, (text, reason) in enumerate(rows)
             ]
-            return Completion(
-                id=f"cmpl-{self.id}",
-                created=self.created,
-                model=name,
-                choices=choices,
-                usage=self.usage(last),
-            )
+            return Completion(**base, choices=choices, usage=self.usage(last))
         return ChatCompletion(
-            id=f"chatcmpl-{self.id}",
-            created=self.created,
-            model=name,
+            **base,
             choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)  # type: ignore[arg-type]
-                for i, (text, reason) in enumerate(zip(last.texts, last.finish, strict=True))
+                ChatChoice(
+                    index=i, message=AssistantMessage(content=text), finish_reason=reason or "stop"
+                )
+                for i, (text, reason) in enumerate(rows)
             ],
             usage=self.usage(last),
         )
 
     async def _chunks(
         self, snapshots: AsyncIterator[Snapshot], completion: bool
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[BaseModel]:
         """The stream's chunks: each row's new text as it becomes final, its finish reason with
         its last text, then the usage when asked for."""
-        base: dict[str, Any] = {"created": self.created, "model": self.model.id}
-        if completion:
-            base |= {"id": f"cmpl-{self.id}", "object": "text_completion"}
-        else:
-            base |= {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk"}
+        base = self._base(completion)
+        chunk: Callable[..., BaseModel] = Completion if completion else ChatChunk
+        rows = len(self.job.rows)
+        if not completion:
             roles = [
                 ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                for i in range(len(self.job.rows))
+                for i in range(rows)
             ]
-            yield ChatChunk(**base, choices=roles).model_dump()
-        sent = [""] * len(self.job.rows)
-        done = [False] * len(self.job.rows)
+            yield ChatChunk(**base, choices=roles)
+        sent, done = [""] * rows, [False] * rows
         last = None
         async for snapshot in snapshots:
             last = snapshot
-            choices = []
+            choices: list[Any] = []
             for i, (text, reason) in enumerate(zip(snapshot.texts, snapshot.finish, strict=True)):
-                if done[i]:
+                delta = "" if done[i] else _extension(sent[i], text)
+                if done[i] or not (delta or reason):
                     continue
-                delta = _extension(sent[i], text)
-                if not delta and reason is None:
-                    continue
-                sent[i] += delta
-                done[i] = reason is not None
+                sent[i], done[i] = sent[i] + delta, reason is not None
                 if completion:
-                    choices.append(
-                        {"index": i, "text": delta, "finish_reason": reason, "logprobs": None}
-                    )
+                    choices.append(CompletionChoice(index=i, text=delta, finish_reason=reason))
                 else:
                     choices.append(
-                        ChatChunkChoice(
-                            index=i, delta=Delta(content=delta), finish_reason=reason
-                        ).model_dump()  # type: ignore[arg-type]
+                        ChatChunkChoice(index=i, delta=Delta(content=delta), finish_reason=reason)
                     )
             if choices:
-                yield {**base, "choices": choices}
+                yield chunk(**base, choices=choices)
         if last is not None and last.ended and self.body.include_usage:
-            yield {**base, "choices": [], "usage": self.usage(last).model_dump()}
+            yield chunk(**base, choices=[], usage=self.usage(last))
 
 
-async def _after(first: Snapshot, rest: AsyncIterator[Snapshot]) -> AsyncIterator[Snapshot]:
+async def _after(first: Snapshot, rest: AsyncGenerator[Snapshot, None]) -> AsyncIterator[Snapshot]:
+    """``first``, then ``rest``, which is closed when the stream ends or is cancelled."""
     yield first
-    async for snapshot in rest:
-        yield snapshot
+    async with contextlib.aclosing(rest):
+        async for snapshot in rest:
+            yield snapshot
 
 
 def _extension(sent: str, text: str) -> str:
@@ -438,14 +441,14 @@ def _extension(sent: str, text: str) -> str:
     return ""
 
 
-async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-sent events of ``chunks``, ending with ``[DONE]``; an error after the first chunk
     becomes an ``error`` event (the status line has gone out)."""
     try:
         async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield f"data: {chunk.model_dump_json()}\n\n"
     except OpenAIError as exc:
-        yield f"data: {json.dumps({'error': exc.info.model_dump()})}\n\n"
+        yield f"data: {ErrorResponse(error=exc.info).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from data_owner_client.data import TEMPLATES
 from data_owner_client.devices import resolve_device
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.serve.app import ServedAdapter
-from data_owner_client.serve.engine import Engine
+from data_owner_client.serve.engine import Engine, SessionPool
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
 
@@ -37,7 +36,7 @@ def serving_models(
         reconnect_s=settings.reconnect_s,
         device=settings.device,
     )
-    sessions = threading.BoundedSemaphore(min(settings.max_sessions, limits.max_sessions_per_key))
+    sessions = SessionPool(min(settings.max_sessions, limits.max_sessions_per_key))
     plm = served.info.model_id
     adapters: dict[str, Path] = settings.adapters()
     if plm in adapters:

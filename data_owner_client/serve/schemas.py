@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from data_owner_client.schedule import SCHEDULES
 
 FinishReason = Literal["stop", "length"]
+Stop = Annotated[str, Field(min_length=1)]
 UNSUPPORTED = "is not supported by pema-client serve"
 
 
@@ -30,11 +31,13 @@ class Sampling(Strict):
     n: int = Field(1, ge=1, le=16, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = (
-        None
-    )
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     seed: int | None = None
-    user: str | None = None  # accepted and ignored, as an end-user id
+    # OpenAI's fields that ask nothing of decoding: accepted and ignored.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -46,6 +49,14 @@ class Sampling(Strict):
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0: all)")
     no_repeat_ngram: int = Field(0, ge=0, description="never repeat an n-gram of the output")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's fields are nullable: null asks for the default."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
     @model_validator(mode="after")
     def _supported(self) -> Sampling:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -53,17 +64,15 @@ class Sampling(Strict):
                 raise ValueError(f"{name} {UNSUPPORTED}; leave it at 0")
         if self.logit_bias:
             raise ValueError(f"logit_bias {UNSUPPORTED}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
 
     @property
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
-        if isinstance(self.stop, str):
-            if not self.stop:
-                raise ValueError("stop must not be empty")
-            return (self.stop,)
-        return tuple(self.stop)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def include_usage(self) -> bool:
@@ -127,12 +136,15 @@ class ChatRequest(Sampling):
     max_tokens: int | None = Field(None, ge=1, description="new tokens per choice")
     max_completion_tokens: int | None = Field(None, ge=1, description="max_tokens' new name")
     logprobs: bool = False
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Literal["none", "auto"] | None = None  # without tools, both mean none
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatRequest:
-        if self.logprobs or self.tools:
+        if self.logprobs or self.top_logprobs or self.tools:
             raise ValueError(f"logprobs and tools {UNSUPPORTED}")
         if self.response_format not in (None, {"type": "text"}):
             raise ValueError(f"response_format other than text {UNSUPPORTED}")

@@ -380,6 +380,15 @@ def test_batches_advanced_together_decode_as_each_alone(served_client, kind):
     plm = Generator(client, served, dataclasses.replace(base, lambda_max=0.0), TEMPLATE)
     assert [r.tokens for r in alone[1].rows] == generated_tokens(plm, PROMPTS[1:3])
 
+    broken, other = jobs()[2:4]  # a job whose sampling fails ends alone, with its error
+    broken.sampler = "not a generator"  # type: ignore[assignment]
+    batches = [generator.open([broken, other])]
+    while batches[0].live:
+        generator.advance(batches)
+    assert isinstance(broken.error, TypeError) and batches[0].error is None
+    assert {r.finish_reason for r in broken.rows} == {"error"}
+    assert [r.tokens for r in other.rows] == [r.tokens for r in alone[3].rows]
+
     cancelled, other = jobs()[:2]
     batches = [generator.open([cancelled]), generator.open([other])]
     generator.advance(batches)
