@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -134,3 +135,21 @@ def publish(results: dict[str, Any], header: str, table: str, path: Path | None)
     print(table)
     if path is not None:
         path.write_text(json.dumps(results, indent=2, default=str))
+
+
+def decoding_parser(doc: str, new_tokens: int, new_tokens_help: str) -> argparse.ArgumentParser:
+    """The flags of the decoding benches: --quick, --repeats, --new-tokens, --threads, --data,
+    --json."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 8 tokens")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help=new_tokens_help)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads of this process and of the server (default: torch's)",
+    )
+    parser.add_argument("--data", type=Path, default=DATA, help="WMT22-style JSONL (en, du)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser

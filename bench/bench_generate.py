@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import torch
-from bench_common import DATA, left_padded, run_and_report, seconds
+from bench_common import decoding_parser, left_padded, run_and_report, seconds
 
 from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
@@ -175,18 +175,7 @@ def run(args: argparse.Namespace, runner: ModelRunner, url: str, tmp: Path) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 8 tokens")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per row")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch threads of this process and of the server (default: torch's)",
-    )
-    parser.add_argument("--data", type=Path, default=DATA, help="WMT22-style JSONL (en, du)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser = decoding_parser(__doc__, 32, "tokens decoded per row")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.new_tokens = 1, 8

@@ -31,7 +31,7 @@ from typing import Any
 
 import openai
 import torch
-from bench_common import DATA, free_port, run_and_report, seconds
+from bench_common import decoding_parser, free_port, run_and_report, seconds
 
 from data_owner_client.adapter import AdapterConfig, build_adapter, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
@@ -192,18 +192,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 repeat, 8 tokens")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
-    parser.add_argument("--new-tokens", type=int, default=48, help="most new tokens per prompt")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch threads of this process and of each server (default: torch's)",
-    )
-    parser.add_argument("--data", type=Path, default=DATA, help="WMT22-style JSONL (en, du)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser = decoding_parser(__doc__, 48, "most new tokens per prompt")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.new_tokens = 1, 8

@@ -161,6 +161,14 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class Answer(BaseModel):
+    """What every answer and streamed chunk carries."""
+
+    id: str
+    created: int
+    model: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -168,11 +176,8 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(Answer):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -189,11 +194,8 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -210,11 +212,8 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatChunk(BaseModel):
-    id: str
+class ChatChunk(Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
