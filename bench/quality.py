@@ -67,6 +67,7 @@ RESIDUAL = ("--adapter-kind", "residual", "--rank", "64", "--alpha", "64", "--st
 SEQUENCE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")  # with the copy pointer
 RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.5  # constant λ of each kind's main run
 NO_REPEAT_4 = ("--no-repeat-ngram", "4")
+MIN_LENGTHS = ("0.8", "0.9")  # --min-length ablations
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
 
@@ -198,6 +199,10 @@ def kind_ablation_runs() -> list[Run]:
     """The residual and sequence kinds: mixing weight, schedule and the repetition guard, then
     their own settings; and the PLM alone with the guard."""
     runs = [Run("plm-no-repeat-4", "plm", "PLM alone", "no repeated 4-gram", (), NO_REPEAT_4)]
+    runs += [
+        Run(f"plm-min-{f}", "plm", "PLM alone", f"min length {f}", (), ("--min-length", f))
+        for f in MIN_LENGTHS
+    ]
     for kind, flags in (("residual", RESIDUAL), ("sequence", SEQUENCE)):
         group = f"{kind}: λ"
         for lam in (0.3, 0.5, 0.7, 1.0):
@@ -207,6 +212,13 @@ def kind_ablation_runs() -> list[Run]:
         gu = ("--lambda-max", "0.9", "--schedule", "quadratic")
         runs.append(Run(f"{kind}-gu-0.9", "pema", group, "GU 0.9", flags, gu))
         lam = RESIDUAL_LAMBDA if kind == "residual" else SEQUENCE_LAMBDA
+        for f in MIN_LENGTHS:  # truncation: no end before a fraction of the expected length
+            held = ("--min-length", f)
+            setting = f"min length {f}"
+            runs.append(Run(f"{kind}-min-{f}", "pema", group, setting, flags, constant(lam) + held))
+            runs.append(
+                Run(f"{kind}-gu-0.9-min-{f}", "pema", group, f"GU 0.9, {setting}", flags, gu + held)
+            )
         for n in (3, 4):
             guard = (*constant(lam), "--no-repeat-ngram", str(n))
             setting = f"no repeated {n}-gram"

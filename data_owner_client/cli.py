@@ -284,6 +284,11 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         ("top_p", "when sampling, only the smallest set holding this probability"),
         ("seed", "seeds sampling"),
         ("no_repeat_ngram", "never repeat an n-gram of an output, e.g. 4 (0: off)"),
+        (
+            "min_length",
+            "no end (EOS or a stop string) before this fraction of an output's expected length, "
+            "the adapter's length ratio × source tokens, e.g. 0.8 (0: off)",
+        ),
         ("batch_size", "inputs decoded together in one server session"),
         ("reconnect_s", "seconds to wait for a server that went away mid-decode"),
         ("device", "where the head and adapter run: auto (cuda, mps, cpu) or a torch device"),
@@ -618,6 +623,7 @@ def _decoder(
         top_p=args.top_p,
         seed=args.seed,
         no_repeat_ngram=args.no_repeat_ngram,
+        min_length=args.min_length,
         stop=tuple(stop.replace("\\n", "\n") for stop in args.stop),
         batch_size=args.batch_size,
         hidden_dtype=args.hidden_dtype,

@@ -54,6 +54,9 @@ class GenerationConfig:
     top_p: float = 1.0  # sample from the smallest set holding this much probability
     seed: int = 0  # seeds sampling
     no_repeat_ngram: int = 0  # never repeat an n-gram of a row's output (0: off)
+    # A row may not end (EOS, or a token holding a stop string) before this fraction of its
+    # expected length: the learned length ratio × its source tokens (× 1 without a ratio).
+    min_length: float = 0.0
     stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
     batch_size: int = 8  # rows decoded together in one server session
     hidden_dtype: HiddenDType = "float32"  # representations on the wire
@@ -67,6 +70,8 @@ class GenerationConfig:
             raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
         if self.reconnect_s < 0:
             raise ValueError(f"reconnect_s must be 0 or more, got {self.reconnect_s}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must be 0 (off) or more, got {self.min_length}")
         if self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be 0 (off) or more, got {self.no_repeat_ngram}")
         if self.gu_horizon is not None and self.gu_horizon <= 0:
@@ -175,6 +180,7 @@ class Row:
     prompt: list[int]
     horizon: float
     budget: int  # new tokens this row may take
+    min_tokens: int = 0  # new tokens before the row may end
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the output so far, once finished (kept up to date with stop strings)
     finish_reason: str | None = None  # "eos", "stop", "length"; or "cancelled", "error"
@@ -270,6 +276,7 @@ class Generator:
             log.warning("the server decodes at most %d new tokens per row", self.max_new_tokens)
         self.batch_size = min(config.batch_size, limits.max_batch_size)
         self._pool: ThreadPoolExecutor | None = None  # steps of several batches at once
+        self._ending_ids: dict[tuple[str, ...], torch.Tensor] = {}  # stop strings -> tokens
 
     def generate(
         self, examples: Sequence[Example], progress: bool = False, start: int = 0
@@ -327,7 +334,9 @@ class Generator:
                 )
             # float32, as λ's horizons always were: the same λ bit for bit.
             horizon = float(np.float32(mixing.horizon_of(source)))
-            rows += [Row(prompt, horizon, min(budget, room)) for _ in range(copies)]
+            most = min(budget, room)
+            least = min(math.ceil(config.min_length * (mixing.length_ratio or 1.0) * source), most)
+            rows += [Row(prompt, horizon, most, least) for _ in range(copies)]
         sampler = torch.Generator(self.device).manual_seed(config.seed if seed is None else seed)
         return Job(rows, config, mixing, sampler)
 
@@ -436,7 +445,24 @@ class Generator:
     def _choose(self, log_probs: torch.Tensor, rows: list[Row], job: Job) -> list[int]:
         """The next token of each of a job's ``rows`` from their mixed log-probabilities."""
         _ban_repeats(log_probs, [row.tokens for row in rows], job.config.no_repeat_ngram)
+        early = [i for i, row in enumerate(rows) if len(row.tokens) < row.min_tokens]
+        if early:
+            index = torch.tensor(early, device=log_probs.device)[:, None]
+            log_probs[index, self._endings(job.config.stop)] = -math.inf
         return _pick(log_probs, job.config, job.sampler).tolist()
+
+    def _endings(self, stops: tuple[str, ...]) -> torch.Tensor:
+        """The tokens that end a row: EOS, and each token whose text holds a stop string."""
+        if stops not in self._ending_ids:
+            tokenizer, vocab = self.served.tokenizer, self.served.info.vocab_size
+            texts = tokenizer.batch_decode([[t] for t in range(vocab)])
+            ids = set(self.eos) | {
+                t for t, text in enumerate(texts) if any(s in text for s in stops)
+            }
+            self._ending_ids[stops] = torch.tensor(
+                sorted(ids), device=self.device, dtype=torch.long
+            )
+        return self._ending_ids[stops]
 
     def _step(self, batch: Batch) -> None:
         """Step the batch's live rows by their last tokens on the server (re-opening the session

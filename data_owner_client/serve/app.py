@@ -243,6 +243,7 @@ def _submit(
             seed=body.seed if body.seed is not None else secrets.randbits(62),
             stop=body.stops,
             no_repeat_ngram=body.no_repeat_ngram,
+            min_length=body.min_length,
             lambda_max=body.lambda_max,
             lambda_min=body.lambda_min,
             schedule=body.schedule,

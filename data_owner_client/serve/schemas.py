@@ -48,6 +48,9 @@ class Sampling(Strict):
     gu_horizon: float | None = Field(None, gt=0, description="fixed GU horizon in tokens")
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0: all)")
     no_repeat_ngram: int = Field(0, ge=0, description="never repeat an n-gram of the output")
+    min_length: float = Field(
+        0.0, ge=0, description="no end before this fraction of the output's expected length"
+    )
 
     @model_validator(mode="before")
     @classmethod

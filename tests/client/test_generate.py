@@ -398,3 +398,27 @@ def test_batches_advanced_together_decode_as_each_alone(served_client, kind):
     assert {r.finish_reason for r in cancelled.rows} <= {"cancelled", "eos"}
     assert batches[0].session is None
     assert [r.tokens for r in other.rows] == [r.tokens for r in alone[1].rows]
+
+
+def test_min_length_holds_off_the_end_and_changes_nothing_before(served_client):
+    """A row that would end (on EOS or a token holding a stop string) before its minimum length
+    goes on; until then its tokens are those of plain greedy decoding."""
+    _, client, served = served_client
+    config = GenerationConfig(max_new_tokens=12)
+    plain = list(Generator(client, served, config, TEMPLATE).generate(examples()))
+    # Tokens each row takes early end it: every row would stop within 3 tokens.
+    ends = {*served.info.eos_token_ids, *(o.token_ids[min(2, o.tokens - 1)] for o in plain)}
+    info = served.info.model_copy(update={"eos_token_ids": sorted(ends)})
+    short = dataclasses.replace(served, info=info)
+    stopped = list(Generator(client, short, config, TEMPLATE).generate(examples()))
+    assert all(o.tokens <= 3 for o in stopped)
+    held = dataclasses.replace(config, min_length=2.0)  # 2 × source tokens (no learned ratio)
+    generator = Generator(client, short, held, TEMPLATE)
+    for source, output, alone in zip(PROMPTS, generator.generate(examples()), plain, strict=True):
+        least = min(2 * len(source.split()), 12)
+        assert output.tokens >= least
+        assert not ends & set(output.token_ids[: least - 1])
+        first_end = next(i for i, t in enumerate(alone.token_ids + [-1]) if t in ends or t == -1)
+        assert output.token_ids[:first_end] == alone.token_ids[:first_end]
+    with pytest.raises(ValueError, match="min_length"):
+        GenerationConfig(min_length=-1)
