@@ -216,6 +216,9 @@ def kind_ablation_runs() -> list[Run]:
             held = ("--min-length", f)
             setting = f"min length {f}"
             runs.append(Run(f"{kind}-min-{f}", "pema", group, setting, flags, constant(lam) + held))
+            guarded = (*constant(lam), *held, *NO_REPEAT_4)
+            name, setting = f"{kind}-min-{f}-no-repeat-4", f"{setting}, no repeated 4-gram"
+            runs.append(Run(name, "pema", group, setting, flags, guarded))
             runs.append(
                 Run(f"{kind}-gu-0.9-min-{f}", "pema", group, f"GU 0.9, {setting}", flags, gu + held)
             )
@@ -442,8 +445,14 @@ def generation_speed(records: list[dict[str, Any]], batch_size: int = 8) -> dict
 
 
 def load_results(folder: Path) -> Iterator[dict[str, Any]]:
+    """The results of the runs defined now (a renamed or dropped run's file is left out)."""
+    known = {run.name for run in (*main_runs(), *ablation_runs())}
     for path in sorted(folder.glob("*/*.json")):
-        yield json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if result["run"]["name"] in known:
+            yield result
+        else:
+            print(f"{path}: no such run any more; left out of the table")
 
 
 def cost_cells(result: dict[str, Any]) -> list[str]:
