@@ -22,6 +22,10 @@ from shared.codec import hash_tensors
 SIDECAR_SUFFIX = ".run.json"
 
 
+# Generation settings added after the record format, with their off values.
+ADDED_OFF: dict[str, Any] = {"no_repeat_ngram": 0, "min_length": 0.0}
+
+
 class OutputFileError(ValueError):
     """The output file belongs to another run, or to nobody we know."""
 
@@ -97,8 +101,8 @@ def resume(
             f"{path} exists but pema-client generate did not write it (no {sidecar.name}); "
             "choose another --output, or pass --overwrite to replace it"
         )
-    before = json.loads(sidecar.read_text())
-    if differ := sorted(k for k in run.keys() | before.keys() if before.get(k) != run.get(k)):
+    before, now = (_comparable(r) for r in (json.loads(sidecar.read_text()), run))
+    if differ := sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k)):
         raise OutputFileError(
             f"{path} holds the outputs of another run ({', '.join(differ)} differ); choose "
             "another --output, or pass --overwrite to start again"
@@ -109,6 +113,16 @@ def resume(
     keep = finished[:total]
     _replace(path, "".join(keep))
     return len(keep)
+
+
+def _comparable(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` without the settings that were added after output files were first written and
+    are off: an older file, which does not name them, resumes under a newer client."""
+    settings = run.get("settings")
+    if not isinstance(settings, dict):
+        return run
+    kept = {k: v for k, v in settings.items() if not (k in ADDED_OFF and v == ADDED_OFF[k])}
+    return {**run, "settings": kept}
 
 
 def _complete_records(text: str) -> list[str]:

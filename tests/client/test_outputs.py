@@ -42,3 +42,14 @@ def test_a_file_without_its_run_record_is_refused(tmp_path):
     with pytest.raises(OutputFileError, match="--overwrite"):
         resume(out, RUN, total=1, batch_size=1)
     assert read_records(out) == [{"prediction": "mine"}]
+
+
+def test_a_file_written_before_a_setting_existed_resumes_while_it_is_off(tmp_path):
+    out = tmp_path / "out.jsonl"
+    older = {**RUN, "settings": {"temperature": 0.0}}  # written before min_length existed
+    resume(out, older, total=4, batch_size=2)
+    out.write_text(lines("a", "b"))
+    newer = {**RUN, "settings": {"temperature": 0.0, "min_length": 0.0, "no_repeat_ngram": 0}}
+    assert resume(out, newer, total=4, batch_size=2) == 2
+    with pytest.raises(OutputFileError, match="settings differ"):
+        resume(out, {**RUN, "settings": {**newer["settings"], "min_length": 0.8}}, 4, 2)
