@@ -364,3 +364,10 @@ def test_openai_clients_may_send_nulls_and_harmless_fields(api, service):
         assert tiny.result().choices[0].text == other.result().choices[0].text
     with pytest.raises(openai.BadRequestError, match="only allowed with stream"):
         api.completions.create(model="pema", prompt=prompt, stream_options={"include_usage": True})
+
+
+def test_the_published_schema_lists_the_routes(service):
+    schema = httpx.get(f"{service}/openapi.json").json()
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
+    fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"lambda_max", "schedule", "gu_horizon", "min_length", "stream"} <= set(fields)
