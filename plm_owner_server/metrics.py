@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.observe import RouteMetrics
 
 
 class Metrics:
@@ -56,30 +55,4 @@ class Metrics:
 
     def install(self, app: FastAPI) -> None:
         """Count and time every request by its route template (not its raw path)."""
-        app.add_middleware(_Observe, metrics=self)
-
-
-class _Observe:
-    """Pure ASGI middleware (no per-request task and body streaming, unlike ``@middleware``)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start, status = time.perf_counter(), 500  # an unhandled error passes through here
-
-        async def observed_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        app.add_middleware(RouteMetrics, requests=self.requests, latency=self.latency)

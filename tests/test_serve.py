@@ -371,3 +371,21 @@ def test_the_published_schema_lists_the_routes(service):
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(schema["paths"])
     fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"lambda_max", "schedule", "gu_horizon", "min_length", "stream"} <= set(fields)
+
+
+def test_metrics_count_requests_tokens_and_first_tokens(api, service):
+    api.completions.create(model="pema", prompt=render(SOURCES[0]), max_tokens=4, temperature=0)
+    list(api.completions.create(model="pema", prompt=render(SOURCES[1]), max_tokens=4,
+                                temperature=0, stream=True))  # fmt: skip
+    text = httpx.get(f"{service}/metrics").text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    ok = 'pema_serve_requests_total{method="POST",route="/v1/completions",status="200"}'
+    assert samples[ok] >= 2
+    assert samples['pema_serve_generated_tokens_total{model="pema"}'] >= 2
+    assert samples['pema_serve_time_to_first_token_seconds_count{model="pema"}'] >= 1
+    assert samples['pema_serve_decoding_rows{model="pema"}'] == 0
+    assert samples['pema_serve_waiting_requests{model="sequence"}'] == 0

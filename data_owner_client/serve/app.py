@@ -21,6 +21,7 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,6 +29,7 @@ from data_owner_client.client import ServerError
 from data_owner_client.data import PLACEHOLDER, DataError, source_length
 from data_owner_client.generate import Generator, Job, Row
 from data_owner_client.serve.engine import Engine, EngineClosed
+from data_owner_client.serve.metrics import ServeMetrics
 from data_owner_client.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -118,6 +120,8 @@ def create_app(models: Sequence[ServedAdapter], keys: KeysFile | None = None) ->
         lifespan=lifespan,
     )
     _error_handlers(app)
+    metrics = ServeMetrics(models)
+    metrics.install(app)
 
     def model_of(name: str) -> ServedAdapter:
         if name not in by_id:
@@ -143,6 +147,10 @@ def create_app(models: Sequence[ServedAdapter], keys: KeysFile | None = None) ->
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     def list_models() -> ModelList:
         return ModelList(data=[card(model) for model in models])
@@ -155,7 +163,7 @@ def create_app(models: Sequence[ServedAdapter], keys: KeysFile | None = None) ->
     async def completions(body: CompletionRequest, request: Request) -> Any:
         model = model_of(body.model)
         prompts, sources = await asyncio.to_thread(_completion_prompts, model, body)
-        run = _submit(model, body, prompts, sources, body.max_tokens, "prompt")
+        run = _submit(model, body, prompts, sources, body.max_tokens, "prompt", metrics)
         return await run.respond(request, completion=True)
 
     @app.post(
@@ -164,7 +172,7 @@ def create_app(models: Sequence[ServedAdapter], keys: KeysFile | None = None) ->
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         model = model_of(body.model)
         prompt, source = await asyncio.to_thread(_chat_prompt, model, body)
-        run = _submit(model, body, [prompt], [source], body.max_new_tokens, "messages")
+        run = _submit(model, body, [prompt], [source], body.max_new_tokens, "messages", metrics)
         return await run.respond(request, completion=False)
 
     return app
@@ -229,6 +237,7 @@ def _submit(
     sources: list[int],
     max_tokens: int | None,
     param: str,
+    metrics: ServeMetrics,
 ) -> Run:
     """The request's job (``n`` rows per prompt), handed to the model's engine; ``param`` names
     the prompts' field in errors."""
@@ -255,7 +264,7 @@ def _submit(
         raise OpenAIError(400, str(exc), param=param, code=code) from exc
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
-    run = Run(model, body, job, sum(len(p) for p in prompts))
+    run = Run(model, body, job, sum(len(p) for p in prompts), metrics)
     try:
         model.engine.submit(job, run.notify)
     except ValueError as exc:
@@ -278,8 +287,16 @@ class Run:
     """One request's job: hears its steps on the engine's thread and answers the request on the
     event loop, whole or streamed. Only the latest snapshot is kept: a slow reader skips to it."""
 
-    def __init__(self, model: ServedAdapter, body: Sampling, job: Job, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        model: ServedAdapter,
+        body: Sampling,
+        job: Job,
+        prompt_tokens: int,
+        metrics: ServeMetrics,
+    ) -> None:
         self.model, self.body, self.job, self.prompt_tokens = model, body, job, prompt_tokens
+        self.metrics, self.arrived = metrics, time.perf_counter()
         self.loop = asyncio.get_running_loop()
         self.latest: Snapshot | None = None
         self.changed = asyncio.Event()
@@ -336,6 +353,8 @@ class Run:
                 assert snapshot is not None
                 if snapshot.error is not None:
                     raise _failure(snapshot.error)
+                if snapshot.ended:
+                    self.metrics.tokens.labels(self.model.id).inc(sum(snapshot.tokens))
                 yield snapshot
                 if snapshot.ended:
                     return
@@ -363,6 +382,8 @@ class Run:
             first = await anext(snapshots, None)
             if first is None:
                 return Response(status_code=499)  # the client went away
+            waited = time.perf_counter() - self.arrived
+            self.metrics.first_token.labels(self.model.id).observe(waited)
             chunks = self._chunks(_after(first, snapshots), completion)
             return StreamingResponse(_sse(chunks), media_type="text/event-stream")
         last = None

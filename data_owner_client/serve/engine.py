@@ -108,6 +108,11 @@ class Engine:
                 raise EngineClosed("the service is shutting down")
             self._inbox.put((job, notify))
 
+    @property
+    def load(self) -> tuple[int, int]:
+        """(jobs waiting for a session, rows decoding), read from any thread for metrics."""
+        return len(self._waiting), sum(len(batch.live) for batch in list(self._batches))
+
     def _run(self) -> None:
         try:
             while not self._closed.is_set():
