@@ -227,7 +227,7 @@ class Batch:
         self.rows = [row for job in self.jobs for row in job.rows]
         self.live, self.slots = list(range(len(self.rows))), list(range(len(self.rows)))
 
-    def _keep(self, keep: list[int]) -> None:
+    def keep(self, keep: list[int]) -> None:
         """Only the live rows at positions ``keep`` of ``live`` go on."""
         if len(keep) < len(self.live):
             index = torch.tensor(keep, dtype=torch.long)
@@ -388,14 +388,14 @@ class Generator:
             cancelled = [b for b in batch.live if batch.owners[b].cancelled]
             for b in cancelled:
                 batch.rows[b].finish_reason = "cancelled"
-            batch._keep([k for k, b in enumerate(batch.live) if b not in cancelled])
+            batch.keep([k for k, b in enumerate(batch.live) if b not in cancelled])
         active = [batch for batch in batches if batch.live]
         if active:
             self._next_tokens(active)
         stepping = []
         for batch in batches:
             still = [k for k, b in enumerate(batch.live) if batch.rows[b].finish_reason is None]
-            batch._keep(still)
+            batch.keep(still)
             if batch.live:
                 stepping.append(batch)
             else:
