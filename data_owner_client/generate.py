@@ -227,8 +227,9 @@ class Batch:
         self.rows = [row for job in self.jobs for row in job.rows]
         self.live, self.slots = list(range(len(self.rows))), list(range(len(self.rows)))
 
-    def keep(self, keep: list[int]) -> None:
-        """Only the live rows at positions ``keep`` of ``live`` go on."""
+    def drop_finished(self) -> None:
+        """Only the live rows without a finish reason go on."""
+        keep = [k for k, b in enumerate(self.live) if self.rows[b].finish_reason is None]
         if len(keep) < len(self.live):
             index = torch.tensor(keep, dtype=torch.long)
             self.hidden = self.hidden[index.to(self.hidden.device)]
@@ -385,17 +386,16 @@ class Generator:
         server can run them in one pass. A batch whose step fails ends with the error in
         ``error``; its session is closed, as is each batch's whose rows all finished."""
         for batch in batches:
-            cancelled = [b for b in batch.live if batch.owners[b].cancelled]
-            for b in cancelled:
-                batch.rows[b].finish_reason = "cancelled"
-            batch.keep([k for k, b in enumerate(batch.live) if b not in cancelled])
+            for b in batch.live:
+                if batch.owners[b].cancelled:
+                    batch.rows[b].finish_reason = "cancelled"
+            batch.drop_finished()
         active = [batch for batch in batches if batch.live]
         if active:
             self._next_tokens(active)
         stepping = []
         for batch in batches:
-            still = [k for k, b in enumerate(batch.live) if batch.rows[b].finish_reason is None]
-            batch.keep(still)
+            batch.drop_finished()
             if batch.live:
                 stepping.append(batch)
             else:
