@@ -235,6 +235,8 @@ def kind_ablation_runs() -> list[Run]:
     decode = constant(SEQUENCE_LAMBDA)
     for name, setting, extra in (
         ("sequence-no-copy", "no copy pointer", ("--no-copy",)),
+        ("sequence-pointer-source", "source pointer", ("--pointer", "source")),
+        ("sequence-mixture-0.5", "trained as the λ 0.5 mixture", ("--mixture-lambda", "0.5")),
         ("sequence-no-tokens", "no token inputs", ("--no-token-inputs",)),
         ("sequence-1-layer", "1 layer", ("--layers", "1")),
         ("sequence-4-layers", "4 layers", ("--layers", "4")),
@@ -242,6 +244,10 @@ def kind_ablation_runs() -> list[Run]:
         ("sequence-dropout-0.3", "dropout 0.3", ("--dropout", "0.3")),
     ):
         runs.append(Run(name, "pema", "sequence: settings", setting, SEQUENCE + extra, decode))
+    source = (*SEQUENCE, "--pointer", "source")
+    for lam in (0.7, 1.0):
+        name, setting = f"sequence-pointer-source-{lam:g}", f"source pointer, λ {lam:g}"
+        runs.append(Run(name, "pema", "sequence: settings", setting, source, constant(lam)))
     return runs
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from data_owner_client.residual import ACTIVATIONS, ResidualAdapter, init_lora_a
 from data_owner_client.schedule import SCHEDULES
-from data_owner_client.sequence import SequenceAdapter
+from data_owner_client.sequence import POINTERS, SequenceAdapter
 from shared.head import Head
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class AdapterConfig:
     heads: int = 4  # sequence: attention heads per block
     token_inputs: bool = True  # sequence: also read the output embedding of each position's token
     copy: bool = True  # sequence: add a gated pointer that copies tokens of the sequence so far
+    pointer: str = "read"  # sequence: copy the token read there, or the prompt's next one
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -123,6 +124,8 @@ class AdapterConfig:
                 f"the sequence kind needs a width divisible by 2 × heads, got width {self.width} "
                 f"and {self.heads} heads"
             )
+        if self.pointer not in POINTERS:
+            raise AdapterError(f"pointer must be one of {POINTERS}, got {self.pointer!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.kappa <= 1.0:
@@ -274,6 +277,7 @@ def build_adapter(
             config.dropout,
             config.token_inputs,
             config.copy,
+            config.pointer,
         )
 
 

@@ -46,6 +46,7 @@ from data_owner_client.memory import DTYPES, Memory, build_memory
 from data_owner_client.outputs import append_outputs, file_digest, resume, run_record
 from data_owner_client.residual import ACTIVATIONS
 from data_owner_client.schedule import SCHEDULES
+from data_owner_client.sequence import POINTERS
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
 from data_owner_client.train import TrainConfig, train
@@ -223,6 +224,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="sequence: add a gated pointer that copies tokens of the prompt and output so far "
         "(not for heads with a project_out)",
     )
+    _config_flag(
+        adapter,
+        AdapterConfig,
+        "pointer",
+        "sequence: the copy pointer copies the token read at the position it attends to (read), "
+        "or attends to the prompt alone and copies the token after that position (source: an "
+        "induction step, go on where the source matches)",
+        choices=POINTERS,
+    )
     adapter.add_argument(
         "--input-norm",
         action="store_true",
@@ -249,6 +259,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         _config_flag(opt, TrainConfig, name, help)
     opt.add_argument(
         "--val-every", type=int, help="validate every N steps (default: after each epoch)"
+    )
+    opt.add_argument(
+        "--mixture-lambda",
+        type=float,
+        metavar="LAMBDA",
+        help="residual, sequence: train the mixture with the PLM that decoding reads at this "
+        "constant λ, -log(λ·P_adapter + (1-λ)·P_LM), instead of the adapter alone",
     )
     opt.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint when there is one"
@@ -505,7 +522,9 @@ KIND_FLAGS = {
     "heads": ("sequence",),
     "no_token_inputs": ("sequence",),
     "copy": ("sequence",),
+    "pointer": ("sequence",),
     "sequence_batch_size": ("sequence",),
+    "mixture_lambda": ("residual", "sequence"),
 }
 
 
@@ -554,6 +573,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         heads=args.heads,
         token_inputs=not args.no_token_inputs,
         copy=args.copy,
+        pointer=args.pointer,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,
@@ -590,6 +610,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         stage2_epochs=args.stage2_epochs,
         patience=args.patience,
         min_delta=args.min_delta,
+        mixture_lambda=args.mixture_lambda,
         val_every_steps=args.val_every,
         val_batch_size=args.val_batch_size,
         seed=args.seed,

@@ -4,6 +4,7 @@ accuracy."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -57,23 +58,60 @@ def ce_chunk_rows(vocab_size: int, elements: int = CE_CHUNK_ELEMENTS) -> int:
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _ce_sum(head: Logits, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h), y, reduction="sum")
+def _log_probs(head: Logits, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(h), y, reduction="none")
 
 
-def chunked_cross_entropy(
+def chunked_log_probs(
     head: Logits, h: torch.Tensor, y: torch.Tensor, chunk_rows: int
 ) -> torch.Tensor:
-    """Mean ``CE(head(h), y)`` with one chunk's ``[chunk_rows, V]`` logits alive at a time.
+    """``log softmax(head(h))[y]`` per row, with one chunk's ``[chunk_rows, V]`` logits alive at
+    a time.
 
     Each chunk runs under activation checkpointing, so backward recomputes its logits instead of
     keeping all ``n × V`` of them from the forward pass.
     """
     parts = [
-        checkpoint(_ce_sum, head, h_part, y_part, use_reentrant=False)
+        checkpoint(_log_probs, head, h_part, y_part, use_reentrant=False)
         for h_part, y_part in zip(h.split(chunk_rows), y.split(chunk_rows), strict=True)
     ]
-    return torch.stack(parts).sum() / len(y)
+    return torch.cat(parts)
+
+
+def chunked_cross_entropy(
+    head: Logits, h: torch.Tensor, y: torch.Tensor, chunk_rows: int
+) -> torch.Tensor:
+    """Mean ``CE(head(h), y)``, chunked as :func:`chunked_log_probs`."""
+    return -chunked_log_probs(head, h, y, chunk_rows).mean()
+
+
+@torch.no_grad()
+def plm_log_probs(head: Head, batch: Batch, chunk_rows: int) -> torch.Tensor:
+    """The PLM's ``log P_LM(y)`` at each scored position of ``batch`` (pairs, or whole examples
+    with labels), in the order the adapter's outputs list them: ``H(f(c))``, no gradient."""
+    x, y = scored(batch)
+    return torch.cat(
+        [_log_probs(head, x_part, y_part) for x_part, y_part in zip(
+            x.split(chunk_rows), y.split(chunk_rows), strict=True
+        )]
+    )  # fmt: skip
+
+
+def scored(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The representations and labels of a batch's scored positions (labels ≥ 0)."""
+    if len(batch) == 2:
+        return batch[0], batch[1]
+    x, _, labels = batch
+    keep = labels >= 0
+    return x[keep], labels[keep]
+
+
+def mixture_nll(adapter: torch.Tensor, plm: torch.Tensor, lam: float) -> torch.Tensor:
+    """``−log(λ·P_adapter(y) + (1 − λ)·P_LM(y))`` per row, from both log-probabilities: the
+    loss of the distribution decoding draws from at constant λ."""
+    if lam >= 1.0:
+        return -adapter
+    return -torch.logaddexp(adapter + math.log(lam), plm + math.log1p(-lam))
 
 
 class StageModel(nn.Module):
@@ -123,14 +161,20 @@ def stage_loss(
     head: Logits,
     kappa: float,
     chunk_rows: int,
+    mixture: tuple[float, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The stage's loss under ``"loss"`` and its parts (pema's stage 2: ``"mse"``, ``"ce"``).
 
-    ``target`` is what ``h_rct`` reconstructs (pema: the adapter's features of the keys).
+    ``target`` is what ``h_rct`` reconstructs (pema: the adapter's features of the keys). With
+    ``mixture`` (λ and the PLM's log-probabilities of the labels), the residual and sequence
+    kinds' loss is :func:`mixture_nll`; ``"ce"`` stays the adapter's own.
     """
     if len(outputs) == 2:
-        ce = chunked_cross_entropy(head, outputs[0], outputs[1], chunk_rows)
-        return {"loss": ce, "ce": ce}
+        log_probs = chunked_log_probs(head, outputs[0], outputs[1], chunk_rows)
+        ce = -log_probs.mean()
+        if mixture is None:
+            return {"loss": ce, "ce": ce}
+        return {"loss": mixture_nll(log_probs, mixture[1], mixture[0]).mean(), "ce": ce}
     assert target is not None, "pema reconstructs its features"
     mse = F.mse_loss(outputs[-1], target)
     if len(outputs) == 1:
@@ -150,27 +194,34 @@ def eval_sums(
     device: torch.device,
     chunk_rows: int,
     stage: int,
+    mixture: tuple[float, Head] | None = None,
 ) -> torch.Tensor:
     """float64 sums over all scored positions: squared error and its elements (pema), CE,
-    correct predictions, rows."""
-    sums = torch.zeros(5, dtype=torch.float64)
+    correct predictions, rows; and with ``mixture`` (λ and the whole head), the
+    :func:`mixture_nll`."""
+    sums = torch.zeros(6, dtype=torch.float64)
     model = StageModel(adapter, stage)
     for batch in batches:
         batch = tuple(t.to(device) for t in batch)
         outputs = model(*batch)
-        sq = elements = ce = correct = 0.0
+        sq = elements = ce = correct = mixed = 0.0
         rows = len(batch[0])
         if stage == 2:
             vectors, y = outputs[0], outputs[1]
+            log_probs = []
             for part, y_part in zip(vectors.split(chunk_rows), y.split(chunk_rows), strict=True):
                 logits = head(part)
-                ce += F.cross_entropy(logits, y_part, reduction="sum").item()
+                log_probs.append(-F.cross_entropy(logits, y_part, reduction="none"))
                 correct += (logits.argmax(-1) == y_part).sum().item()
+            ce = -torch.cat(log_probs).sum().item()
+            if mixture is not None:
+                plm = plm_log_probs(mixture[1], batch, chunk_rows)
+                mixed = mixture_nll(torch.cat(log_probs), plm, mixture[0]).sum().item()
             rows = len(y)
         if isinstance(adapter, PemaAdapter):
             target = adapter.features(batch[0]).float()
             sq, elements = (outputs[-1].float() - target).pow(2).sum().item(), target.numel()
-        sums += torch.tensor([sq, elements, ce, correct, rows], dtype=torch.float64)
+        sums += torch.tensor([sq, elements, ce, correct, rows, mixed], dtype=torch.float64)
     return sums
 
 

@@ -13,6 +13,13 @@ output projection, ``E[token_i]`` raises the logit of ``token_i`` itself (and of
 so copying a source word is one attention step away rather than something to rebuild in the
 transformer's narrower width.
 
+The pointer's values are the tokens read at the attended positions (``pointer="read"``, over the
+whole sequence so far), or, with ``pointer="source"``, the prompt's tokens that follow them:
+position ``t`` attends to the prompt positions ``i`` with ``i + 1`` still in the prompt and copies
+``token_{i+1}``, an induction head in one step. Reading the token ``w`` that the source also read
+at ``i``, it copies the source's next token; its own output, which it cannot point into, cannot
+make it loop. A learned sink key with a zero value lets it attend nowhere.
+
 Decoding steps it one position at a time with a :class:`SequenceCache` of its own keys and values
 per row, next to the server's session; that equals running it over the whole sequence.
 """
@@ -28,15 +35,17 @@ from torch import nn
 from shared.head import Head
 
 ROPE_BASE = 10_000.0
+POINTERS = ("read", "source")  # what the copy pointer's values are (see the module docstring)
 
 
 @dataclass
 class SequenceCache:
     """Each row's keys and values so far, per layer ``[B, heads, capacity, head_dim]``."""
 
-    keys: list[torch.Tensor]  # per block, then the copy pointer's (its values: [..., e])
+    keys: list[torch.Tensor]  # per block, then the copy pointer's (its values: [B, 1, ·, e])
     values: list[torch.Tensor]
     lengths: torch.Tensor  # [B] positions filled per row
+    prompts: torch.Tensor  # [B] each row's prompt positions
 
     @property
     def capacity(self) -> int:
@@ -135,10 +144,13 @@ class SequenceAdapter(nn.Module):
         dropout: float = 0.1,
         token_inputs: bool = True,
         copy: bool = False,
+        pointer: str = "read",
     ) -> None:
         super().__init__()
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of an even size")
+        if pointer not in POINTERS:
+            raise ValueError(f"pointer must be one of {POINTERS}, got {pointer!r}")
         self.heads, self.head_dim = heads, width // heads
         self.normalize, self.embed = head.normalize, head.embed  # methods: saved nowhere
         self.inputs = nn.Linear(hidden_size, width)
@@ -160,6 +172,7 @@ class SequenceAdapter(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        self.sink = nn.Parameter(torch.zeros(width)) if copy and pointer == "source" else None
 
     def _embed(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``norm(x)``, the stream's input) for representations ``x`` and the tokens read."""
@@ -174,30 +187,71 @@ class SequenceAdapter(nn.Module):
         n: torch.Tensor,
         h: torch.Tensor,
         tokens: torch.Tensor,
+        prompts: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``z`` from the stream ``h [B, T, W]``; and the copy pointer's keys and values."""
+        """``z`` from the stream ``h [B, T, W]``; and the copy pointer's keys and values.
+        ``prompts [B]`` are the rows' prompt lengths (those of ``rows`` with a cache)."""
         h = self.norm(h)
         z = n + self.output(h)
         if self.pointer is None or self.gate is None:
             return z, None, None
         q, k = self.pointer(h).unsqueeze(1).chunk(2, dim=-1)  # [B, 1, T, W]
         v = self.embed(tokens).unsqueeze(1)  # [B, 1, T, e]
-        copied = _attend(q, k, v, 0.0, cache, rows, positions).squeeze(1)
-        return z + self.gate(h) * copied, k, v
+        if self.sink is None:
+            copied = _attend(q, k, v, 0.0, cache, rows, positions)
+        else:
+            copied, v = self._point_to_source(q, k, v, prompts, cache)
+        return z + self.gate(h) * copied.squeeze(1), k, v
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``z [B, T, d]`` for whole sequences ``x [B, T, d]`` read as ``tokens [B, T]``.
+    def _point_to_source(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prompts: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "source" pointer: each query attends to the sink and to the prompt positions
+        ``i < prompt - 1`` before its own, whose values are the tokens read at ``i + 1``; and the
+        values to cache (the prompt's, shifted; decoding never adds to them)."""
+        assert self.sink is not None
+        if cache is None:
+            t = q.shape[2]
+            v = F.pad(v[:, :, 1:], (0, 0, 0, 1))  # slot i: the token read at i + 1
+            slots = torch.arange(t, device=q.device)
+            causal = slots.unsqueeze(1) > slots  # [T, T]: query t, slot i < t
+            in_prompt = slots < (prompts - 1).view(-1, 1, 1)  # [B, 1, T]
+            mask = (causal & in_prompt).unsqueeze(1)
+            keys, values = k, v
+        else:
+            keys, values = cache  # the rows' own, already
+            slots = torch.arange(keys.shape[2], device=q.device)
+            mask = (slots < (prompts - 1).unsqueeze(-1)).view(len(q), 1, 1, -1)
+        sink = self.sink.view(1, 1, 1, -1).expand(len(q), 1, 1, -1)
+        keys = torch.cat([sink, keys], dim=2)
+        values = F.pad(values, (0, 0, 1, 0))  # the sink's value is zero
+        mask = F.pad(mask, (1, 0), value=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), v
+
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``z [B, T, d]`` for whole sequences ``x [B, T, d]`` read as ``tokens [B, T]``, whose
+        first ``prompts [B]`` positions are the prompt (default: all of them; only the "source"
+        pointer reads it).
 
         Right padding is harmless: causal attention never lets a real position see it.
         """
-        return self._forward(x, tokens)[0]
+        return self._forward(x, tokens, prompts)[0]
 
     def _forward(
-        self, x: torch.Tensor, tokens: torch.Tensor
+        self, x: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        if prompts is None:
+            prompts = torch.full((x.shape[0],), x.shape[1], device=x.device)
         n, h = self._embed(x, tokens)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         rotary = _rotary(positions, self.head_dim)
@@ -206,7 +260,7 @@ class SequenceAdapter(nn.Module):
             h, k, v = block(h, rotary)
             keys.append(k)
             values.append(v)
-        z, k, v = self._out(n, h, tokens)
+        z, k, v = self._out(n, h, tokens, prompts)
         if k is not None and v is not None:
             keys.append(k)
             values.append(v)
@@ -215,9 +269,11 @@ class SequenceAdapter(nn.Module):
     def train_outputs(
         self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z`` and labels of the positions that predict a target token (labels ≥ 0)."""
+        """``z`` and labels of the positions that predict a target token (labels ≥ 0); the
+        prompt ends at the first of them."""
         scored = labels >= 0
-        return self(x, tokens)[scored], labels[scored]
+        first = torch.where(scored.any(1), scored.int().argmax(1), labels.shape[1] - 1)
+        return self(x, tokens, first + 1)[scored], labels[scored]
 
     def start(
         self, hidden: list[torch.Tensor], tokens: list[list[int]], capacity: int
@@ -231,9 +287,12 @@ class SequenceAdapter(nn.Module):
         ids = nn.utils.rnn.pad_sequence(
             [torch.tensor(t, device=x.device) for t in tokens], batch_first=True
         )
-        z, keys, values = self._forward(x, ids)
+        z, keys, values = self._forward(x, ids, lengths)
         cache = SequenceCache(
-            [_room(k, capacity) for k in keys], [_room(v, capacity) for v in values], lengths
+            [_room(k, capacity) for k in keys],
+            [_room(v, capacity) for v in values],
+            lengths,
+            lengths.clone(),
         )
         return z[torch.arange(len(tokens)), lengths - 1], cache
 
@@ -253,8 +312,12 @@ class SequenceAdapter(nn.Module):
             self.blocks, cache.keys[:layers], cache.values[:layers], strict=True
         ):
             h = block(h, rotary, (k, v), rows, positions)[0]
-        pointer = (cache.keys[-1], cache.values[-1]) if self.pointer is not None else None
-        z = self._out(n, h, tokens, pointer, rows, positions)[0]
+        pointer = None
+        if self.pointer is not None:
+            pointer = (cache.keys[-1], cache.values[-1])
+            if self.sink is not None:  # the source pointer reads the prompts alone
+                pointer = (pointer[0][rows], pointer[1][rows])
+        z = self._out(n, h, tokens, cache.prompts[rows], pointer, rows, positions)[0]
         cache.lengths[rows] += 1
         return z.squeeze(1)
 

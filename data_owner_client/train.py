@@ -65,6 +65,7 @@ from data_owner_client.objectives import (
     examples_of,
     freeze_for_stage,
     logits_of,
+    plm_log_probs,
     stage_loss,
 )
 from data_owner_client.progress import stage_bar
@@ -87,6 +88,9 @@ class TrainConfig:
     stage2_epochs: int = 20  # most epochs of stage 2
     patience: int = 3  # validations without improvement before a stage stops
     min_delta: float = 0.0  # a validation loss must beat the best by more than this
+    # residual and sequence: train (and validate) the mixture that decoding reads at this
+    # constant λ, −log(λ·P_adapter(y) + (1 − λ)·P_LM(y)), instead of the adapter's own CE
+    mixture_lambda: float | None = None
     val_every_steps: int | None = None  # validate every this many steps; None: after each epoch
     val_batch_size: int = 4096  # pairs per validation batch and rank (no gradients kept)
     ce_chunk: int | None = None  # rows per CE chunk; None: keep a chunk's logits ≤ 2**24 values
@@ -108,6 +112,8 @@ class TrainConfig:
             raise ValueError("batch sizes, epochs, patience and log_every_steps must be positive")
         if self.val_every_steps is not None and self.val_every_steps < 1:
             raise ValueError("val_every_steps must be positive (or None for once per epoch)")
+        if self.mixture_lambda is not None and not 0.0 < self.mixture_lambda <= 1.0:
+            raise ValueError(f"mixture_lambda must be in (0, 1], got {self.mixture_lambda}")
 
     def batch_size(self, stage: int) -> int:
         """The global batch size of ``stage``."""
@@ -284,6 +290,14 @@ class _Trainer:
         """Batches are whole examples (the sequence kind), not pairs."""
         return self.adapter_config.kind == "sequence"
 
+    @property
+    def _mixture(self) -> tuple[float, Head] | None:
+        """λ and the whole head when training through the mixture (not the pema kind)."""
+        lam = self.config.mixture_lambda
+        if lam is None or self.pema or not isinstance(self.head, Head):
+            return None
+        return lam, self.head
+
     def _stage_name(self) -> str:
         return f"stage {self.state.stage}" if self.pema else "train"
 
@@ -307,7 +321,11 @@ class _Trainer:
         # What h_rct reconstructs (pema only).
         target = self.adapter.features(x) if isinstance(self.adapter, PemaAdapter) else None
         kappa = self.adapter_config.kappa
-        losses = stage_loss(outputs, target, self.logits, kappa, self.chunk_rows)
+        mixture = None
+        if self._mixture is not None:
+            lam, head = self._mixture
+            mixture = lam, plm_log_probs(head, batch, self.chunk_rows)
+        losses = stage_loss(outputs, target, self.logits, kappa, self.chunk_rows, mixture)
         loss = losses["loss"]
         if self._sequences and self.world.size > 1:
             # A rank's mean is over its own target tokens, which differ between ranks: weigh it
@@ -377,13 +395,19 @@ class _Trainer:
         batches = itertools.islice(every, self.world.rank, None, self.world.size)
         self.adapter.eval()
         stage = self.state.stage
-        sums = eval_sums(self.adapter, self.logits, batches, self.device, self.chunk_rows, stage)
+        sums = eval_sums(
+            self.adapter, self.logits, batches, self.device, self.chunk_rows, stage, self._mixture
+        )
         self.adapter.train()
-        sq, elements, ce, correct, rows = all_reduce(sums.to(self.device), self.world).tolist()
+        totals = all_reduce(sums.to(self.device), self.world).tolist()
+        sq, elements, ce, correct, rows, mixed = totals
         if rows == 0:
             raise ValueError("the validation memory yielded nothing to score: give it some data")
         if not self.pema:
-            return {"val_loss": ce / rows, "val_ce": ce / rows, "val_acc": correct / rows}
+            metrics = {"val_loss": ce / rows, "val_ce": ce / rows, "val_acc": correct / rows}
+            if self._mixture is not None:
+                metrics |= {"val_loss": mixed / rows, "val_mixture": mixed / rows}
+            return metrics
         mse = sq / elements
         if not stage2:
             return {"val_loss": mse, "val_mse": mse}

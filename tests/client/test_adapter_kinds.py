@@ -42,14 +42,20 @@ def config(kind: str, **overrides) -> AdapterConfig:
 
 
 @pytest.mark.parametrize("head", [random_head(D, V), rms_head()], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("kind", ["residual", "sequence", "copy"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source"])
 def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, head):
     torch.manual_seed(0)
-    cfg = config("sequence", copy=kind == "copy") if kind != "residual" else config(kind)
+    cfg = config(kind) if kind in ("residual", "sequence") else sequence_config(kind)
     adapter = build_adapter(cfg, head).eval()
     x = 3 * torch.randn(2, 5, D)
     z = adapter(x) if kind == "residual" else adapter(x, torch.randint(V, (2, 5)))
     assert torch.equal(F.log_softmax(head.project(z), -1), F.log_softmax(head(x), -1))
+
+
+def sequence_config(kind: str, **overrides) -> AdapterConfig:
+    """The sequence kind with no pointer ("sequence"), the "read" one ("copy") or "source"."""
+    pointer = "source" if kind == "copy-source" else "read"
+    return config("sequence", copy=kind != "sequence", pointer=pointer, **overrides)
 
 
 def test_residual_is_the_normalised_input_plus_a_scaled_low_rank_correction():
@@ -67,11 +73,11 @@ def test_residual_is_the_normalised_input_plus_a_scaled_low_rank_correction():
 
 
 def trained_sequence_adapter(
-    token_inputs: bool = True, copy: bool = False
+    token_inputs: bool = True, kind: str = "sequence"
 ) -> tuple[SequenceAdapter, Head]:
     head = random_head(D, V)
     adapter = build_adapter(
-        config("sequence", token_inputs=token_inputs, copy=copy),
+        sequence_config(kind, token_inputs=token_inputs),
         head,
         generator=torch.Generator().manual_seed(1),
     )
@@ -80,16 +86,18 @@ def trained_sequence_adapter(
         adapter.output.weight.normal_(0, 0.3)
         if adapter.gate is not None:
             adapter.gate.weight.normal_(0, 0.3)
+        if adapter.sink is not None:
+            adapter.sink.normal_()
     return adapter.eval(), head
 
 
 @pytest.mark.parametrize(
-    ("token_inputs", "copy"),
-    [(True, False), (False, False), (True, True)],
-    ids=["tokens", "representations", "copy"],
+    ("token_inputs", "kind"),
+    [(True, "sequence"), (False, "sequence"), (True, "copy"), (True, "copy-source")],
+    ids=["tokens", "representations", "copy", "copy-source"],
 )
-def test_stepping_equals_the_whole_sequence_forward(token_inputs, copy):
-    adapter, _ = trained_sequence_adapter(token_inputs, copy)
+def test_stepping_equals_the_whole_sequence_forward(token_inputs, kind):
+    adapter, _ = trained_sequence_adapter(token_inputs, kind)
     torch.manual_seed(0)
     prompts, totals = (
         [3, 7, 1],
@@ -98,7 +106,10 @@ def test_stepping_equals_the_whole_sequence_forward(token_inputs, copy):
     x = [torch.randn(t, D) for t in totals]
     tokens = [torch.randint(V, (t,)) for t in totals]
     with torch.no_grad():
-        whole = [adapter(xi[None], ti[None])[0] for xi, ti in zip(x, tokens, strict=True)]
+        whole = [
+            adapter(xi[None], ti[None], torch.tensor([p]))[0]
+            for xi, ti, p in zip(x, tokens, prompts, strict=True)
+        ]
         first, cache = adapter.start(
             [xi[:p] for xi, p in zip(x, prompts, strict=True)],
             [ti[:p].tolist() for ti, p in zip(tokens, prompts, strict=True)],
@@ -122,15 +133,34 @@ def test_stepping_equals_the_whole_sequence_forward(token_inputs, copy):
     assert cache.lengths.tolist() == totals
 
 
-def test_a_position_never_sees_the_future():
-    adapter, _ = trained_sequence_adapter()
+@pytest.mark.parametrize("kind", ["sequence", "copy", "copy-source"])
+def test_a_position_never_sees_the_future(kind):
+    adapter, _ = trained_sequence_adapter(kind=kind)
     x, tokens = torch.randn(1, 6, D), torch.randint(V, (1, 6))
-    changed = x.clone()
-    changed[0, 4:] = torch.randn(2, D)
+    changed_x, changed_tokens = x.clone(), tokens.clone()
+    changed_x[0, 4:] = torch.randn(2, D)
+    changed_tokens[0, 4:] = (tokens[0, 4:] + 1) % V  # the source pointer's values shift by one
     with torch.no_grad():
-        a, b = adapter(x, tokens), adapter(changed, tokens)
+        a, b = adapter(x, tokens), adapter(changed_x, changed_tokens)
     torch.testing.assert_close(a[0, :4], b[0, :4])
     assert not torch.allclose(a[0, 4:], b[0, 4:])
+
+
+@pytest.mark.parametrize("kind", ["copy", "copy-source"])
+def test_the_source_pointer_copies_from_the_prompt_alone(kind):
+    adapter, head = trained_sequence_adapter(kind=kind)
+    with torch.no_grad():
+        adapter.output.weight.zero_()  # z = n + g·(what the pointer copies)
+        tokens = torch.tensor([[5, 5, 5, 5, 7, 9, 11, 13]])  # a prompt of 4 positions reading 5
+        x = torch.randn(1, 8, D)
+        copied = adapter(x, tokens, torch.tensor([4]))[0] - head.normalize(x)[0]
+    e = head.embed(torch.tensor(5))
+    off_prompt = copied - (copied @ e / (e @ e)).unsqueeze(-1) * e  # what is not along E[5]
+    assert copied[2:].norm(dim=-1).min() > 1e-3
+    if kind == "copy-source":  # even the output's positions copy the prompt's token alone
+        assert off_prompt.abs().max() < 1e-5
+    else:  # the read pointer also copies the output's own tokens
+        assert off_prompt[5:].norm(dim=-1).min() > 1e-3
 
 
 def test_the_cache_refuses_to_overflow():
@@ -141,10 +171,10 @@ def test_the_cache_refuses_to_overflow():
         adapter.step(cache, torch.randn(1, D), torch.tensor([3]), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("kind", ["residual", "sequence", "copy"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source"])
 def test_save_and_load_round_trip_every_kind(kind, tmp_path):
     head = random_head(D, V)
-    cfg = config("sequence", copy=kind == "copy") if kind != "residual" else config(kind)
+    cfg = config(kind) if kind in ("residual", "sequence") else sequence_config(kind)
     cfg = dataclasses.replace(cfg, fingerprint="f")
     adapter = build_adapter(cfg, head, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -173,7 +203,14 @@ def test_a_config_without_a_kind_loads_as_the_papers_adapter(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(kind="lora"), dict(activation="relu"), dict(width=30, heads=4), dict(layers=0)]
+    "bad",
+    [
+        dict(kind="lora"),
+        dict(activation="relu"),
+        dict(width=30, heads=4),
+        dict(layers=0),
+        dict(pointer="previous"),
+    ],
 )
 def test_bad_kind_settings_are_refused(bad):
     with pytest.raises(AdapterError):

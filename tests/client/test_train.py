@@ -18,7 +18,12 @@ from torch import nn
 
 from data_owner_client.adapter import AdapterError, build_adapter, load_adapter
 from data_owner_client.devices import init_distributed, resolve_device
-from data_owner_client.objectives import ce_chunk_rows, chunked_cross_entropy, evaluate_accuracy
+from data_owner_client.objectives import (
+    ce_chunk_rows,
+    chunked_cross_entropy,
+    evaluate_accuracy,
+    mixture_nll,
+)
 from data_owner_client.train import TrainConfig, train
 from data_owner_client.train_log import LOG_FILE, PLOT_FILE, read_log
 from tests.client.synthetic import (
@@ -123,6 +128,39 @@ def test_training_learns_what_the_plm_cannot(task, tmp_path):
     assert loaded_config == adapter_config
     assert torch.equal(loaded.B_pd, result.adapter.B_pd)
     assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixture_nll_is_the_loss_of_the_mixture_decoding_reads():
+    torch.manual_seed(0)
+    adapter_logits, plm_logits, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(10, (6,))
+    a = F.log_softmax(adapter_logits, -1)[torch.arange(6), y]
+    b = F.log_softmax(plm_logits, -1)[torch.arange(6), y]
+    for lam in (0.3, 0.5, 1.0):
+        mixed = lam * adapter_logits.softmax(-1) + (1 - lam) * plm_logits.softmax(-1)
+        expected = -mixed[torch.arange(6), y].log()
+        torch.testing.assert_close(mixture_nll(a, b, lam), expected)
+
+
+@pytest.mark.parametrize("kind", ["residual", "sequence"])
+def test_training_through_the_mixture_lowers_the_mixtures_loss(kind, tmp_path):
+    """The objective and early stopping read the mixture at λ; untrained, it is the PLM's CE."""
+    adapter_config, train_config = small_configs(
+        stage2_epochs=3, sequence_batch_size=32, mixture_lambda=0.5
+    )
+    adapter_config = dataclasses.replace(adapter_config, kind=kind, width=32, heads=2, layers=1)
+    if kind == "sequence":
+        copy = copy_task()
+        head, sources = copy.head, (copy.sample(256, seed=1), copy.sample(64, seed=2))
+        x, y = sources[1].pairs().keys, sources[1].pairs().values
+    else:
+        cipher = cipher_task()
+        head, sources = cipher.head, (cipher.sample(1024, 1), cipher.sample(256, 2))
+        x, y = sources[1].keys, sources[1].values
+    train(adapter_config, *sources, head, tmp_path, train_config, progress=False)
+    vals = [r for r in read_log(tmp_path / LOG_FILE) if r["kind"] == "val"]
+    assert vals and all(r["val_loss"] == r["val_mixture"] for r in vals)
+    plm_ce = F.cross_entropy(head(x), y).item()  # the untrained mixture's loss
+    assert min(r["val_mixture"] for r in vals) < 0.5 * plm_ce
 
 
 def test_log_records_both_stages(task, tmp_path):
