@@ -64,7 +64,9 @@ CONSTANT_LAMBDA = 0.3  # the best constant λ on the Bible tuning verses (0.3 > 
 KNN = ("--knn-k", "64", "--knn-temperature", "10", "--lambda-max", "0.25")
 # The other adapter kinds, also chosen on the tuning split (README, "Quality").
 RESIDUAL = ("--adapter-kind", "residual", "--rank", "64", "--alpha", "64", "--stage2-epochs", "4")
-SEQUENCE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")  # with the copy pointer
+SEQUENCE_BASE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")
+SEQUENCE = (*SEQUENCE_BASE, "--pointer", "source")  # the kind's default: the source pointer
+SEQUENCE_READ = (*SEQUENCE_BASE, "--pointer", "read")  # the pointer over the whole sequence
 RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.5  # constant λ of each kind's main run
 NO_REPEAT_4 = ("--no-repeat-ngram", "4")
 MIN_LENGTHS = ("0.8", "0.9")  # --min-length ablations
@@ -203,8 +205,13 @@ def kind_ablation_runs() -> list[Run]:
         Run(f"plm-min-{f}", "plm", "PLM alone", f"min length {f}", (), ("--min-length", f))
         for f in MIN_LENGTHS
     ]
-    for kind, flags in (("residual", RESIDUAL), ("sequence", SEQUENCE)):
-        group = f"{kind}: λ"
+    kinds = (
+        ("residual", "residual", RESIDUAL),
+        ("sequence", "sequence", SEQUENCE),
+        ("sequence-read", "sequence (read pointer)", SEQUENCE_READ),
+    )
+    for kind, label, flags in kinds:
+        group = f"{label}: λ"
         for lam in (0.3, 0.5, 0.7, 1.0):
             runs.append(
                 Run(f"{kind}-lambda-{lam:g}", "pema", group, f"{lam:g}", flags, constant(lam))
@@ -212,6 +219,14 @@ def kind_ablation_runs() -> list[Run]:
         gu = ("--lambda-max", "0.9", "--schedule", "quadratic")
         runs.append(Run(f"{kind}-gu-0.9", "pema", group, "GU 0.9", flags, gu))
         lam = RESIDUAL_LAMBDA if kind == "residual" else SEQUENCE_LAMBDA
+        if kind == "sequence":  # the source pointer tolerates a larger λ: guard it there too
+            for n, big in ((4, 0.7), (4, 1.0)):
+                guard = (*constant(big), "--no-repeat-ngram", str(n))
+                name, setting = (
+                    f"{kind}-lambda-{big:g}-no-repeat-{n}",
+                    f"{big:g}, no repeated {n}-gram",
+                )
+                runs.append(Run(name, "pema", group, setting, flags, guard))
         for f in MIN_LENGTHS:  # truncation: no end before a fraction of the expected length
             held = ("--min-length", f)
             setting = f"min length {f}"
@@ -233,21 +248,21 @@ def kind_ablation_runs() -> list[Run]:
     ):
         runs.append(Run(name, "pema", "residual: settings", setting, RESIDUAL + extra, decode))
     decode = constant(SEQUENCE_LAMBDA)
-    for name, setting, extra in (
-        ("sequence-no-copy", "no copy pointer", ("--no-copy",)),
-        ("sequence-pointer-source", "source pointer", ("--pointer", "source")),
-        ("sequence-mixture-0.5", "trained as the λ 0.5 mixture", ("--mixture-lambda", "0.5")),
-        ("sequence-no-tokens", "no token inputs", ("--no-token-inputs",)),
-        ("sequence-1-layer", "1 layer", ("--layers", "1")),
-        ("sequence-4-layers", "4 layers", ("--layers", "4")),
-        ("sequence-width-128", "width 128", ("--width", "128")),
-        ("sequence-dropout-0.3", "dropout 0.3", ("--dropout", "0.3")),
-    ):
-        runs.append(Run(name, "pema", "sequence: settings", setting, SEQUENCE + extra, decode))
-    source = (*SEQUENCE, "--pointer", "source")
-    for lam in (0.7, 1.0):
-        name, setting = f"sequence-pointer-source-{lam:g}", f"source pointer, λ {lam:g}"
-        runs.append(Run(name, "pema", "sequence: settings", setting, source, constant(lam)))
+    mixture = ("--mixture-lambda", "0.5")
+    for name, setting, flags in (
+        ("sequence-pointer-read", "read pointer", SEQUENCE_READ),
+        ("sequence-no-copy", "no copy pointer", (*SEQUENCE_BASE, "--no-copy")),
+        ("sequence-no-tokens", "no token inputs", (*SEQUENCE, "--no-token-inputs")),
+        ("sequence-1-layer", "1 layer", (*SEQUENCE, "--layers", "1")),
+        ("sequence-4-layers", "4 layers", (*SEQUENCE, "--layers", "4")),
+        ("sequence-width-128", "width 128", (*SEQUENCE, "--width", "128")),
+        ("sequence-dropout-0.3", "dropout 0.3", (*SEQUENCE, "--dropout", "0.3")),
+        ("sequence-mixture-0.5", "trained as the λ 0.5 mixture", (*SEQUENCE, *mixture)),
+        ("sequence-read-4-layers", "read pointer, 4 layers", (*SEQUENCE_READ, "--layers", "4")),
+        ("sequence-read-mixture-0.5", "read pointer, trained as the λ 0.5 mixture",
+         (*SEQUENCE_READ, *mixture)),
+    ):  # fmt: skip
+        runs.append(Run(name, "pema", "sequence: settings", setting, flags, decode))
     return runs
 
 

@@ -92,7 +92,9 @@ class AdapterConfig:
     heads: int = 4  # sequence: attention heads per block
     token_inputs: bool = True  # sequence: also read the output embedding of each position's token
     copy: bool = True  # sequence: add a gated pointer that copies tokens of the sequence so far
-    pointer: str = "read"  # sequence: copy the token read there, or the prompt's next one
+    # sequence: the pointer copies the prompt's token after the attended one ("source"), or the
+    # token read there, anywhere in the sequence ("read": the only pointer before "source")
+    pointer: str = "source"
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -152,6 +154,7 @@ class AdapterConfig:
             raise AdapterError("adapter config must be a JSON object")
         if data.get("format", FORMAT) != FORMAT:
             raise AdapterError(f"adapter config has format {data['format']!r}, not {FORMAT!r}")
+        data.setdefault("pointer", "read")  # written before the source pointer existed
         known = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(set(data) - known):
             log.warning("ignoring unknown adapter config keys %s", unknown)

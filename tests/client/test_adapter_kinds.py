@@ -202,6 +202,19 @@ def test_a_config_without_a_kind_loads_as_the_papers_adapter(tmp_path):
     assert loaded.kind == "pema"
 
 
+def test_a_sequence_adapter_from_before_the_source_pointer_loads_with_the_read_one(tmp_path):
+    head = random_head(D, V)
+    cfg = dataclasses.replace(sequence_config("copy"), fingerprint="f")
+    save_adapter(tmp_path, build_adapter(cfg, head), cfg)
+    data = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del data["pointer"]  # as written before the setting existed
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
+    adapter, loaded = load_adapter(tmp_path, head=head)
+    assert loaded.pointer == "read" and isinstance(adapter, SequenceAdapter)
+    assert adapter.sink is None
+    assert AdapterConfig(hidden_size=D, vocab_size=V).pointer == "source"  # new adapters'
+
+
 @pytest.mark.parametrize(
     "bad",
     [
