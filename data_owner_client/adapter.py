@@ -95,6 +95,7 @@ class AdapterConfig:
     # sequence: the pointer copies the prompt's token after the attended one ("source"), or the
     # token read there, anywhere in the sequence ("read": the only pointer before "source")
     pointer: str = "source"
+    coverage: bool = False  # sequence, source pointer: lower the scores of source already copied
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -128,6 +129,10 @@ class AdapterConfig:
             )
         if self.pointer not in POINTERS:
             raise AdapterError(f"pointer must be one of {POINTERS}, got {self.pointer!r}")
+        if self.coverage and (self.pointer != "source" or not self.copy):
+            raise AdapterError(
+                "coverage is a setting of the source pointer: --copy --pointer source"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.kappa <= 1.0:
@@ -281,6 +286,7 @@ def build_adapter(
             config.token_inputs,
             config.copy,
             config.pointer,
+            config.coverage,
         )
 
 

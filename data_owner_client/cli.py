@@ -234,6 +234,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         choices=POINTERS,
     )
     adapter.add_argument(
+        "--coverage",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="sequence, source pointer: lower its scores of source positions the output has "
+        "already attended to (against going back over copied source)",
+    )
+    adapter.add_argument(
         "--input-norm",
         action="store_true",
         help="feed the adapter the head's final norm of each representation instead of the raw "
@@ -523,6 +530,7 @@ KIND_FLAGS = {
     "no_token_inputs": ("sequence",),
     "copy": ("sequence",),
     "pointer": ("sequence",),
+    "coverage": ("sequence",),
     "sequence_batch_size": ("sequence",),
     "mixture_lambda": ("residual", "sequence"),
 }
@@ -574,6 +582,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         token_inputs=not args.no_token_inputs,
         copy=args.copy,
         pointer=args.pointer,
+        coverage=args.coverage,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,
