@@ -264,6 +264,9 @@ def kind_ablation_runs() -> list[Run]:
          (*SEQUENCE_READ, *mixture)),
     ):  # fmt: skip
         runs.append(Run(name, "pema", "sequence: settings", setting, flags, decode))
+    covered = (*SEQUENCE, "--coverage")
+    runs.append(Run("sequence-coverage-0.7", "pema", "sequence: settings", "coverage, λ 0.7",
+                    covered, constant(0.7)))  # fmt: skip
     return runs
 
 
