@@ -50,7 +50,7 @@ KINDS = ("pema", "residual", "sequence")
 KIND_DEFAULTS: dict[str, dict[str, float | str]] = {
     "pema": {"rank": 512, "alpha": 1.0, "lambda_max": 0.9, "schedule": "quadratic"},
     "residual": {"rank": 64, "alpha": 64.0, "lambda_max": 0.5, "schedule": "constant"},
-    "sequence": {"lambda_max": 0.5, "schedule": "constant"},
+    "sequence": {"lambda_max": 0.7, "schedule": "constant", "no_repeat_ngram": 4},
 }
 TMP_PREFIX = ".tmp-"
 
@@ -95,7 +95,6 @@ class AdapterConfig:
     # sequence: the pointer copies the prompt's token after the attended one ("source"), or the
     # token read there, anywhere in the sequence ("read": the only pointer before "source")
     pointer: str = "source"
-    coverage: bool = False  # sequence, source pointer: lower the scores of source already copied
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -103,6 +102,7 @@ class AdapterConfig:
     schedule: str = "quadratic"  # default GU schedule: quadratic (paper), linear or constant
     lambda_max: float = 0.9  # default initial PEMA weight λ_0
     lambda_min: float = 0.0  # default floor of λ over a sequence
+    no_repeat_ngram: int = 0  # default repetition guard of generate and serve (0: off)
     package_version: str = field(default_factory=_package_version)  # pema-offsite that wrote it
     format: str = FORMAT  # format tag, checked on load
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes
@@ -129,16 +129,16 @@ class AdapterConfig:
             )
         if self.pointer not in POINTERS:
             raise AdapterError(f"pointer must be one of {POINTERS}, got {self.pointer!r}")
-        if self.coverage and (self.pointer != "source" or not self.copy):
-            raise AdapterError(
-                "coverage is a setting of the source pointer: --copy --pointer source"
-            )
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.kappa <= 1.0:
             raise AdapterError(f"kappa must be in [0, 1], got {self.kappa}")
         if self.schedule not in SCHEDULES:
             raise AdapterError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.no_repeat_ngram < 0:
+            raise AdapterError(
+                f"no_repeat_ngram must be 0 (off) or more, got {self.no_repeat_ngram}"
+            )
         if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:
             raise AdapterError("need 0 <= lambda_min <= lambda_max <= 1")
 
@@ -286,7 +286,6 @@ def build_adapter(
             config.token_inputs,
             config.copy,
             config.pointer,
-            config.coverage,
         )
 
 

@@ -181,11 +181,14 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         ("alpha", float, "scaling s = alpha / rank (pema, residual)"),
         ("lambda_max", float, "default λ_max of Gradual Unrolling, stored with the adapter"),
         ("schedule", str, "default Gradual Unrolling schedule, stored with the adapter"),
+        ("no_repeat_ngram", int, "default repetition guard of generate, stored with the adapter"),
     ):
         defaults = "; ".join(
-            f"{kind}: {values[name]:g}" if kind_type is not str else f"{kind}: {values[name]}"
+            f"{kind}: {values.get(name, 0):g}"
+            if kind_type is not str
+            else f"{kind}: {values[name]}"
             for kind, values in KIND_DEFAULTS.items()
-            if name in values
+            if name in values or name == "no_repeat_ngram"  # 0 unless a kind stores one
         )
         adapter.add_argument(
             "--" + name.replace("_", "-"),
@@ -232,13 +235,6 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "or attends to the prompt alone and copies the token after that position (source: an "
         "induction step, go on where the source matches)",
         choices=POINTERS,
-    )
-    adapter.add_argument(
-        "--coverage",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="sequence, source pointer: lower its scores of source positions the output has "
-        "already attended to (against going back over copied source)",
     )
     adapter.add_argument(
         "--input-norm",
@@ -307,7 +303,6 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         ("top_k", "when sampling, only the k most likely tokens (0: all)"),
         ("top_p", "when sampling, only the smallest set holding this probability"),
         ("seed", "seeds sampling"),
-        ("no_repeat_ngram", "never repeat an n-gram of an output, e.g. 4 (0: off)"),
         (
             "min_length",
             "no end (EOS or a stop string) before this fraction of an output's expected length, "
@@ -318,6 +313,12 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         ("device", "where the head and adapter run: auto (cuda, mps, cpu) or a torch device"),
     ):
         _config_flag(decoding, GenerationConfig, name, help)
+    decoding.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        metavar="N",
+        help="never repeat an n-gram of an output, e.g. 4; 0: off (default: the adapter's)",
+    )
     _config_flag(
         decoding,
         GenerationConfig,
@@ -530,7 +531,6 @@ KIND_FLAGS = {
     "no_token_inputs": ("sequence",),
     "copy": ("sequence",),
     "pointer": ("sequence",),
-    "coverage": ("sequence",),
     "sequence_batch_size": ("sequence",),
     "mixture_lambda": ("residual", "sequence"),
 }
@@ -563,7 +563,8 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     train_memory, dev_memory = open_memories(memory_dir, served.info.fingerprint)
     manifest = train_memory.manifest
     _warn_unused_flags(args)
-    told = {k: getattr(args, k) for k in ("rank", "alpha", "lambda_max", "schedule")}
+    stored = ("rank", "alpha", "lambda_max", "schedule", "no_repeat_ngram")
+    told = {k: getattr(args, k) for k in stored}
     kind_settings = {
         **KIND_DEFAULTS[args.adapter_kind],
         **{k: v for k, v in told.items() if v is not None},
@@ -582,7 +583,6 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         token_inputs=not args.no_token_inputs,
         copy=args.copy,
         pointer=args.pointer,
-        coverage=args.coverage,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,

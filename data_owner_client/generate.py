@@ -53,7 +53,7 @@ class GenerationConfig:
     top_k: int = 0  # sample among the k most likely tokens (0: all)
     top_p: float = 1.0  # sample from the smallest set holding this much probability
     seed: int = 0  # seeds sampling
-    no_repeat_ngram: int = 0  # never repeat an n-gram of a row's output (0: off)
+    no_repeat_ngram: int | None = None  # never repeat an n-gram of a row's output (0: off)
     # A row may not end (EOS, or a token holding a stop string) before this fraction of its
     # expected length: the learned length ratio × its source tokens (× 1 without a ratio).
     min_length: float = 0.0
@@ -72,7 +72,7 @@ class GenerationConfig:
             raise ValueError(f"reconnect_s must be 0 or more, got {self.reconnect_s}")
         if self.min_length < 0:
             raise ValueError(f"min_length must be 0 (off) or more, got {self.min_length}")
-        if self.no_repeat_ngram < 0:
+        if self.no_repeat_ngram is not None and self.no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be 0 (off) or more, got {self.no_repeat_ngram}")
         if self.gu_horizon is not None and self.gu_horizon <= 0:
             raise ValueError(f"the GU horizon must be positive, got {self.gu_horizon}")
@@ -91,17 +91,21 @@ class MixingDefaults(Protocol):
     def schedule(self) -> str: ...
     @property
     def length_ratio(self) -> float | None: ...
+    @property
+    def no_repeat_ngram(self) -> int: ...
 
 
 @dataclass(frozen=True)
 class Mixing:
-    """The resolved Gradual Unrolling settings of one run."""
+    """The resolved Gradual Unrolling settings of one run, and its repetition guard (which an
+    adapter stores with them)."""
 
     lambda_max: float
     lambda_min: float
     schedule: str
     length_ratio: float | None  # target/source tokens learned in training
     horizon: float | None  # fixed horizon; overrides the ratio
+    no_repeat_ngram: int = 0  # never repeat an n-gram of a row's output (0: off)
 
     def __post_init__(self) -> None:
         check_settings(self.lambda_max, self.lambda_min, self.schedule)
@@ -141,6 +145,7 @@ class Mixing:
             schedule=pick("schedule", "constant"),
             length_ratio=defaults.length_ratio if defaults is not None else None,
             horizon=config.gu_horizon,
+            no_repeat_ngram=pick("no_repeat_ngram", 0),
         )
         if mixing.lambda_max > 0 and defaults is None:
             raise ValueError(
@@ -444,7 +449,7 @@ class Generator:
 
     def _choose(self, log_probs: torch.Tensor, rows: list[Row], job: Job) -> list[int]:
         """The next token of each of a job's ``rows`` from their mixed log-probabilities."""
-        _ban_repeats(log_probs, [row.tokens for row in rows], job.config.no_repeat_ngram)
+        _ban_repeats(log_probs, [row.tokens for row in rows], job.mixing.no_repeat_ngram)
         early = [i for i, row in enumerate(rows) if len(row.tokens) < row.min_tokens]
         if early:
             index = torch.tensor(early, device=log_probs.device)[:, None]
@@ -523,7 +528,7 @@ class Generator:
         x = hidden.to(self.device, torch.float32)
         log_probs = self._log_probs(x, lam.to(self.device), adapted)
         if history is not None:
-            _ban_repeats(log_probs, history, self.config.no_repeat_ngram)
+            _ban_repeats(log_probs, history, self.mixing.no_repeat_ngram)
         return _pick(log_probs, self.config, self.sampler).tolist()
 
     def _log_probs(

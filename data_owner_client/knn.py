@@ -75,6 +75,8 @@ class KnnLM:
     def schedule(self) -> str:
         return self.config.schedule
 
+    no_repeat_ngram = 0  # no repetition guard unless asked for
+
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.normalize(x.float())
 

@@ -63,7 +63,11 @@ def settings_record(generator: Generator) -> dict[str, Any]:
     settings = dataclasses.asdict(generator.config)
     for volatile in ("device", "reconnect_s"):
         settings.pop(volatile, None)
-    settings.update(batch_size=generator.batch_size, max_new_tokens=generator.max_new_tokens)
+    settings.update(
+        batch_size=generator.batch_size,
+        max_new_tokens=generator.max_new_tokens,
+        no_repeat_ngram=generator.mixing.no_repeat_ngram,  # the adapter's when not given
+    )
     return settings
 
 

@@ -18,10 +18,7 @@ whole sequence so far), or, with ``pointer="source"``, the prompt's tokens that 
 position ``t`` attends to the prompt positions ``i`` with ``i + 1`` still in the prompt and copies
 ``token_{i+1}``, an induction head in one step. Reading the token ``w`` that the source also read
 at ``i``, it copies the source's next token; its own output, which it cannot point into, cannot
-make it loop. A learned sink key with a zero value lets it attend nowhere. With ``coverage`` its
-scores are lowered by ``w · c_ti``, where ``c_ti`` is how much attention the output's earlier
-positions paid to slot ``i`` (each from scores without the penalty, so training stays parallel),
-against going back over source it has already copied.
+make it loop. A learned sink key with a zero value lets it attend nowhere.
 
 Decoding steps it one position at a time with a :class:`SequenceCache` of its own keys and values
 per row, next to the server's session; that equals running it over the whole sequence.
@@ -29,7 +26,6 @@ per row, next to the server's session; that equals running it over the whole seq
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +46,6 @@ class SequenceCache:
     values: list[torch.Tensor]
     lengths: torch.Tensor  # [B] positions filled per row
     prompts: torch.Tensor  # [B] each row's prompt positions
-    coverage: torch.Tensor | None = None  # [B, capacity] the source pointer's coverage so far
 
     @property
     def capacity(self) -> int:
@@ -150,7 +145,6 @@ class SequenceAdapter(nn.Module):
         token_inputs: bool = True,
         copy: bool = False,
         pointer: str = "read",
-        coverage: bool = False,
     ) -> None:
         super().__init__()
         if width % heads or (width // heads) % 2:
@@ -179,9 +173,6 @@ class SequenceAdapter(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
         self.sink = nn.Parameter(torch.zeros(width)) if copy and pointer == "source" else None
-        if coverage and self.sink is None:
-            raise ValueError("coverage is a setting of the source pointer (copy, pointer=source)")
-        self.coverage = nn.Parameter(torch.ones(())) if coverage else None  # its weight w
 
     def _embed(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``norm(x)``, the stream's input) for representations ``x`` and the tokens read."""
@@ -197,26 +188,23 @@ class SequenceAdapter(nn.Module):
         h: torch.Tensor,
         tokens: torch.Tensor,
         prompts: torch.Tensor,
-        cache: tuple[torch.Tensor, ...] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``z`` from the stream ``h [B, T, W]``; the copy pointer's keys and values; and with
-        coverage, the attention the source pointer adds to it (see :meth:`_point_to_source`).
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``z`` from the stream ``h [B, T, W]``; and the copy pointer's keys and values.
         ``prompts [B]`` are the rows' prompt lengths (those of ``rows`` with a cache)."""
         h = self.norm(h)
         z = n + self.output(h)
         if self.pointer is None or self.gate is None:
-            return z, None, None, None
+            return z, None, None
         q, k = self.pointer(h).unsqueeze(1).chunk(2, dim=-1)  # [B, 1, T, W]
         v = self.embed(tokens).unsqueeze(1)  # [B, 1, T, e]
-        attended = None
         if self.sink is None:
-            assert cache is None or len(cache) == 2
-            copied = _attend(q, k, v, 0.0, cache, rows, positions)  # type: ignore[arg-type]
+            copied = _attend(q, k, v, 0.0, cache, rows, positions)
         else:
-            copied, v, attended = self._point_to_source(q, k, v, prompts, cache)
-        return z + self.gate(h) * copied.squeeze(1), k, v, attended
+            copied, v = self._point_to_source(q, k, v, prompts, cache)
+        return z + self.gate(h) * copied.squeeze(1), k, v
 
     def _point_to_source(
         self,
@@ -224,18 +212,12 @@ class SequenceAdapter(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         prompts: torch.Tensor,
-        cache: tuple[torch.Tensor, ...] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The "source" pointer: each query attends to the sink and to the prompt positions
-        ``i < prompt - 1`` before its own, whose values are the tokens read at ``i + 1``. Returns
-        what it copies, the values to cache (the prompt's, shifted; decoding never adds to them)
-        and, with coverage, the attention without the penalty: over whole sequences
-        ``[B, T, S]`` summed over the output's queries up to each one, for one step ``[n, S]``.
-
-        ``cache`` holds the rows' keys, values and, with coverage, their coverage ``[n, S]``.
-        """
+        ``i < prompt - 1`` before its own, whose values are the tokens read at ``i + 1``; and the
+        values to cache (the prompt's, shifted; decoding never adds to them)."""
         assert self.sink is not None
-        covered = None
         if cache is None:
             t = q.shape[2]
             v = F.pad(v[:, :, 1:], (0, 0, 0, 1))  # slot i: the token read at i + 1
@@ -245,32 +227,14 @@ class SequenceAdapter(nn.Module):
             mask = (causal & in_prompt).unsqueeze(1)
             keys, values = k, v
         else:
-            keys, values = cache[:2]  # the rows' own, already
-            covered = cache[2].view(len(q), 1, 1, -1) if len(cache) > 2 else None
+            keys, values = cache  # the rows' own, already
             slots = torch.arange(keys.shape[2], device=q.device)
             mask = (slots < (prompts - 1).unsqueeze(-1)).view(len(q), 1, 1, -1)
         sink = self.sink.view(1, 1, 1, -1).expand(len(q), 1, 1, -1)
         keys = torch.cat([sink, keys], dim=2)
         values = F.pad(values, (0, 0, 1, 0))  # the sink's value is zero
         mask = F.pad(mask, (1, 0), value=True)
-        if self.coverage is None:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), v, None
-        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~mask, float("-inf"))
-        plain = scores.softmax(-1)[..., 1:]  # [B, 1, T, S]: the slots', not the sink's
-        if cache is None:  # each query's coverage: the output's earlier queries' attention
-            t = q.shape[2]
-            output = torch.arange(t, device=q.device) >= (prompts - 1).view(-1, 1)  # [B, T]
-            paid = plain * output.view(-1, 1, t, 1)
-            attended = paid.cumsum(2)  # up to and with each query
-            covered = attended - paid
-            attended = attended.squeeze(1)
-        else:
-            assert covered is not None
-            attended = plain.view(len(q), -1)
-        penalty = F.pad(self.coverage * covered, (1, 0))  # the sink is never covered
-        attention = (scores - penalty).softmax(-1)
-        return attention @ values, v, attended
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), v
 
     def forward(
         self, x: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor | None = None
@@ -285,7 +249,7 @@ class SequenceAdapter(nn.Module):
 
     def _forward(
         self, x: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         if prompts is None:
             prompts = torch.full((x.shape[0],), x.shape[1], device=x.device)
         n, h = self._embed(x, tokens)
@@ -296,11 +260,11 @@ class SequenceAdapter(nn.Module):
             h, k, v = block(h, rotary)
             keys.append(k)
             values.append(v)
-        z, k, v, attended = self._out(n, h, tokens, prompts)
+        z, k, v = self._out(n, h, tokens, prompts)
         if k is not None and v is not None:
             keys.append(k)
             values.append(v)
-        return z, keys, values, attended
+        return z, keys, values
 
     def train_outputs(
         self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
@@ -323,19 +287,14 @@ class SequenceAdapter(nn.Module):
         ids = nn.utils.rnn.pad_sequence(
             [torch.tensor(t, device=x.device) for t in tokens], batch_first=True
         )
-        z, keys, values, attended = self._forward(x, ids, lengths)
-        last = torch.arange(len(tokens)), lengths - 1
-        coverage = None
-        if attended is not None:  # what the prompt's last position adds to its coverage
-            coverage = F.pad(attended[last], (0, capacity - attended.shape[-1]))
+        z, keys, values = self._forward(x, ids, lengths)
         cache = SequenceCache(
             [_room(k, capacity) for k in keys],
             [_room(v, capacity) for v in values],
             lengths,
             lengths.clone(),
-            coverage,
         )
-        return z[last], cache
+        return z[torch.arange(len(tokens)), lengths - 1], cache
 
     def step(
         self, cache: SequenceCache, x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor
@@ -353,14 +312,12 @@ class SequenceAdapter(nn.Module):
             self.blocks, cache.keys[:layers], cache.values[:layers], strict=True
         ):
             h = block(h, rotary, (k, v), rows, positions)[0]
-        pointer: tuple[torch.Tensor, ...] | None = None
+        pointer = None
         if self.pointer is not None:
             pointer = (cache.keys[-1], cache.values[-1])
             if self.sink is not None:  # the source pointer reads the prompts alone
-                pointer = tuple(t[rows] for t in (*pointer, cache.coverage) if t is not None)
-        z, _, _, attended = self._out(n, h, tokens, cache.prompts[rows], pointer, rows, positions)
-        if attended is not None and cache.coverage is not None:
-            cache.coverage[rows] += attended
+                pointer = (pointer[0][rows], pointer[1][rows])
+        z = self._out(n, h, tokens, cache.prompts[rows], pointer, rows, positions)[0]
         cache.lengths[rows] += 1
         return z.squeeze(1)
 

@@ -47,7 +47,11 @@ class Sampling(Strict):
     schedule: Literal[SCHEDULES] | None = Field(None, description="how λ decays")  # type: ignore[valid-type]
     gu_horizon: float | None = Field(None, gt=0, description="fixed GU horizon in tokens")
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0: all)")
-    no_repeat_ngram: int = Field(0, ge=0, description="never repeat an n-gram of the output")
+    no_repeat_ngram: int | None = Field(
+        None,
+        ge=0,
+        description="never repeat an n-gram of the output (0: off; default: the adapter's)",
+    )
     min_length: float = Field(
         0.0, ge=0, description="no end before this fraction of the output's expected length"
     )

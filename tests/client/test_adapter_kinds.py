@@ -42,7 +42,7 @@ def config(kind: str, **overrides) -> AdapterConfig:
 
 
 @pytest.mark.parametrize("head", [random_head(D, V), rms_head()], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source", "copy-coverage"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source"])
 def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, head):
     torch.manual_seed(0)
     cfg = config(kind) if kind in ("residual", "sequence") else sequence_config(kind)
@@ -53,13 +53,9 @@ def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, hea
 
 
 def sequence_config(kind: str, **overrides) -> AdapterConfig:
-    """The sequence kind with no pointer ("sequence"), the "read" one ("copy"), the "source" one
-    ("copy-source"), or that with coverage ("copy-coverage")."""
-    pointer = "source" if kind in ("copy-source", "copy-coverage") else "read"
-    coverage = kind == "copy-coverage"
-    return config(
-        "sequence", copy=kind != "sequence", pointer=pointer, coverage=coverage, **overrides
-    )
+    """The sequence kind with no pointer ("sequence"), the "read" one ("copy") or "source"."""
+    pointer = "source" if kind == "copy-source" else "read"
+    return config("sequence", copy=kind != "sequence", pointer=pointer, **overrides)
 
 
 def test_residual_is_the_normalised_input_plus_a_scaled_low_rank_correction():
@@ -92,21 +88,13 @@ def trained_sequence_adapter(
             adapter.gate.weight.normal_(0, 0.3)
         if adapter.sink is not None:
             adapter.sink.normal_()
-        if adapter.coverage is not None:
-            adapter.coverage.fill_(3.0)
     return adapter.eval(), head
 
 
 @pytest.mark.parametrize(
     ("token_inputs", "kind"),
-    [
-        (True, "sequence"),
-        (False, "sequence"),
-        (True, "copy"),
-        (True, "copy-source"),
-        (True, "copy-coverage"),
-    ],
-    ids=["tokens", "representations", "copy", "copy-source", "copy-coverage"],
+    [(True, "sequence"), (False, "sequence"), (True, "copy"), (True, "copy-source")],
+    ids=["tokens", "representations", "copy", "copy-source"],
 )
 def test_stepping_equals_the_whole_sequence_forward(token_inputs, kind):
     adapter, _ = trained_sequence_adapter(token_inputs, kind)
@@ -145,7 +133,7 @@ def test_stepping_equals_the_whole_sequence_forward(token_inputs, kind):
     assert cache.lengths.tolist() == totals
 
 
-@pytest.mark.parametrize("kind", ["sequence", "copy", "copy-source", "copy-coverage"])
+@pytest.mark.parametrize("kind", ["sequence", "copy", "copy-source"])
 def test_a_position_never_sees_the_future(kind):
     adapter, _ = trained_sequence_adapter(kind=kind)
     x, tokens = torch.randn(1, 6, D), torch.randint(V, (1, 6))
@@ -183,7 +171,7 @@ def test_the_cache_refuses_to_overflow():
         adapter.step(cache, torch.randn(1, D), torch.tensor([3]), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source", "copy-coverage"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source"])
 def test_save_and_load_round_trip_every_kind(kind, tmp_path):
     head = random_head(D, V)
     cfg = config(kind) if kind in ("residual", "sequence") else sequence_config(kind)
@@ -235,7 +223,6 @@ def test_a_sequence_adapter_from_before_the_source_pointer_loads_with_the_read_o
         dict(width=30, heads=4),
         dict(layers=0),
         dict(pointer="previous"),
-        dict(pointer="read", coverage=True),
     ],
 )
 def test_bad_kind_settings_are_refused(bad):

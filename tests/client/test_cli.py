@@ -113,18 +113,24 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
         "pema": (),
         "residual": ("--adapter-kind=residual", "--rank=8", "--activation=gelu"),
         "sequence": ("--adapter-kind=sequence", "--width=16", "--heads=2", "--no-copy"),
-        "told": ("--adapter-kind=sequence", "--width=16", "--lambda-max=0.2", "--schedule=linear"),
-    }
+        "told": (
+            "--adapter-kind=sequence", "--width=16", "--lambda-max=0.2", "--schedule=linear",
+            "--no-repeat-ngram=0",
+        ),
+    }  # fmt: skip
     for name, flags in settings.items():
         out = tmp_path / name
         run("train", "--memory", str(tmp_path / "mem"), "--out", str(out), "--stage1-epochs=1",
             "--stage2-epochs=1", *flags)  # fmt: skip
         settings[name] = json.loads((out / "adapter_config.json").read_text())
-    assert [(c["kind"], c["lambda_max"], c["schedule"]) for c in settings.values()] == [
-        ("pema", 0.9, "quadratic"),
-        ("residual", 0.5, "constant"),
-        ("sequence", 0.5, "constant"),
-        ("sequence", 0.2, "linear"),
+    stored = [
+        (c["kind"], c["lambda_max"], c["schedule"], c["no_repeat_ngram"]) for c in settings.values()
+    ]
+    assert stored == [
+        ("pema", 0.9, "quadratic", 0),
+        ("residual", 0.5, "constant", 0),
+        ("sequence", 0.7, "constant", 4),
+        ("sequence", 0.2, "linear", 0),
     ]
     assert settings["residual"]["activation"] == "gelu"
     assert not settings["sequence"]["copy"] and settings["told"]["copy"]  # on by default

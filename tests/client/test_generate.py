@@ -277,6 +277,24 @@ def test_no_repeat_ngram_stops_loops_and_changes_nothing_before(served_client):
     assert looped  # the check had loops to stop
 
 
+def test_the_adapters_stored_repetition_guard_is_the_default(served_client):
+    """An adapter's stored no_repeat_ngram applies unless the run gives one (0 turns it off)."""
+    _, client, served = served_client
+    adapter, adapter_config = _adapter(served)
+    guarding = dataclasses.replace(adapter_config, no_repeat_ngram=3)
+    plain = GenerationConfig(max_new_tokens=40, lambda_max=0.0)
+
+    def tokens(config: GenerationConfig, stored: AdapterConfig) -> list[list[int]]:
+        return generated_tokens(
+            Generator(client, served, config, TEMPLATE, adapter, stored), PROMPTS
+        )
+
+    free, guarded = tokens(plain, adapter_config), tokens(plain, guarding)
+    assert guarded != free
+    assert guarded == tokens(dataclasses.replace(plain, no_repeat_ngram=3), adapter_config)
+    assert tokens(dataclasses.replace(plain, no_repeat_ngram=0), guarding) == free
+
+
 def test_no_repeat_ngram_must_not_be_negative():
     with pytest.raises(ValueError, match="no_repeat_ngram"):
         GenerationConfig(no_repeat_ngram=-1)
