@@ -137,7 +137,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     mixing = report["mixing"]
     kind = report.get("adapter_kind", "pema")
     adapter = "PEMA" if kind == "pema" else f"PEMA, {kind} adapter"
-    pema = f"{adapter} ({mixing['schedule']}, λ_max {mixing['lambda_max']:g})"
+    guard = mixing.get("no_repeat_ngram", 0)  # reports from before it was stored lack it
+    guarded = f", no repeated {guard}-gram" if guard else ""
+    pema = f"{adapter} ({mixing['schedule']}, λ_max {mixing['lambda_max']:g}{guarded})"
     rows = [
         "| method | BLEU | sBLEU | chrF | tokens/s |",
         "|---|---:|---:|---:|---:|",

@@ -49,6 +49,10 @@ def test_markdown_table_lists_both_methods():
     assert lines[0] == "| method | BLEU | sBLEU | chrF | tokens/s |"
     assert lines[2] == "| PLM alone | 12.35 | 10.00 | 40.00 | 55.5 |"
     assert lines[3] == "| PEMA (quadratic, λ_max 0.5) | 20.00 | 10.00 | 40.00 | 55.5 |"
+    report["mixing"] |= {"schedule": "constant", "lambda_max": 0.7, "no_repeat_ngram": 4}
+    report["adapter_kind"] = "sequence"
+    label = markdown_table(report).splitlines()[3].split(" | ")[0]
+    assert label == "| PEMA, sequence adapter (constant, λ_max 0.7, no repeated 4-gram)"
 
 
 def test_evaluation_continues_after_a_kill(make_runner, tmp_path):
