@@ -213,9 +213,9 @@ def kind_ablation_runs() -> list[Run]:
     )
     for kind, label, flags, lam in kinds:
         group = f"{label}: λ"
-        for lam in (0.3, 0.5, 0.7, 1.0):
+        for swept in (0.3, 0.5, 0.7, 1.0):  # not `lam`: the kind's own λ is used below
             runs.append(
-                Run(f"{kind}-lambda-{lam:g}", "pema", group, f"{lam:g}", flags, constant(lam))
+                Run(f"{kind}-lambda-{swept:g}", "pema", group, f"{swept:g}", flags, constant(swept))
             )
         gu = ("--lambda-max", "0.9", "--schedule", "quadratic")
         runs.append(Run(f"{kind}-gu-0.9", "pema", group, "GU 0.9", flags, gu))

@@ -32,15 +32,18 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     assert ablations["rank-64"].adapter_key != main["pema-gu"].adapter_key
     # The other kinds' main runs are among their λ ablations; their settings train adapters.
     assert ablations["residual-lambda-0.5"].predictions_key == main["residual"].predictions_key
-    assert ablations["sequence-lambda-0.5"].predictions_key == main["sequence"].predictions_key
+    assert ablations["sequence-no-repeat-4"].predictions_key == main["sequence"].predictions_key
     assert ablations["sequence-lambda-1"].adapter_key == main["sequence"].adapter_key
-    # The PLM run trains nothing (key "all"); two main adapters, two residual and six sequence
-    # settings.
-    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 2 + 2 + 6
-    # The repetition guard only changes decoding: the main adapter, other outputs.
-    guarded = ablations["sequence-no-repeat-4"]
-    assert guarded.adapter_key == main["sequence"].adapter_key
-    assert guarded.predictions_key != main["sequence"].predictions_key
+    # The read pointer's main run is its λ 0.5 ablation and its settings row.
+    read = ablations["sequence-read-lambda-0.5"]
+    assert read.predictions_key == ablations["sequence-pointer-read"].predictions_key
+    # The PLM run trains nothing (key "all"); three main adapters (residual, sequence, its read
+    # pointer), two residual and nine other sequence settings.
+    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 9
+    # The repetition guard only changes decoding: the same adapter, other outputs.
+    guarded, plain = ablations["sequence-lambda-0.5-no-repeat-4"], ablations["sequence-lambda-0.5"]
+    assert guarded.adapter_key == plain.adapter_key == main["sequence"].adapter_key
+    assert guarded.predictions_key != plain.predictions_key
     assert ablations["plm-no-repeat-4"].predictions_key != quality.PLM.predictions_key
 
 
