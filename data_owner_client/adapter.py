@@ -48,8 +48,20 @@ KINDS = ("pema", "residual", "sequence")
 # Settings `pema-client train` gives a new adapter of each kind unless told otherwise: the
 # paper's for pema; for the others, the best on the Bible tuning verses (README, "Quality").
 KIND_DEFAULTS: dict[str, dict[str, float | str]] = {
-    "pema": {"rank": 512, "alpha": 1.0, "lambda_max": 0.9, "schedule": "quadratic"},
-    "residual": {"rank": 64, "alpha": 64.0, "lambda_max": 0.5, "schedule": "constant"},
+    "pema": {
+        "rank": 512,
+        "alpha": 1.0,
+        "lambda_max": 0.9,
+        "schedule": "quadratic",
+        "no_repeat_ngram": 0,
+    },
+    "residual": {
+        "rank": 64,
+        "alpha": 64.0,
+        "lambda_max": 0.5,
+        "schedule": "constant",
+        "no_repeat_ngram": 0,
+    },
     "sequence": {"lambda_max": 0.7, "schedule": "constant", "no_repeat_ngram": 4},
 }
 TMP_PREFIX = ".tmp-"

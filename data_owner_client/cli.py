@@ -184,11 +184,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         ("no_repeat_ngram", int, "default repetition guard of generate, stored with the adapter"),
     ):
         defaults = "; ".join(
-            f"{kind}: {values.get(name, 0):g}"
-            if kind_type is not str
-            else f"{kind}: {values[name]}"
+            f"{kind}: {values[name]:g}" if kind_type is not str else f"{kind}: {values[name]}"
             for kind, values in KIND_DEFAULTS.items()
-            if name in values or name == "no_repeat_ngram"  # 0 unless a kind stores one
+            if name in values
         )
         adapter.add_argument(
             "--" + name.replace("_", "-"),
@@ -550,6 +548,7 @@ def _warn_unused_flags(args: argparse.Namespace) -> None:
 def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     if args.memory and args.data:
         raise DataError("pass either --data (build the memory) or --memory DIR (use a built one)")
+    train_config = _train_config(args)  # bad settings are refused before the memory build
     world = init_distributed()
     served = ServedModel.fetch(client) if world.main else None
     memory_dir = args.memory or args.out / "memory"
@@ -596,7 +595,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         dev_memory,
         served.head,
         args.out,
-        _train_config(args),
+        train_config,
         progress=not args.no_progress,
     )
     if world.main:

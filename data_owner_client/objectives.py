@@ -89,12 +89,7 @@ def chunked_cross_entropy(
 def plm_log_probs(head: Head, batch: Batch, chunk_rows: int) -> torch.Tensor:
     """The PLM's ``log P_LM(y)`` at each scored position of ``batch`` (pairs, or whole examples
     with labels), in the order the adapter's outputs list them: ``H(f(c))``, no gradient."""
-    x, y = scored(batch)
-    return torch.cat(
-        [_log_probs(head, x_part, y_part) for x_part, y_part in zip(
-            x.split(chunk_rows), y.split(chunk_rows), strict=True
-        )]
-    )  # fmt: skip
+    return chunked_log_probs(head, *scored(batch), chunk_rows)
 
 
 def scored(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

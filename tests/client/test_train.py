@@ -141,6 +141,12 @@ def test_mixture_nll_is_the_loss_of_the_mixture_decoding_reads():
         torch.testing.assert_close(mixture_nll(a, b, lam), expected)
 
 
+@pytest.mark.parametrize("lam", [0.0, -0.5, 1.5])
+def test_a_mixture_lambda_outside_0_to_1_is_refused(lam):
+    with pytest.raises(ValueError, match="mixture_lambda must be in"):
+        TrainConfig(mixture_lambda=lam)
+
+
 @pytest.mark.parametrize("kind", ["residual", "sequence"])
 def test_training_through_the_mixture_lowers_the_mixtures_loss(kind, tmp_path):
     """The objective and early stopping read the mixture at λ; untrained, it is the PLM's CE."""
