@@ -68,7 +68,7 @@ SEQUENCE_BASE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")
 SEQUENCE = (*SEQUENCE_BASE, "--pointer", "source")  # the kind's default: the source pointer
 SEQUENCE_READ = (*SEQUENCE_BASE, "--pointer", "read")  # the pointer over the whole sequence
 RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.7  # constant λ of each kind's main run
-SETTINGS_LAMBDA = 0.5  # the sequence kind's settings are compared at this constant λ
+SETTINGS_LAMBDA = 0.5  # the read pointer's settings were compared at this constant λ
 NO_REPEAT_4 = ("--no-repeat-ngram", "4")
 MIN_LENGTHS = ("0.8", "0.9")  # --min-length ablations
 LORA = ("--lr", "5e-4", "--epochs", "1")
@@ -228,6 +228,11 @@ def kind_ablation_runs() -> list[Run]:
                 runs.append(
                     Run(name, "pema", group, setting, flags, (*constant(other), *NO_REPEAT_4))
                 )
+            for schedule in ("quadratic", "linear"):  # more adapter at the start, then λ
+                floor = ("--lambda-max", "1", "--lambda-min", f"{lam:g}", "--schedule", schedule)
+                name, setting = f"{kind}-{schedule}-1-floor", f"GU {schedule} 1 → {lam:g}"
+                setting += ", no repeated 4-gram"
+                runs.append(Run(name, "pema", group, setting, flags, (*floor, *NO_REPEAT_4)))
         for f in MIN_LENGTHS:  # truncation: no end before a fraction of the expected length
             held = ("--min-length", f)
             setting = f"min length {f}"
@@ -248,7 +253,8 @@ def kind_ablation_runs() -> list[Run]:
         ("residual-gelu", "gelu", ("--activation", "gelu")),
     ):
         runs.append(Run(name, "pema", "residual: settings", setting, RESIDUAL + extra, decode))
-    decode = constant(SETTINGS_LAMBDA)
+    # The source pointer's settings decode as its main run does; the read pointer's at λ 0.5.
+    decode = (*constant(SEQUENCE_LAMBDA), *NO_REPEAT_4)
     mixture = ("--mixture-lambda", "0.5")
     for name, setting, flags in (
         ("sequence-pointer-read", "read pointer", SEQUENCE_READ),
@@ -259,11 +265,14 @@ def kind_ablation_runs() -> list[Run]:
         ("sequence-width-128", "width 128", (*SEQUENCE, "--width", "128")),
         ("sequence-dropout-0.3", "dropout 0.3", (*SEQUENCE, "--dropout", "0.3")),
         ("sequence-mixture-0.5", "trained as the λ 0.5 mixture", (*SEQUENCE, *mixture)),
+        ("sequence-prior-3", "pointer prior over 3 offsets", (*SEQUENCE, "--pointer-prior", "3")),
         ("sequence-read-4-layers", "read pointer, 4 layers", (*SEQUENCE_READ, "--layers", "4")),
         ("sequence-read-mixture-0.5", "read pointer, trained as the λ 0.5 mixture",
          (*SEQUENCE_READ, *mixture)),
     ):  # fmt: skip
-        runs.append(Run(name, "pema", "sequence: settings", setting, flags, decode))
+        read = "--pointer" in flags and flags[flags.index("--pointer") + 1] == "read"
+        settings_decode = constant(SETTINGS_LAMBDA) if read else decode
+        runs.append(Run(name, "pema", "sequence: settings", setting, flags, settings_decode))
     return runs
 
 
@@ -556,8 +565,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines += [
             f"**Ablations on {task}** (PEMA: GU quadratic λ_max {LAMBDA_MAX:g}; residual: "
             f"constant λ {RESIDUAL_LAMBDA:g}; sequence: constant λ {SEQUENCE_LAMBDA:g}, its "
-            f"settings at {SETTINGS_LAMBDA:g}, the read pointer's at {SETTINGS_LAMBDA:g}; no "
-            "repetition guard; unless varied)",
+            "settings with no repeated 4-gram, the read pointer's at constant λ "
+            f"{SETTINGS_LAMBDA:g}; otherwise no repetition guard; unless varied)",
             "",
             *head(["ablation", "setting", *SCORES, TRAINING], labels=2),
         ]
