@@ -107,9 +107,6 @@ class AdapterConfig:
     # sequence: the pointer copies the prompt's token after the attended one ("source"), or the
     # token read there, anywhere in the sequence ("read": the only pointer before "source")
     pointer: str = "source"
-    # sequence: offsets of the source pointer's learned bias towards reading on from where it
-    # read the step before (0: none; see data_owner_client.sequence)
-    pointer_prior: int = 0
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -144,13 +141,6 @@ class AdapterConfig:
             )
         if self.pointer not in POINTERS:
             raise AdapterError(f"pointer must be one of {POINTERS}, got {self.pointer!r}")
-        if self.pointer_prior < 0 or (
-            self.pointer_prior and not (self.copy and self.pointer == "source")
-        ):
-            raise AdapterError(
-                "pointer_prior must be 0, or more with the source pointer (copy, pointer "
-                f"source); got {self.pointer_prior} with copy {self.copy}, pointer {self.pointer}"
-            )
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.kappa <= 1.0:
@@ -308,7 +298,6 @@ def build_adapter(
             config.token_inputs,
             config.copy,
             config.pointer,
-            config.pointer_prior,
         )
 
 

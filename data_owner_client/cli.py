@@ -234,13 +234,6 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "induction step, go on where the source matches)",
         choices=POINTERS,
     )
-    _config_flag(
-        adapter,
-        AdapterConfig,
-        "pointer_prior",
-        "sequence: learn a bias of the source pointer towards the N positions after the one it "
-        "read the step before (read on, rather than jump to a later occurrence of a word; 0: off)",
-    )
     adapter.add_argument(
         "--input-norm",
         action="store_true",
@@ -536,7 +529,6 @@ KIND_FLAGS = {
     "no_token_inputs": ("sequence",),
     "copy": ("sequence",),
     "pointer": ("sequence",),
-    "pointer_prior": ("sequence",),
     "sequence_batch_size": ("sequence",),
     "mixture_lambda": ("residual", "sequence"),
 }
@@ -590,7 +582,6 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         token_inputs=not args.no_token_inputs,
         copy=args.copy,
         pointer=args.pointer,
-        pointer_prior=args.pointer_prior,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,

@@ -20,12 +20,6 @@ position ``t`` attends to the prompt positions ``i`` with ``i + 1`` still in the
 at ``i``, it copies the source's next token; its own output, which it cannot point into, cannot
 make it loop. A learned sink key with a zero value lets it attend nowhere.
 
-With ``prior`` (the source pointer only), its scores are biased towards reading on where it read
-the step before: ``s_t(i) += Σ_o w_o · a_{t-1}(i - o)`` over offsets ``o < prior``, where
-``a_{t-1}`` is the previous position's attention before its own bias (so training stays
-parallel) and ``w`` is learned from zero. An induction step alone jumps to any later occurrence of
-a frequent word ("that", "and"), skipping the clause between; the prior favours the next one.
-
 Decoding steps it one position at a time with a :class:`SequenceCache` of its own keys and values
 per row, next to the server's session; that equals running it over the whole sequence.
 """
@@ -52,9 +46,6 @@ class SequenceCache:
     values: list[torch.Tensor]
     lengths: torch.Tensor  # [B] positions filled per row
     prompts: torch.Tensor  # [B] each row's prompt positions
-    # With a prior: each row's last attention of the source pointer before its bias, over the
-    # sink and the slots [B, 1, 1, 1 + capacity]
-    pointed: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -154,15 +145,12 @@ class SequenceAdapter(nn.Module):
         token_inputs: bool = True,
         copy: bool = False,
         pointer: str = "read",
-        prior: int = 0,
     ) -> None:
         super().__init__()
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of an even size")
         if pointer not in POINTERS:
             raise ValueError(f"pointer must be one of {POINTERS}, got {pointer!r}")
-        if prior and not (copy and pointer == "source"):
-            raise ValueError("the pointer's prior needs the source pointer (copy, pointer source)")
         self.heads, self.head_dim = heads, width // heads
         self.normalize, self.embed = head.normalize, head.embed  # methods: saved nowhere
         self.inputs = nn.Linear(hidden_size, width)
@@ -185,7 +173,6 @@ class SequenceAdapter(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
         self.sink = nn.Parameter(torch.zeros(width)) if copy and pointer == "source" else None
-        self.prior = nn.Parameter(torch.zeros(prior)) if prior else None  # w_o, o < prior
 
     def _embed(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``norm(x)``, the stream's input) for representations ``x`` and the tokens read."""
@@ -204,23 +191,20 @@ class SequenceAdapter(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        before: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``z`` from the stream ``h [B, T, W]``; the copy pointer's keys and values; and, with
-        a prior, the source pointer's attention before its bias. ``prompts [B]`` are the rows'
-        prompt lengths (those of ``rows`` with a cache, and ``before``, their last attention)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``z`` from the stream ``h [B, T, W]``; and the copy pointer's keys and values.
+        ``prompts [B]`` are the rows' prompt lengths (those of ``rows`` with a cache)."""
         h = self.norm(h)
         z = n + self.output(h)
         if self.pointer is None or self.gate is None:
-            return z, None, None, None
+            return z, None, None
         q, k = self.pointer(h).unsqueeze(1).chunk(2, dim=-1)  # [B, 1, T, W]
         v = self.embed(tokens).unsqueeze(1)  # [B, 1, T, e]
-        pointed = None
         if self.sink is None:
             copied = _attend(q, k, v, 0.0, cache, rows, positions)
         else:
-            copied, v, pointed = self._point_to_source(q, k, v, prompts, cache, before)
-        return z + self.gate(h) * copied.squeeze(1), k, v, pointed
+            copied, v = self._point_to_source(q, k, v, prompts, cache)
+        return z + self.gate(h) * copied.squeeze(1), k, v
 
     def _point_to_source(
         self,
@@ -229,12 +213,10 @@ class SequenceAdapter(nn.Module):
         v: torch.Tensor,
         prompts: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        before: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The "source" pointer: each query attends to the sink and to the prompt positions
-        ``i < prompt - 1`` before its own, whose values are the tokens read at ``i + 1``; the
-        values to cache (the prompt's, shifted; decoding never adds to them); and with a prior,
-        the attention before its bias (``before``: that of the position before, with a cache)."""
+        ``i < prompt - 1`` before its own, whose values are the tokens read at ``i + 1``; and the
+        values to cache (the prompt's, shifted; decoding never adds to them)."""
         assert self.sink is not None
         if cache is None:
             t = q.shape[2]
@@ -252,18 +234,7 @@ class SequenceAdapter(nn.Module):
         keys = torch.cat([sink, keys], dim=2)
         values = F.pad(values, (0, 0, 1, 0))  # the sink's value is zero
         mask = F.pad(mask, (1, 0), value=True)
-        if self.prior is None:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), v, None
-        scores = (q @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, -torch.inf)
-        pointed = scores.softmax(-1)  # [B, 1, T, 1 + slots]
-        if before is None:  # each position's previous one; the first has none
-            before = F.pad(pointed[:, :, :-1], (0, 0, 1, 0))
-        slots = before[..., 1:]
-        bias = sum(
-            w * F.pad(slots, (o, 0))[..., : slots.shape[-1]] for o, w in enumerate(self.prior)
-        )
-        attention = (scores + F.pad(bias, (1, 0))).softmax(-1)  # the sink is not biased
-        return attention @ values, v, pointed
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), v
 
     def forward(
         self, x: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor | None = None
@@ -278,7 +249,7 @@ class SequenceAdapter(nn.Module):
 
     def _forward(
         self, x: torch.Tensor, tokens: torch.Tensor, prompts: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         if prompts is None:
             prompts = torch.full((x.shape[0],), x.shape[1], device=x.device)
         n, h = self._embed(x, tokens)
@@ -289,11 +260,11 @@ class SequenceAdapter(nn.Module):
             h, k, v = block(h, rotary)
             keys.append(k)
             values.append(v)
-        z, k, v, pointed = self._out(n, h, tokens, prompts)
+        z, k, v = self._out(n, h, tokens, prompts)
         if k is not None and v is not None:
             keys.append(k)
             values.append(v)
-        return z, keys, values, pointed
+        return z, keys, values
 
     def train_outputs(
         self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
@@ -316,18 +287,14 @@ class SequenceAdapter(nn.Module):
         ids = nn.utils.rnn.pad_sequence(
             [torch.tensor(t, device=x.device) for t in tokens], batch_first=True
         )
-        z, keys, values, pointed = self._forward(x, ids, lengths)
-        last = torch.arange(len(tokens)), lengths - 1
+        z, keys, values = self._forward(x, ids, lengths)
         cache = SequenceCache(
             [_room(k, capacity) for k in keys],
             [_room(v, capacity) for v in values],
             lengths,
             lengths.clone(),
-            None
-            if pointed is None
-            else F.pad(pointed[last[0], :, last[1]], (0, capacity - x.shape[1])).unsqueeze(2),
         )
-        return z[last], cache
+        return z[torch.arange(len(tokens)), lengths - 1], cache
 
     def step(
         self, cache: SequenceCache, x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor
@@ -350,12 +317,7 @@ class SequenceAdapter(nn.Module):
             pointer = (cache.keys[-1], cache.values[-1])
             if self.sink is not None:  # the source pointer reads the prompts alone
                 pointer = (pointer[0][rows], pointer[1][rows])
-        before = None if cache.pointed is None else cache.pointed[rows]
-        z, _, _, pointed = self._out(
-            n, h, tokens, cache.prompts[rows], pointer, rows, positions, before
-        )
-        if cache.pointed is not None and pointed is not None:
-            cache.pointed[rows] = pointed
+        z = self._out(n, h, tokens, cache.prompts[rows], pointer, rows, positions)[0]
         cache.lengths[rows] += 1
         return z.squeeze(1)
 

@@ -42,7 +42,7 @@ def config(kind: str, **overrides) -> AdapterConfig:
 
 
 @pytest.mark.parametrize("head", [random_head(D, V), rms_head()], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source", "copy-prior"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source"])
 def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, head):
     torch.manual_seed(0)
     cfg = config(kind) if kind in ("residual", "sequence") else sequence_config(kind)
@@ -53,13 +53,9 @@ def test_an_untrained_adapter_gives_exactly_the_plms_log_probabilities(kind, hea
 
 
 def sequence_config(kind: str, **overrides) -> AdapterConfig:
-    """The sequence kind with no pointer ("sequence"), the "read" one ("copy"), "source", or
-    "source" with its prior ("copy-prior")."""
-    pointer = "source" if kind in ("copy-source", "copy-prior") else "read"
-    prior = 3 if kind == "copy-prior" else 0
-    return config(
-        "sequence", copy=kind != "sequence", pointer=pointer, pointer_prior=prior, **overrides
-    )
+    """The sequence kind with no pointer ("sequence"), the "read" one ("copy") or "source"."""
+    pointer = "source" if kind == "copy-source" else "read"
+    return config("sequence", copy=kind != "sequence", pointer=pointer, **overrides)
 
 
 def test_residual_is_the_normalised_input_plus_a_scaled_low_rank_correction():
@@ -92,21 +88,13 @@ def trained_sequence_adapter(
             adapter.gate.weight.normal_(0, 0.3)
         if adapter.sink is not None:
             adapter.sink.normal_()
-        if adapter.prior is not None:  # strong enough to change which slot the pointer reads
-            adapter.prior.copy_(torch.tensor([1.0, 4.0, -2.0]))
     return adapter.eval(), head
 
 
 @pytest.mark.parametrize(
     ("token_inputs", "kind"),
-    [
-        (True, "sequence"),
-        (False, "sequence"),
-        (True, "copy"),
-        (True, "copy-source"),
-        (True, "copy-prior"),
-    ],
-    ids=["tokens", "representations", "copy", "copy-source", "copy-prior"],
+    [(True, "sequence"), (False, "sequence"), (True, "copy"), (True, "copy-source")],
+    ids=["tokens", "representations", "copy", "copy-source"],
 )
 def test_stepping_equals_the_whole_sequence_forward(token_inputs, kind):
     adapter, _ = trained_sequence_adapter(token_inputs, kind)
@@ -145,7 +133,7 @@ def test_stepping_equals_the_whole_sequence_forward(token_inputs, kind):
     assert cache.lengths.tolist() == totals
 
 
-@pytest.mark.parametrize("kind", ["sequence", "copy", "copy-source", "copy-prior"])
+@pytest.mark.parametrize("kind", ["sequence", "copy", "copy-source"])
 def test_a_position_never_sees_the_future(kind):
     adapter, _ = trained_sequence_adapter(kind=kind)
     x, tokens = torch.randn(1, 6, D), torch.randint(V, (1, 6))
@@ -175,32 +163,6 @@ def test_the_source_pointer_copies_from_the_prompt_alone(kind):
         assert off_prompt[5:].norm(dim=-1).min() > 1e-3
 
 
-@pytest.mark.parametrize(
-    ("prior", "read"),
-    [((0.0, 4.0, 0.0), {4: 1.0}), ((0.0, 0.0, 0.0), {2: 0.5, 4: 0.5})],
-    ids=["on", "off"],
-)
-def test_the_pointer_prior_reads_on_where_an_induction_match_is_ambiguous(prior, read):
-    """Position 5 reads slot 2 of the prompt; position 6 matches slots 1 and 3 equally (a word
-    the source holds twice). Reading on from slot 2 is slot 3, which copies token 4."""
-    adapter, _ = trained_sequence_adapter(kind="copy-prior")
-    width = adapter.sink.shape[0]
-    basis = torch.eye(width)
-    keys = 40 * basis[:8].view(1, 1, 8, width)  # slot i's key: 40·e_i; scores 10 where matched
-    queries = torch.zeros(1, 1, 8, width)
-    queries[0, 0, 5] = basis[2]
-    queries[0, 0, 6] = basis[1] + basis[3]
-    values = torch.eye(8).view(1, 1, 8, 8)  # token read at i: e_i (slot i then copies e_(i+1))
-    with torch.no_grad():
-        adapter.sink.zero_()
-        adapter.prior.copy_(torch.tensor(prior))
-        copied = adapter._point_to_source(queries, keys, values, torch.tensor([6]), None)[0]
-    expected = torch.zeros(8)
-    for token, weight in read.items():
-        expected[token] = weight
-    torch.testing.assert_close(copied[0, 0, 6], expected, atol=0.03, rtol=0)
-
-
 def test_the_cache_refuses_to_overflow():
     adapter, _ = trained_sequence_adapter()
     _, cache = adapter.start([torch.randn(2, D)], [[1, 2]], capacity=3)
@@ -209,7 +171,7 @@ def test_the_cache_refuses_to_overflow():
         adapter.step(cache, torch.randn(1, D), torch.tensor([3]), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source", "copy-prior"])
+@pytest.mark.parametrize("kind", ["residual", "sequence", "copy", "copy-source"])
 def test_save_and_load_round_trip_every_kind(kind, tmp_path):
     head = random_head(D, V)
     cfg = config(kind) if kind in ("residual", "sequence") else sequence_config(kind)
@@ -261,9 +223,6 @@ def test_a_sequence_adapter_from_before_the_source_pointer_loads_with_the_read_o
         dict(width=30, heads=4),
         dict(layers=0),
         dict(pointer="previous"),
-        dict(pointer_prior=-1),
-        dict(pointer="read", pointer_prior=2),
-        dict(copy=False, pointer_prior=2),
     ],
 )
 def test_bad_kind_settings_are_refused(bad):
