@@ -269,9 +269,9 @@ def kind_ablation_runs() -> list[Run]:
         ("sequence-read-mixture-0.5", "read pointer, trained as the λ 0.5 mixture",
          (*SEQUENCE_READ, *mixture)),
     ):  # fmt: skip
-        read = "--pointer" in flags and flags[flags.index("--pointer") + 1] == "read"
-        settings_decode = constant(SETTINGS_LAMBDA) if read else decode
-        runs.append(Run(name, "pema", "sequence: settings", setting, flags, settings_decode))
+        read = flags[: len(SEQUENCE_READ)] == SEQUENCE_READ
+        run_decode = constant(SETTINGS_LAMBDA) if read else decode
+        runs.append(Run(name, "pema", "sequence: settings", setting, flags, run_decode))
     return runs
 
 
