@@ -48,6 +48,11 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     # The source pointer's settings decode as its main run; the read pointer's at λ 0.5.
     assert ablations["sequence-4-layers"].decode == main["sequence"].decode
     assert ablations["sequence-read-4-layers"].decode == read.decode
+    # Gradual Unrolling from λ 1 down to the kind's own λ, with the guard, on the main adapter.
+    floor = ablations["sequence-quadratic-1-floor"]
+    assert floor.adapter_key == main["sequence"].adapter_key
+    assert floor.decode[:4] == ("--lambda-max", "1", "--lambda-min", f"{quality.SEQUENCE_LAMBDA:g}")
+    assert floor.decode[-2:] == quality.NO_REPEAT_4
 
 
 def test_generation_speed_counts_each_batch_at_its_slowest_row():
