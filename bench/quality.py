@@ -264,6 +264,8 @@ def kind_ablation_runs() -> list[Run]:
         ("sequence-4-layers", "4 layers", (*SEQUENCE, "--layers", "4")),
         ("sequence-width-128", "width 128", (*SEQUENCE, "--width", "128")),
         ("sequence-dropout-0.3", "dropout 0.3", (*SEQUENCE, "--dropout", "0.3")),
+        ("sequence-bidirectional", "the prompt read bidirectionally",
+         (*SEQUENCE, "--bidirectional-prompt")),
         ("sequence-mixture-0.5", "trained as the λ 0.5 mixture", (*SEQUENCE, *mixture)),
         ("sequence-read-4-layers", "read pointer, 4 layers", (*SEQUENCE_READ, "--layers", "4")),
         ("sequence-read-mixture-0.5", "read pointer, trained as the λ 0.5 mixture",
