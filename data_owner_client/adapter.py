@@ -107,7 +107,6 @@ class AdapterConfig:
     # sequence: the pointer copies the prompt's token after the attended one ("source"), or the
     # token read there, anywhere in the sequence ("read": the only pointer before "source")
     pointer: str = "source"
-    bidirectional_prompt: bool = False  # sequence: the prompt's positions see the whole prompt
     fingerprint: str = ""  # fingerprint of the model whose representations trained the adapter
     model_id: str = ""  # that model's id, for messages
     template: str = "{source}"  # the prompt template the memory was built with
@@ -299,7 +298,6 @@ def build_adapter(
             config.token_inputs,
             config.copy,
             config.pointer,
-            config.bidirectional_prompt,
         )
 
 

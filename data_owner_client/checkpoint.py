@@ -27,7 +27,7 @@ ADAPTER_SIGNATURE = {
     ),
     "sequence": (
         "kind", "hidden_size", "vocab_size", "width", "layers", "heads", "dropout",
-        "token_inputs", "copy", "pointer", "bidirectional_prompt", "fingerprint",
+        "token_inputs", "copy", "pointer", "fingerprint",
     ),
 }  # fmt: skip
 RUNTIME_ONLY = ("device", "resume", "checkpoint_dir", "log_every_steps")

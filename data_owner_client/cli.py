@@ -235,13 +235,6 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         choices=POINTERS,
     )
     adapter.add_argument(
-        "--bidirectional-prompt",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="sequence: let each prompt position attend to the whole prompt (a prefix-LM mask; "
-        "the continuation stays causal)",
-    )
-    adapter.add_argument(
         "--input-norm",
         action="store_true",
         help="feed the adapter the head's final norm of each representation instead of the raw "
@@ -536,7 +529,6 @@ KIND_FLAGS = {
     "no_token_inputs": ("sequence",),
     "copy": ("sequence",),
     "pointer": ("sequence",),
-    "bidirectional_prompt": ("sequence",),
     "sequence_batch_size": ("sequence",),
     "mixture_lambda": ("residual", "sequence"),
 }
@@ -590,7 +582,6 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
         token_inputs=not args.no_token_inputs,
         copy=args.copy,
         pointer=args.pointer,
-        bidirectional_prompt=args.bidirectional_prompt,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,

@@ -20,10 +20,6 @@ position ``t`` attends to the prompt positions ``i`` with ``i + 1`` still in the
 at ``i``, it copies the source's next token; its own output, which it cannot point into, cannot
 make it loop. A learned sink key with a zero value lets it attend nowhere.
 
-With ``bidirectional_prompt`` the prompt's positions attend to the whole prompt, not only to
-what precedes them (a prefix-LM mask: the prompt is known before decoding starts, so it is
-read like an encoder's input); the continuation stays causal.
-
 Decoding steps it one position at a time with a :class:`SequenceCache` of its own keys and values
 per row, next to the server's session; that equals running it over the whole sequence.
 """
@@ -77,15 +73,12 @@ def _attend(
     cache: tuple[torch.Tensor, torch.Tensor] | None = None,
     rows: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention ``[B, heads, T, ·]``: over the queries' own positions without a cache
-    (or where ``mask`` allows, if given); with one, ``k`` and ``v`` (one new position of each of ``rows``, at ``positions``) are written
+    """Causal attention ``[B, heads, T, ·]``: over the queries' own positions without a cache;
+    with one, ``k`` and ``v`` (one new position of each of ``rows``, at ``positions``) are written
     into it first and each query attends to its row up to there."""
     if cache is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
-        )
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     assert rows is not None and positions is not None
     cache_k, cache_v = cache
     cache_k[rows, :, positions] = k[:, :, 0]
@@ -118,20 +111,19 @@ class _Block(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h [B, T, W]`` → (``h``, keys, values of these positions).
 
-        Without a cache the positions are whole sequences (causal, or as ``mask`` allows).
-        With one, ``h`` holds one new position of each of ``rows``, at ``positions``: its key and
-        value are written into the cache and it attends to everything that row has up to there.
+        Without a cache the positions are whole sequences (causal). With one, ``h`` holds one
+        new position of each of ``rows``, at ``positions``: its key and value are written into
+        the cache and it attends to everything that row has up to there.
         """
         b, t, width = h.shape
         qkv = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, T, head_dim]
         q, k = _rotate(q, *rotary), _rotate(k, *rotary)
         p = self.dropout if self.training else 0.0
-        attended = _attend(q, k, v, p, cache, rows, positions, mask)
+        attended = _attend(q, k, v, p, cache, rows, positions)
         h = h + self.drop(self.out(attended.transpose(1, 2).reshape(b, t, width)))
         h = h + self.drop(self.mlp(self.norm2(h)))
         return h, k, v
@@ -153,7 +145,6 @@ class SequenceAdapter(nn.Module):
         token_inputs: bool = True,
         copy: bool = False,
         pointer: str = "read",
-        bidirectional_prompt: bool = False,
     ) -> None:
         super().__init__()
         if width % heads or (width // heads) % 2:
@@ -161,7 +152,6 @@ class SequenceAdapter(nn.Module):
         if pointer not in POINTERS:
             raise ValueError(f"pointer must be one of {POINTERS}, got {pointer!r}")
         self.heads, self.head_dim = heads, width // heads
-        self.bidirectional_prompt = bidirectional_prompt
         self.normalize, self.embed = head.normalize, head.embed  # methods: saved nowhere
         self.inputs = nn.Linear(hidden_size, width)
         embedding_size = head.output_weight.shape[1]
@@ -265,10 +255,9 @@ class SequenceAdapter(nn.Module):
         n, h = self._embed(x, tokens)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         rotary = _rotary(positions, self.head_dim)
-        mask = _prefix_mask(prompts, x.shape[1]) if self.bidirectional_prompt else None
         keys, values = [], []
         for block in self.blocks:
-            h, k, v = block(h, rotary, mask=mask)
+            h, k, v = block(h, rotary)
             keys.append(k)
             values.append(v)
         z, k, v = self._out(n, h, tokens, prompts)
@@ -331,16 +320,6 @@ class SequenceAdapter(nn.Module):
         z = self._out(n, h, tokens, cache.prompts[rows], pointer, rows, positions)[0]
         cache.lengths[rows] += 1
         return z.squeeze(1)
-
-
-def _prefix_mask(prompts: torch.Tensor, length: int) -> torch.Tensor:
-    """``[B, 1, T, T]``: query ``t`` sees key ``i`` if ``i <= t`` or both are in the row's prompt
-    (its first ``prompts[b]`` positions)."""
-    slots = torch.arange(length, device=prompts.device)
-    causal = slots.unsqueeze(1) >= slots
-    in_prompt = slots < prompts.view(-1, 1)  # [B, T]
-    both = in_prompt.unsqueeze(2) & in_prompt.unsqueeze(1)
-    return (causal | both).unsqueeze(1)
 
 
 def _room(t: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -38,8 +38,8 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     read = ablations["sequence-read-lambda-0.5"]
     assert read.predictions_key == ablations["sequence-pointer-read"].predictions_key
     # The PLM run trains nothing (key "all"); three main adapters (residual, sequence, its read
-    # pointer), two residual and ten other sequence settings.
-    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 10
+    # pointer), two residual and eleven other sequence settings.
+    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 11
     # The repetition guard only changes decoding: the same adapter, other outputs.
     guarded, plain = ablations["sequence-lambda-0.5-no-repeat-4"], ablations["sequence-lambda-0.5"]
     assert guarded.adapter_key == plain.adapter_key == main["sequence"].adapter_key

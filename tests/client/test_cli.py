@@ -115,7 +115,7 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
         "sequence": ("--adapter-kind=sequence", "--width=16", "--heads=2", "--no-copy"),
         "told": (
             "--adapter-kind=sequence", "--width=16", "--lambda-max=0.2", "--schedule=linear",
-            "--no-repeat-ngram=0", "--bidirectional-prompt",
+            "--no-repeat-ngram=0",
         ),
     }  # fmt: skip
     for name, flags in settings.items():
@@ -134,8 +134,6 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
     ]
     assert settings["residual"]["activation"] == "gelu"
     assert not settings["sequence"]["copy"] and settings["told"]["copy"]  # on by default
-    assert settings["told"]["bidirectional_prompt"]
-    assert not settings["sequence"]["bidirectional_prompt"]  # off by default
     assert (settings["pema"]["rank"], settings["residual"]["rank"]) == (32, 8)  # 512 → d
     assert (settings["pema"]["alpha"], settings["residual"]["alpha"]) == (1.0, 64.0)
     assert settings["sequence"]["width"] == 16 and settings["sequence"]["heads"] == 2
