@@ -27,7 +27,7 @@ import httpx
 import torch
 from bench_common import decoding_parser, left_padded, run_and_report, seconds
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter, load_adapter, save_adapter
+from data_owner_client.adapter import PemaAdapter, PemaConfig, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.data import TEMPLATES, Example, encode_prompt, load_examples
 from data_owner_client.generate import GenerationConfig, Generator
@@ -61,7 +61,7 @@ class WireCounter:
 def adapter_dir(served: ServedModel, folder: Path) -> Path:
     """A random adapter of the paper's rank, saved as a real adapter directory."""
     info = served.info
-    config = AdapterConfig(
+    config = PemaConfig(
         info.hidden_size, info.vocab_size, fingerprint=info.fingerprint, length_ratio=1.0
     )
     adapter = PemaAdapter.from_config(config, generator=torch.Generator().manual_seed(0))

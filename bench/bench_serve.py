@@ -33,7 +33,7 @@ import openai
 import torch
 from bench_common import decoding_parser, free_port, run_and_report, seconds
 
-from data_owner_client.adapter import AdapterConfig, build_adapter, load_adapter, save_adapter
+from data_owner_client.adapter import SequenceConfig, build_adapter, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.data import TEMPLATES, load_examples, render_prompt
 from data_owner_client.generate import GenerationConfig, Generator
@@ -48,15 +48,15 @@ TEMPLATE = TEMPLATES["translate"]
 def adapter_dir(served: ServedModel, folder: Path) -> Path:
     info = served.info
     assert served.head is not None
-    config = AdapterConfig(
+    config = SequenceConfig(
         info.hidden_size,
         info.vocab_size,
-        kind="sequence",
         fingerprint=info.fingerprint,
         template=TEMPLATE,
         length_ratio=1.0,
         lambda_max=0.5,
         schedule="constant",
+        no_repeat_ngram=0,  # as the runs before kinds had their own defaults
     )
     adapter = build_adapter(config, served.head, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

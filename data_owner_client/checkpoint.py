@@ -6,30 +6,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from data_owner_client.adapter import AdapterConfig
+from data_owner_client.adapter import KINDS, AdapterConfig
 from data_owner_client.devices import World
-
-if TYPE_CHECKING:
-    from data_owner_client.train import TrainConfig
+from data_owner_client.train_config import TrainConfig
 
 CHECKPOINT_FILE = "trainer_state.pt"
-# Adapter settings a resumed run must share with the run that wrote the checkpoint, per kind
-# (pema's as the first version wrote them, so its older checkpoints still resume).
-ADAPTER_SIGNATURE = {
-    "pema": ("hidden_size", "vocab_size", "rank", "alpha", "dropout", "kappa", "fingerprint"),
-    "residual": (
-        "kind", "hidden_size", "vocab_size", "rank", "alpha", "dropout", "activation",
-        "fingerprint",
-    ),
-    "sequence": (
-        "kind", "hidden_size", "vocab_size", "width", "layers", "heads", "dropout",
-        "token_inputs", "copy", "pointer", "fingerprint",
-    ),
-}  # fmt: skip
 RUNTIME_ONLY = ("device", "resume", "checkpoint_dir", "log_every_steps")
 
 
@@ -37,9 +22,10 @@ def run_signature(
     adapter_config: AdapterConfig, config: TrainConfig, world: World
 ) -> dict[str, Any]:
     """Settings that must not change between a checkpoint and its resumption."""
-    kind = adapter_config.kind
-    adapter = {k: getattr(adapter_config, k) for k in ADAPTER_SIGNATURE[kind]}
-    unused = () if kind == "sequence" else ("sequence_batch_size",)
+    kind = KINDS[adapter_config.kind]
+    adapter = {k: getattr(adapter_config, k) for k in kind.signature}
+    # Read by the sequence kind alone: left out of the others' signatures, as ever.
+    unused = () if kind.module.reads_sequences else ("sequence_batch_size",)
     skip = RUNTIME_ONLY + unused
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     return {"adapter": adapter, "train": train, "world_size": world.size}

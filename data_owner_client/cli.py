@@ -22,13 +22,8 @@ import rich
 import torch.distributed as dist
 from rich.logging import RichHandler
 
-from data_owner_client.adapter import (
-    KIND_DEFAULTS,
-    KINDS,
-    Adapter,
-    AdapterConfig,
-    load_adapter,
-)
+from data_owner_client import options
+from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapter
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import (
     TEMPLATES,
@@ -43,13 +38,12 @@ from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
+from data_owner_client.options import Flag, flags
 from data_owner_client.outputs import append_outputs, file_digest, resume, run_record
-from data_owner_client.residual import ACTIVATIONS
-from data_owner_client.schedule import SCHEDULES
-from data_owner_client.sequence import POINTERS
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
-from data_owner_client.train import TrainConfig, train
+from data_owner_client.train import train
+from data_owner_client.train_config import TrainConfig
 from shared.keys import KeysFile
 
 log = logging.getLogger("pema-client")
@@ -68,18 +62,32 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
-def _config_flag(
+def _add_flag(group: argparse._ArgumentGroup, flag: Flag, **overrides: Any) -> None:
+    """``flag`` in ``group``: bools as ``--x/--no-x``, other types parsed as the field's."""
+    kwargs: dict[str, Any] = {
+        "dest": flag.dest,
+        "default": None if flag.default is dataclasses.MISSING else flag.default,
+        "help": flag.help,
+        "metavar": flag.metavar,
+    }
+    if flag.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs |= {"type": flag.type, "choices": flag.choices}
+    group.add_argument(flag.flag, **{**kwargs, **overrides})
+
+
+def _add_config_flags(
     group: argparse._ArgumentGroup,
     config: type,
-    name: str,
-    help: str,
-    flag: str | None = None,
-    **kwargs: Any,
+    only: tuple[str, ...] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """``--name`` (or ``flag``) for a config dataclass field, with the field's default and type."""
-    default = next(f.default for f in dataclasses.fields(config) if f.name == name)
-    flag = flag or "--" + name.replace("_", "-")
-    group.add_argument(flag, type=type(default), default=default, help=help, **kwargs)
+    """A flag per :func:`~data_owner_client.options.option` field of ``config`` (``only``
+    these, none of ``skip``), with the field's default."""
+    for flag in flags(config):
+        if (only is None or flag.name in only) and flag.name not in skip:
+            _add_flag(group, flag)
 
 
 # ---- flags -------------------------------------------------------------------------------------
@@ -165,118 +173,70 @@ def _data_flags() -> argparse.ArgumentParser:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    adapter = parser.add_argument_group("adapter (paper defaults)")
-    _config_flag(
-        adapter,
-        AdapterConfig,
-        "kind",
-        "pema: the paper's adapter (two stages); residual: a low-rank correction added to the "
-        "normalised representation; sequence: a small causal transformer over the whole "
+    adapter = parser.add_argument_group("adapter (defaults per kind)")
+    adapter.add_argument(
+        "--adapter-kind",
+        choices=tuple(KINDS),
+        default="pema",
+        help="pema: the paper's adapter (two stages); residual: a low-rank correction added to "
+        "the normalised representation; sequence: a small causal transformer over the whole "
         "prompt + target, which can attend to the source",
-        flag="--adapter-kind",
-        choices=KINDS,
     )
-    for name, kind_type, help in (
-        ("rank", int, "r (pema, residual), clamped to the hidden size"),
-        ("alpha", float, "scaling s = alpha / rank (pema, residual)"),
-        ("lambda_max", float, "default λ_max of Gradual Unrolling, stored with the adapter"),
-        ("schedule", str, "default Gradual Unrolling schedule, stored with the adapter"),
-        ("no_repeat_ngram", int, "default repetition guard of generate, stored with the adapter"),
-    ):
-        defaults = "; ".join(
-            f"{kind}: {values[name]:g}" if kind_type is not str else f"{kind}: {values[name]}"
-            for kind, values in KIND_DEFAULTS.items()
-            if name in values
+    for per_kind in _adapter_flags().values():
+        flag = next(iter(per_kind.values()))
+        _add_flag(adapter, flag, default=None, help=_kind_help(flag.help, per_kind))
+    optimisation = parser.add_argument_group("optimisation")
+    train_options = _train_options()
+    for flag in flags(TrainConfig):
+        kinds = train_options.get(flag.name)
+        _add_flag(
+            optimisation, flag, **({"help": f"{'/'.join(kinds)}: {flag.help}"} if kinds else {})
         )
-        adapter.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind_type,
-            choices=SCHEDULES if name == "schedule" else None,
-            help=f"{help} (default per kind: {defaults})",
-        )
-    for name, help in (
-        ("dropout", "dropout on the adapter's input (sequence: also inside its blocks)"),
-        ("kappa", "weight of the reconstruction loss in stage 2"),
-        ("lambda_min", "default λ floor of Gradual Unrolling"),
-    ):
-        _config_flag(adapter, AdapterConfig, name, help)
-    _config_flag(
-        adapter,
-        AdapterConfig,
-        "activation",
-        "residual: non-linearity between A and B",
-        choices=ACTIVATIONS,
-    )
-    for name, help in (
-        ("width", "sequence: width of the side transformer"),
-        ("layers", "sequence: transformer blocks"),
-        ("heads", "sequence: attention heads per block"),
-    ):
-        _config_flag(adapter, AdapterConfig, name, help)
-    adapter.add_argument(
-        "--no-token-inputs",
-        action="store_true",
-        help="sequence: read only the representations, not the output embedding of each token",
-    )
-    adapter.add_argument(
-        "--copy",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="sequence: add a gated pointer that copies tokens of the prompt and output so far "
-        "(not for heads with a project_out)",
-    )
-    _config_flag(
-        adapter,
-        AdapterConfig,
-        "pointer",
-        "sequence: the copy pointer copies the token read at the position it attends to (read), "
-        "or attends to the prompt alone and copies the token after that position (source: an "
-        "induction step, go on where the source matches)",
-        choices=POINTERS,
-    )
-    adapter.add_argument(
-        "--input-norm",
-        action="store_true",
-        help="feed the adapter the head's final norm of each representation instead of the raw "
-        "one (better conditioned on models with massive activations, such as SmolLM2)",
-    )
-    opt = parser.add_argument_group("optimisation")
-    for name, help in (
-        ("lr", "Adam learning rate"),
-        ("stage1_batch_size", "pairs per reconstruction step (over all processes)"),
-        (
-            "stage2_batch_size",
-            "pairs per joint-retraining step (over all processes); also the residual kind's",
-        ),
-        ("sequence_batch_size", "examples per step of the sequence kind (over all processes)"),
-        ("stage1_epochs", "most reconstruction epochs (early stopping usually ends sooner)"),
-        ("stage2_epochs", "most joint-retraining epochs (residual, sequence: most epochs)"),
-        ("patience", "validations without improvement before a stage stops"),
-        ("min_delta", "least improvement of the validation loss that counts"),
-        ("val_batch_size", "pairs per validation batch"),
-        ("seed", "seeds initialisation, shuffling and dropout"),
-        ("device", "auto (cuda, then mps, then cpu), or a torch device name"),
-    ):
-        _config_flag(opt, TrainConfig, name, help)
-    opt.add_argument(
-        "--val-every", type=int, help="validate every N steps (default: after each epoch)"
-    )
-    opt.add_argument(
-        "--mixture-lambda",
-        type=float,
-        metavar="LAMBDA",
-        help="residual, sequence: train the mixture with the PLM that decoding reads at this "
-        "constant λ, -log(λ·P_adapter + (1-λ)·P_LM), instead of the adapter alone",
-    )
-    opt.add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoint when there is one"
-    )
+
+
+def _adapter_flags() -> dict[str, dict[str, Flag]]:
+    """Each adapter setting's flag, per kind that has it (their defaults may differ)."""
+    settings: dict[str, dict[str, Flag]] = {}
+    for kind in KINDS.values():
+        for flag in flags(kind.config):
+            settings.setdefault(flag.name, {})[kind.name] = flag
+    return settings
+
+
+def _kind_help(help: str, per_kind: dict[str, Flag]) -> str:
+    """``help`` with the kinds it applies to (unless all) and its default per kind."""
+    defaults = {kind: _shown(flag.default) for kind, flag in per_kind.items()}
+    if len(set(defaults.values())) == 1:
+        default = f"(default: {next(iter(defaults.values()))})"
+    else:
+        default = f"(default per kind: {'; '.join(f'{k}: {v}' for k, v in defaults.items())})"
+    kinds = "" if len(per_kind) == len(KINDS) else f"{', '.join(per_kind)}: "
+    return f"{kinds}{help} {default}"
+
+
+def _shown(value: Any) -> str:
+    """A default as help shows it: 1 for 1.0, on/off for bools."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _train_options() -> dict[str, list[str]]:
+    """The TrainConfig fields that only some kinds read, and those kinds."""
+    options: dict[str, list[str]] = {}
+    for kind in KINDS.values():
+        for name in kind.train_options:
+            options.setdefault(name, []).append(kind.name)
+    return options
+
+
+MIXING = ("lambda_max", "lambda_min", "schedule", "gu_horizon")  # default: the adapter's
 
 
 def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
     """Flags of `generate` and `evaluate`: the adapter, Gradual Unrolling and decoding."""
-    flags = argparse.ArgumentParser(add_help=False)
-    mixing = flags.add_argument_group("adapter and Gradual Unrolling (default: the adapter's)")
+    parser = argparse.ArgumentParser(add_help=False)
+    mixing = parser.add_argument_group("adapter and Gradual Unrolling (default: the adapter's)")
     mixing.add_argument(
         "--adapter",
         type=Path,
@@ -284,46 +244,9 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         help="adapter directory from pema-client train"
         + ("" if adapter_required else " (without it: the PLM alone)"),
     )
-    mixing.add_argument(
-        "--lambda-max", type=float, help="initial PEMA weight λ_0; 0 decodes with the PLM alone"
-    )
-    mixing.add_argument("--lambda-min", type=float, help="floor of λ over a sequence")
-    mixing.add_argument("--schedule", choices=SCHEDULES, help="how λ decays over a sequence")
-    mixing.add_argument(
-        "--gu-horizon",
-        type=float,
-        help="fixed horizon L in tokens (default: the adapter's length ratio × source tokens)",
-    )
-    decoding = flags.add_argument_group("decoding")
-    for name, help in (
-        ("max_new_tokens", "most new tokens per input"),
-        ("temperature", "0 decodes greedily; above 0 samples"),
-        ("top_k", "when sampling, only the k most likely tokens (0: all)"),
-        ("top_p", "when sampling, only the smallest set holding this probability"),
-        ("seed", "seeds sampling"),
-        (
-            "min_length",
-            "no end (EOS or a stop string) before this fraction of an output's expected length, "
-            "the adapter's length ratio × source tokens, e.g. 0.8 (0: off)",
-        ),
-        ("batch_size", "inputs decoded together in one server session"),
-        ("reconnect_s", "seconds to wait for a server that went away mid-decode"),
-        ("device", "where the head and adapter run: auto (cuda, mps, cpu) or a torch device"),
-    ):
-        _config_flag(decoding, GenerationConfig, name, help)
-    decoding.add_argument(
-        "--no-repeat-ngram",
-        type=int,
-        metavar="N",
-        help="never repeat an n-gram of an output, e.g. 4; 0: off (default: the adapter's)",
-    )
-    _config_flag(
-        decoding,
-        GenerationConfig,
-        "hidden_dtype",
-        "representations on the wire",
-        choices=tuple(DTYPES),
-    )
+    _add_config_flags(mixing, GenerationConfig, only=MIXING)
+    decoding = parser.add_argument_group("decoding")
+    _add_config_flags(decoding, GenerationConfig, skip=MIXING)
     decoding.add_argument(
         "--stop",
         action="append",
@@ -331,7 +254,7 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
         help="end an output where this text appears (not kept; write \\n for a newline); "
         "repeat for several",
     )
-    return flags
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,10 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mix the PLM with k-nearest-neighbour retrieval over this memory (a memory "
         "directory, or the folder of `pema-client memory build --out` whose train/ it uses)",
     )
-    _config_flag(knn, KnnConfig, "k", "neighbours per step", flag="--knn-k")
-    _config_flag(
-        knn, KnnConfig, "temperature", "T of softmax(-distance / T)", flag="--knn-temperature"
-    )
+    _add_config_flags(knn, KnnConfig)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -516,33 +436,22 @@ def _memory_command(args: argparse.Namespace, client: PemaClient) -> None:
     )
 
 
-# The adapter kinds each adapter flag applies to (attribute of the parsed arguments).
-KIND_FLAGS = {
-    "rank": ("pema", "residual"),
-    "alpha": ("pema", "residual"),
-    "kappa": ("pema",),
-    "input_norm": ("pema",),
-    "activation": ("residual",),
-    "width": ("sequence",),
-    "layers": ("sequence",),
-    "heads": ("sequence",),
-    "no_token_inputs": ("sequence",),
-    "copy": ("sequence",),
-    "pointer": ("sequence",),
-    "sequence_batch_size": ("sequence",),
-    "mixture_lambda": ("residual", "sequence"),
-}
-
-
 def _warn_unused_flags(args: argparse.Namespace) -> None:
-    """Say which given adapter flags the chosen kind does not read."""
-    defaults = vars(build_parser().parse_args(["train", "--out", str(args.out)]))
-    for name, kinds in KIND_FLAGS.items():
-        given = getattr(args, name) not in (None, defaults[name])
-        if given and args.adapter_kind not in kinds:
-            flag = "--" + name.replace("_", "-")
-            log.warning("%s applies to the %s kind(s), not %s: ignored", flag, "/".join(kinds),
-                        args.adapter_kind)  # fmt: skip
+    """Say which given adapter and optimisation flags the chosen kind does not read."""
+    kind = args.adapter_kind
+    for per_kind in _adapter_flags().values():
+        flag = next(iter(per_kind.values()))
+        if getattr(args, flag.dest) is not None and kind not in per_kind:
+            _warn_unused(flag.flag, list(per_kind), kind)
+    train_options = _train_options()
+    for flag in flags(TrainConfig):
+        kinds = train_options.get(flag.name, [kind])
+        if getattr(args, flag.dest) != flag.default and kind not in kinds:
+            _warn_unused(flag.flag, kinds, kind)
+
+
+def _warn_unused(flag: str, kinds: list[str], kind: str) -> None:
+    log.warning("%s applies to the %s kind(s), not %s: ignored", flag, "/".join(kinds), kind)
 
 
 def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
@@ -562,32 +471,15 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
     train_memory, dev_memory = open_memories(memory_dir, served.info.fingerprint)
     manifest = train_memory.manifest
     _warn_unused_flags(args)
-    stored = ("rank", "alpha", "lambda_max", "schedule", "no_repeat_ngram")
-    told = {k: getattr(args, k) for k in stored}
-    kind_settings = {
-        **KIND_DEFAULTS[args.adapter_kind],
-        **{k: v for k, v in told.items() if v is not None},
-    }
-    adapter_config = AdapterConfig(
+    kind = KINDS[args.adapter_kind]
+    adapter_config = kind.config(
         hidden_size=served.info.hidden_size,
         vocab_size=served.info.vocab_size,
-        kind=args.adapter_kind,
-        dropout=args.dropout,
-        kappa=args.kappa,
-        input_norm=args.input_norm,
-        activation=args.activation,
-        width=args.width,
-        layers=args.layers,
-        heads=args.heads,
-        token_inputs=not args.no_token_inputs,
-        copy=args.copy,
-        pointer=args.pointer,
         fingerprint=served.info.fingerprint,
         model_id=served.info.model_id,
         template=manifest.template,
         length_ratio=manifest.length_ratio,
-        lambda_min=args.lambda_min,
-        **kind_settings,  # type: ignore[arg-type]
+        **options.values(kind.config, args, given=True),
     )
     result = train(
         adapter_config,
@@ -609,22 +501,7 @@ def _train_command(args: argparse.Namespace, client: PemaClient) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        lr=args.lr,
-        stage1_batch_size=args.stage1_batch_size,
-        stage2_batch_size=args.stage2_batch_size,
-        sequence_batch_size=args.sequence_batch_size,
-        stage1_epochs=args.stage1_epochs,
-        stage2_epochs=args.stage2_epochs,
-        patience=args.patience,
-        min_delta=args.min_delta,
-        mixture_lambda=args.mixture_lambda,
-        val_every_steps=args.val_every,
-        val_batch_size=args.val_batch_size,
-        seed=args.seed,
-        device=args.device,
-        resume=args.resume,
-    )
+    return TrainConfig(**options.values(TrainConfig, args))
 
 
 def _decoder(
@@ -641,24 +518,8 @@ def _decoder(
         template = _template(args)
     else:
         template = adapter_config.template if adapter_config is not None else TEMPLATES["plain"]
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        lambda_max=args.lambda_max,
-        lambda_min=args.lambda_min,
-        schedule=args.schedule,
-        gu_horizon=args.gu_horizon,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        no_repeat_ngram=args.no_repeat_ngram,
-        min_length=args.min_length,
-        stop=tuple(stop.replace("\\n", "\n") for stop in args.stop),
-        batch_size=args.batch_size,
-        hidden_dtype=args.hidden_dtype,
-        reconnect_s=args.reconnect_s,
-        device=args.device,
-    )
+    stop = tuple(stop.replace("\\n", "\n") for stop in args.stop)
+    config = GenerationConfig(**options.values(GenerationConfig, args), stop=stop)
     return served, config, template, adapter, adapter_config
 
 
@@ -678,7 +539,7 @@ def _knn(
     memory = Memory.open(path)
     memory.check_fingerprint(served.info.fingerprint)
     assert served.head is not None  # ServedModel.fetch refuses a server without its head
-    knn_config = KnnConfig(k=args.knn_k, temperature=args.knn_temperature)
+    knn_config = KnnConfig(**options.values(KnnConfig, args))
     log.info("kNN-LM over %d pairs of %s (k = %d)", len(memory), path, knn_config.k)
     knn = KnnLM.from_memory(memory, served.head, knn_config, resolve_device(config.device))
     return knn, memory.manifest.template

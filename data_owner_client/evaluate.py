@@ -16,9 +16,10 @@ from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from data_owner_client.adapter import Adapter, AdapterConfig, write_atomic
+from data_owner_client.adapter import Adapter, AdapterConfig
 from data_owner_client.client import PemaClient
 from data_owner_client.data import DataError, Example
+from data_owner_client.files import write_atomic
 from data_owner_client.generate import GenerationConfig, Generator, Mixing
 from data_owner_client.outputs import (
     append_outputs,

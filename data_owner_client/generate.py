@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from data_owner_client.adapter import Adapter, AdapterConfig
+from data_owner_client.adapter.sequence import SequenceAdapter, SequenceCache
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.devices import resolve_device
 from data_owner_client.knn import KnnLM
+from data_owner_client.options import option
 from data_owner_client.progress import progress_bar
-from data_owner_client.schedule import check_settings, gu_lambda, mix_log_probs
-from data_owner_client.sequence import SequenceAdapter, SequenceCache
+from data_owner_client.schedule import SCHEDULES, check_settings, gu_lambda, mix_log_probs
 from data_owner_client.served_model import ServedModel
 from shared.protocol import HiddenDType
 
@@ -40,28 +41,57 @@ RECONNECT_POLL_S = 0.5  # between health checks while the server is away
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 
 
+class EmptyPrompt(DataError):
+    """A prompt without tokens."""
+
+
+class PromptTooLong(DataError):
+    """A prompt that leaves no position to generate in."""
+
+
 @dataclass
 class GenerationConfig:
     """How to decode; ``None`` mixing settings take the adapter's saved defaults."""
 
-    max_new_tokens: int = 128  # most new tokens per row (EOS included)
-    lambda_max: float | None = None  # λ_0 of Gradual Unrolling; 0 decodes with the PLM alone
-    lambda_min: float | None = None  # floor of λ over a sequence
-    schedule: str | None = None  # quadratic (paper), linear, or constant (no unrolling)
-    gu_horizon: float | None = None  # fixed horizon L in tokens, instead of ratio × source length
-    temperature: float = 0.0  # 0 is greedy; above 0 samples from the mixed distribution
-    top_k: int = 0  # sample among the k most likely tokens (0: all)
-    top_p: float = 1.0  # sample from the smallest set holding this much probability
-    seed: int = 0  # seeds sampling
-    no_repeat_ngram: int | None = None  # never repeat an n-gram of a row's output (0: off)
+    max_new_tokens: int = option(128, help="most new tokens per input (EOS included)")
+    lambda_max: float | None = option(
+        None, help="initial PEMA weight λ_0 of Gradual Unrolling; 0 decodes with the PLM alone"
+    )
+    lambda_min: float | None = option(None, help="floor of λ over a sequence")
+    schedule: str | None = option(
+        None,
+        help="how λ decays over a sequence: quadratic (paper), linear, or constant (no unrolling)",
+        choices=SCHEDULES,
+    )
+    gu_horizon: float | None = option(
+        None,
+        help="fixed horizon L in tokens (default: the adapter's length ratio × source tokens)",
+    )
+    temperature: float = option(0.0, help="0 decodes greedily; above 0 samples")
+    top_k: int = option(0, help="when sampling, only the k most likely tokens (0: all)")
+    top_p: float = option(1.0, help="when sampling, only the smallest set holding this probability")
+    seed: int = option(0, help="seeds sampling")
+    no_repeat_ngram: int | None = option(
+        None,
+        help="never repeat an n-gram of an output, e.g. 4; 0: off (default: the adapter's)",
+        metavar="N",
+    )
     # A row may not end (EOS, or a token holding a stop string) before this fraction of its
     # expected length: the learned length ratio × its source tokens (× 1 without a ratio).
-    min_length: float = 0.0
+    min_length: float = option(
+        0.0,
+        help="no end (EOS or a stop string) before this fraction of an output's expected length, "
+        "the adapter's length ratio × source tokens, e.g. 0.8 (0: off)",
+    )
     stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
-    batch_size: int = 8  # rows decoded together in one server session
-    hidden_dtype: HiddenDType = "float32"  # representations on the wire
-    reconnect_s: float = 120.0  # how long to wait for a server that went away mid-decode
-    device: str = "auto"  # where the head and adapter run: auto (cuda, mps, cpu) or a name
+    batch_size: int = option(8, help="inputs decoded together in one server session")
+    hidden_dtype: HiddenDType = option("float32", help="representations on the wire")
+    reconnect_s: float = option(
+        120.0, help="seconds to wait for a server that went away mid-decode"
+    )
+    device: str = option(
+        "auto", help="where the head and adapter run: auto (cuda, mps, cpu) or a torch device"
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -332,9 +362,9 @@ class Generator:
         for index, (prompt, source) in enumerate(zip(prompts, source_tokens, strict=True), first):
             room = min(info.max_positions, info.limits.max_request_tokens) - len(prompt)
             if not prompt:
-                raise DataError(f"example {index}: the prompt is empty; give it some text")
+                raise EmptyPrompt(f"example {index}: the prompt is empty; give it some text")
             if room < 1:
-                raise DataError(
+                raise PromptTooLong(
                     f"example {index}: the prompt has {len(prompt)} tokens, leaving no room to "
                     f"generate within the model's {info.max_positions} positions; shorten it"
                 )

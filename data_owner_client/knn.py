@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data_owner_client.memory import Memory
+from data_owner_client.options import option
 from shared.head import Head
 
 
@@ -22,8 +23,10 @@ from shared.head import Head
 class KnnConfig:
     """How the kNN distribution is formed; defaults follow the kNN-LM paper except ``k``."""
 
-    k: int = 64  # neighbours per query (the paper: 1,024 over 100M keys)
-    temperature: float = 1.0  # T in softmax(−d / T); larger spreads weight over more neighbours
+    # Neighbours per query (the paper: 1,024 over 100M keys).
+    k: int = option(64, help="neighbours per step", flag="--knn-k")
+    # T in softmax(−d / T); larger spreads weight over more neighbours.
+    temperature: float = option(1.0, help="T of softmax(-distance / T)", flag="--knn-temperature")
     lambda_max: float = 0.25  # the paper's interpolation weight, used when none is given
     lambda_min: float = 0.0
     schedule: str = "constant"  # kNN-LM interpolates with a fixed λ

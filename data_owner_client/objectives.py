@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_owner_client.adapter import Adapter, AdapterConfig, PemaAdapter
+from data_owner_client.adapter import Adapter, AdapterConfig
 from data_owner_client.memory import Memory
-from data_owner_client.sequence import SequenceAdapter
 from shared.head import Head
 
 # Default bound on one cross-entropy chunk's logits: 2**24 float32 values (64 MiB).
@@ -121,23 +120,7 @@ class StageModel(nn.Module):
         self.adapter, self.stage = adapter, stage
 
     def forward(self, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        adapter = self.adapter
-        if not isinstance(adapter, PemaAdapter):
-            return adapter.train_outputs(*batch)
-        x, y = batch
-        if self.stage == 1:
-            return (adapter.reconstruct(x),)
-        h_pd, h_rct = adapter.predict_and_reconstruct(x)
-        return h_pd, y, h_rct
-
-
-def freeze_for_stage(adapter: Adapter, stage: int) -> list[nn.Parameter]:
-    """Leave trainable exactly what ``stage`` trains (DDP then ignores the rest)."""
-    if isinstance(adapter, PemaAdapter):
-        adapter.A.requires_grad_(True)
-        adapter.B_rct.requires_grad_(stage == 1)
-        adapter.B_pd.requires_grad_(stage == 2)
-    return [p for p in adapter.parameters() if p.requires_grad]
+        return self.adapter.stage_outputs(self.stage, *batch)
 
 
 def logits_of(adapter: Adapter, head: nn.Module) -> Logits:
@@ -213,8 +196,9 @@ def eval_sums(
                 plm = plm_log_probs(mixture[1], batch, chunk_rows)
                 mixed = mixture_nll(torch.cat(log_probs), plm, mixture[0]).sum().item()
             rows = len(y)
-        if isinstance(adapter, PemaAdapter):
-            target = adapter.features(batch[0]).float()
+        target = adapter.reconstruction_target(batch[0])
+        if target is not None:
+            target = target.float()
             sq, elements = (outputs[-1].float() - target).pow(2).sum().item(), target.numel()
         sums += torch.tensor([sq, elements, ce, correct, rows, mixed], dtype=torch.float64)
     return sums
@@ -234,7 +218,7 @@ def evaluate_accuracy(
 
     The adapter and head are moved to ``device`` (default: the adapter's) in place.
     """
-    sequences = isinstance(adapter, SequenceAdapter)
+    sequences = adapter.reads_sequences
     source = examples_of(source) if sequences else source
     batch_size = batch_size or (16 if sequences else 4096)
     device = torch.device(device) if device is not None else next(adapter.parameters()).device

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from data_owner_client.adapter import adapter_tensors
 from data_owner_client.data import Example, dataset_hash
+from data_owner_client.files import write_atomic
 from data_owner_client.generate import Generator
 from shared.codec import hash_tensors
 
@@ -97,8 +97,8 @@ def resume(
         # In this order, a kill anywhere leaves no outputs (a fresh start next time) or empty
         # outputs under this run's record: never old outputs under a new record, or none.
         path.unlink(missing_ok=True)
-        _replace(sidecar, json.dumps(run, indent=2, sort_keys=True) + "\n")
-        _replace(path, "")
+        write_atomic(sidecar, (json.dumps(run, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(path, b"")
         return 0
     if not sidecar.is_file():
         raise OutputFileError(
@@ -115,7 +115,7 @@ def resume(
     if len(finished) < total:
         finished = finished[: len(finished) - len(finished) % batch_size]
     keep = finished[:total]
-    _replace(path, "".join(keep))
+    write_atomic(path, "".join(keep).encode("utf-8"))
     return len(keep)
 
 
@@ -143,10 +143,3 @@ def _complete_records(text: str) -> list[str]:
             break
         records.append(line)
     return records
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a kill leaves the old file or the new one)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -29,14 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data_owner_client.adapter import (
-    Adapter,
-    AdapterConfig,
-    PemaAdapter,
-    build_adapter,
-    save_adapter,
-    write_atomic,
-)
+from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, build_adapter, save_adapter
 from data_owner_client.checkpoint import (
     CHECKPOINT_FILE,
     RunState,
@@ -55,6 +48,7 @@ from data_owner_client.devices import (
     resolve_device,
     set_device_rng_state,
 )
+from data_owner_client.files import write_atomic
 from data_owner_client.objectives import (
     Batch,
     BatchSource,
@@ -63,65 +57,17 @@ from data_owner_client.objectives import (
     check_head,
     eval_sums,
     examples_of,
-    freeze_for_stage,
     logits_of,
     plm_log_probs,
     stage_loss,
 )
 from data_owner_client.progress import stage_bar
+from data_owner_client.train_config import TrainConfig
 from data_owner_client.train_log import LOG_FILE, PLOT_FILE, JsonlLog, Mean, plot_loss_curves
 from shared.head import Head
 
 __all__ = ["TrainConfig", "TrainResult", "World", "init_distributed", "resolve_device", "train"]
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of both stages (paper defaults where the paper gives one)."""
-
-    lr: float = 1e-3  # Adam learning rate, both stages
-    stage1_batch_size: int = 20480  # pairs per step in stage 1, over all ranks
-    stage2_batch_size: int = 2048  # pairs per step in stage 2, over all ranks
-    sequence_batch_size: int = 16  # examples per step of the sequence kind, over all ranks
-    stage1_epochs: int = 20  # most epochs of stage 1; early stopping usually ends it sooner
-    stage2_epochs: int = 20  # most epochs of stage 2
-    patience: int = 3  # validations without improvement before a stage stops
-    min_delta: float = 0.0  # a validation loss must beat the best by more than this
-    # residual and sequence: train (and validate) the mixture that decoding reads at this
-    # constant λ, −log(λ·P_adapter(y) + (1 − λ)·P_LM(y)), instead of the adapter's own CE
-    mixture_lambda: float | None = None
-    val_every_steps: int | None = None  # validate every this many steps; None: after each epoch
-    val_batch_size: int = 4096  # pairs per validation batch and rank (no gradients kept)
-    ce_chunk: int | None = None  # rows per CE chunk; None: keep a chunk's logits ≤ 2**24 values
-    log_every_steps: int = 10  # steps between training-loss records in the JSONL log
-    seed: int = 0  # seeds the initialisation, the shuffling and dropout
-    device: str = "auto"  # "auto" picks cuda, then mps, then cpu
-    checkpoint_dir: str | None = None  # where resumable state goes; None: OUT_DIR/checkpoint
-    resume: bool = False  # continue from the checkpoint when one exists
-
-    def __post_init__(self) -> None:
-        sizes = (
-            self.stage1_batch_size,
-            self.stage2_batch_size,
-            self.sequence_batch_size,
-            self.val_batch_size,
-        )
-        counts = (self.patience, self.stage1_epochs, self.stage2_epochs, self.log_every_steps)
-        if min(sizes) < 1 or min(counts) < 1:
-            raise ValueError("batch sizes, epochs, patience and log_every_steps must be positive")
-        if self.val_every_steps is not None and self.val_every_steps < 1:
-            raise ValueError("val_every_steps must be positive (or None for once per epoch)")
-        if self.mixture_lambda is not None and not 0.0 < self.mixture_lambda <= 1.0:
-            raise ValueError(f"mixture_lambda must be in (0, 1], got {self.mixture_lambda}")
-
-    def batch_size(self, stage: int) -> int:
-        """The global batch size of ``stage``."""
-        return self.stage1_batch_size if stage == 1 else self.stage2_batch_size
-
-    def epochs(self, stage: int) -> int:
-        """The most epochs of ``stage``."""
-        return self.stage1_epochs if stage == 1 else self.stage2_epochs
 
 
 @dataclass
@@ -171,8 +117,8 @@ class _Trainer:
         self.chunk_rows = config.ce_chunk or ce_chunk_rows(adapter_config.vocab_size)
         ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else out_dir / "checkpoint"
         self.checkpoint_path = ckpt_dir / CHECKPOINT_FILE
-        self.pema = adapter_config.kind == "pema"
-        self.state = RunState(stage=1 if self.pema else 2)  # the other kinds only predict
+        self.kind = KINDS[adapter_config.kind]
+        self.state = RunState(stage=self.kind.stages[0])
         self.best_state: dict[str, torch.Tensor] | None = None
         self.windows = {"log": Mean(), "val": Mean()}
         self.bar = stage_bar(progress and self.world.main)
@@ -195,7 +141,7 @@ class _Trainer:
 
     def _build_stage(self, optimizer_state: dict[str, Any] | None = None) -> None:
         """Freeze for the current stage, wrap for DDP, make the stage's optimizer."""
-        params = freeze_for_stage(self.adapter, self.state.stage)
+        params = self.adapter.trainable(self.state.stage)
         model: nn.Module = StageModel(self.adapter, self.state.stage)
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -235,9 +181,10 @@ class _Trainer:
 
     def run(self) -> None:
         """Stage 1 (unless a resumed run is past it), then stage 2."""
-        if self.state.stage == 1:
+        stages = self.kind.stages
+        for stage in stages[stages.index(self.state.stage) + 1 :]:
             self._run_stage()
-            self._enter_stage2()
+            self._enter_stage(stage)
         self._run_stage()
         self._restore_best()
 
@@ -288,18 +235,23 @@ class _Trainer:
     @property
     def _sequences(self) -> bool:
         """Batches are whole examples (the sequence kind), not pairs."""
-        return self.adapter_config.kind == "sequence"
+        return self.adapter.reads_sequences
 
     @property
     def _mixture(self) -> tuple[float, Head] | None:
-        """λ and the whole head when training through the mixture (not the pema kind)."""
+        """λ and the whole head when training through the mixture (kinds that offer it)."""
         lam = self.config.mixture_lambda
-        if lam is None or self.pema or not isinstance(self.head, Head):
+        if lam is None or "mixture_lambda" not in self.kind.train_options:
             return None
-        return lam, self.head
+        return (lam, self.head) if isinstance(self.head, Head) else None
+
+    @property
+    def _stages(self) -> bool:
+        """The kind trains in more than one stage (pema: reconstruction, then prediction)."""
+        return len(self.kind.stages) > 1
 
     def _stage_name(self) -> str:
-        return f"stage {self.state.stage}" if self.pema else "train"
+        return f"stage {self.state.stage}" if self._stages else "train"
 
     def _local_batch(self) -> int:
         """This rank's share of the stage's global batch."""
@@ -318,9 +270,8 @@ class _Trainer:
                 f"{self.adapter_config.hidden_size}: was the memory built on another model?"
             )
         outputs = self.model(*batch)
-        # What h_rct reconstructs (pema only).
-        target = self.adapter.features(x) if isinstance(self.adapter, PemaAdapter) else None
-        kappa = self.adapter_config.kappa
+        target = self.adapter.reconstruction_target(x)
+        kappa = self.adapter.kappa
         mixture = None
         if self._mixture is not None:
             lam, head = self._mixture
@@ -353,13 +304,15 @@ class _Trainer:
             self.log.write(self._record("train", means))
             self.bar.update(self.task, loss=f"loss {means['loss']:.4g}")
 
-    def _enter_stage2(self) -> None:
-        """Restore stage 1's best state, then re-initialise ``A`` and ``B_pd`` for stage 2."""
+    def _enter_stage(self, stage: int) -> None:
+        """Restore the last stage's best state, then let the adapter prepare ``stage`` (pema:
+        a fresh ``A`` and a zero ``B_pd`` for stage 2)."""
         self._restore_best()
-        assert isinstance(self.adapter, PemaAdapter), "only the pema kind has two stages"
-        self.adapter.reset_for_stage2(generator=_generator(self.config.seed, "stage2"))
+        self.adapter.start_stage(stage, generator=_generator(self.config.seed, f"stage{stage}"))
         state = self.state
-        self.state = RunState(stage=2, global_step=state.global_step, stage1_best=state.best_loss)
+        self.state = RunState(
+            stage=stage, global_step=state.global_step, stage1_best=state.best_loss
+        )
         self.best_state = None
         self._build_stage()
 
@@ -403,7 +356,7 @@ class _Trainer:
         sq, elements, ce, correct, rows, mixed = totals
         if rows == 0:
             raise ValueError("the validation memory yielded nothing to score: give it some data")
-        if not self.pema:
+        if not self._stages:
             metrics = {"val_loss": ce / rows, "val_ce": ce / rows, "val_acc": correct / rows}
             if self._mixture is not None:
                 metrics |= {"val_loss": mixed / rows, "val_mixture": mixed / rows}
@@ -411,7 +364,7 @@ class _Trainer:
         mse = sq / elements
         if not stage2:
             return {"val_loss": mse, "val_mse": mse}
-        kappa = self.adapter_config.kappa
+        kappa = self.adapter.kappa
         loss = kappa * mse + (1.0 - kappa) * ce / rows
         return {"val_loss": loss, "val_mse": mse, "val_ce": ce / rows, "val_acc": correct / rows}
 
@@ -491,7 +444,7 @@ def train(
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     sources = (train_source, val_source)
-    if adapter_config.kind == "sequence":  # whole examples: a memory's view of them
+    if KINDS[adapter_config.kind].module.reads_sequences:  # whole examples: a memory's view
         sources = (examples_of(train_source), examples_of(val_source))
     trainer = _Trainer(adapter_config, sources, head, out_dir, config, progress)
     if trainer.world.main:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data_owner_client.adapter import write_atomic
+from data_owner_client.files import write_atomic
 
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss_curves.png"

@@ -18,7 +18,7 @@ from plm_owner_server.metrics import Metrics
 from plm_owner_server.runner import ModelRunner
 from plm_owner_server.settings import Settings
 from plm_owner_server.state import AppState
-from shared.keys import is_loopback
+from shared.keys import check_exposure
 from shared.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,12 @@ async def _expire_sessions(state: AppState) -> None:
 def api_keys(config: Settings) -> ApiKeys:
     """The keys file's keys; refuses a bad file, or no keys on a non-loopback address."""
     keys = ApiKeys.from_file(config.api_keys_file)
-    if keys.open and not config.insecure_no_auth and not is_loopback(config.host):
-        raise ValueError(
-            f"refusing to serve {config.host} without API keys: anyone who reaches it could use "
-            "the model. Make keys with `pema-server hash-key --name NAME >> keys.txt` and pass "
-            "--api-keys-file keys.txt, or bind 127.0.0.1, or pass --insecure-no-auth"
-        )
+    check_exposure(
+        config.host,
+        keyed=not keys.open,
+        insecure_no_auth=config.insecure_no_auth,
+        exposed="the model",
+    )
     return keys
 
 

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import OptionalPath
 
 EMBEDDED_MODEL = "smollm2-135m"
 
@@ -28,12 +30,12 @@ class Settings(BaseSettings):
         "auto", description="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    api_keys_file: Path | None = Field(None, description="file of hashed API keys; none: open")
+    api_keys_file: OptionalPath = Field(None, description="file of hashed API keys; none: open")
     insecure_no_auth: bool = Field(
         False, description="serve without API keys on a non-loopback address (refused otherwise)"
     )
-    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); with ssl_keyfile")
-    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
+    ssl_certfile: OptionalPath = Field(None, description="TLS certificate (PEM); with ssl_keyfile")
+    ssl_keyfile: OptionalPath = Field(None, description="TLS private key (PEM)")
     share_head: bool = Field(True, description="serve the output head on /v1/head")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="embedded-model cache")
     max_batch_tokens: int = Field(
@@ -51,12 +53,6 @@ class Settings(BaseSettings):
     )
     max_kv_cache_mib: int = Field(4096, gt=0, description="KV-cache memory of all sessions (MiB)")
     log_level: str = Field("info", description="uvicorn log level")
-
-    @field_validator("api_keys_file", "ssl_certfile", "ssl_keyfile", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        # PEMA_API_KEYS_FILE= (set but empty) means no keys, not the current directory.
-        return None if value == "" else value
 
     @property
     def max_kv_cache_bytes(self) -> int:

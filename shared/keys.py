@@ -90,3 +90,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
+
+
+def check_exposure(host: str, *, keyed: bool, insecure_no_auth: bool, exposed: str) -> None:
+    """Refuse to serve ``host`` beyond loopback without keys, unless the owner asked for it;
+    ``exposed`` names what anyone who reaches it could use."""
+    if keyed or insecure_no_auth or is_loopback(host):
+        return
+    raise ValueError(
+        f"refusing to serve {host} without API keys: anyone who reaches it could use {exposed}. "
+        "Make keys with `pema-server hash-key --name NAME >> keys.txt` and pass "
+        "--api-keys-file keys.txt, or bind 127.0.0.1, or pass --insecure-no-auth"
+    )

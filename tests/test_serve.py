@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from data_owner_client import cli
-from data_owner_client.adapter import AdapterConfig, build_adapter, save_adapter
+from data_owner_client.adapter import ResidualAdapter, build_adapter, save_adapter
 from data_owner_client.client import PemaClient
-from data_owner_client.residual import ResidualAdapter
 from data_owner_client.served_model import ServedModel
 from shared.keys import hash_key
+from tests.client.synthetic import kind_config
 from tests.tiny_models import tiny_model, tiny_tokenizer
 from tests.tiny_server import TinyServer
 from tests.uvicorn_server import free_port, uvicorn_server
@@ -65,8 +65,8 @@ def adapters(plm, folder, cache) -> dict[str, Path]:
     assert served.head is not None
     info, made = served.info, {}
     for kind in ADAPTERS:
-        config = AdapterConfig(
-            info.hidden_size, info.vocab_size, kind=kind, rank=8, width=16, heads=2,
+        config = kind_config(
+            kind, info.hidden_size, info.vocab_size, rank=8, width=16, heads=2,
             dropout=0.0, fingerprint=info.fingerprint, template=TEMPLATE, length_ratio=1.5,
             lambda_max=0.7, schedule="quadratic",
         )  # fmt: skip

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from shared.observe import RouteMetrics
 
 if TYPE_CHECKING:
-    from data_owner_client.serve.app import ServedAdapter
     from data_owner_client.serve.engine import Engine
+    from data_owner_client.serve.models import ServedAdapter
 
 SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 

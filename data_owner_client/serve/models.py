@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_owner_client.adapter import load_adapter
@@ -13,12 +14,34 @@ from data_owner_client.client import PemaClient
 from data_owner_client.data import TEMPLATES
 from data_owner_client.devices import resolve_device
 from data_owner_client.generate import GenerationConfig, Generator
-from data_owner_client.serve.app import ServedAdapter
 from data_owner_client.serve.engine import Engine, SessionPool
+from data_owner_client.serve.protocol import ModelCard
 from data_owner_client.serve.settings import ServeSettings
 from data_owner_client.served_model import ServedModel
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedAdapter:
+    """One model of ``/v1/models``: an adapter (or the PLM alone) and the engine decoding it."""
+
+    id: str
+    generator: Generator
+    engine: Engine
+    kind: str | None  # the adapter's kind; None for the PLM alone
+    template: str | None  # the prompt template the adapter was trained with
+    created: int
+
+    def card(self) -> ModelCard:
+        """The model as ``/v1/models`` lists it."""
+        return ModelCard(
+            id=self.id,
+            created=self.created,
+            owned_by="plm-owner" if self.kind is None else "data-owner",
+            adapter_kind=self.kind,
+            template=self.template,
+        )
 
 
 def serving_models(

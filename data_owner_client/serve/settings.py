@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.keys import is_loopback
+from shared.keys import check_exposure
+from shared.settings import OptionalPath
 
 
 class ServeSettings(BaseSettings):
@@ -23,7 +24,7 @@ class ServeSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8001, description="port to bind")
-    api_keys_file: Path | None = Field(
+    api_keys_file: OptionalPath = Field(
         None, description="file of hashed keys this service accepts (pema-server's format)"
     )
     insecure_no_auth: bool = Field(
@@ -44,11 +45,6 @@ class ServeSettings(BaseSettings):
     )
     log_level: str = Field("info", description="uvicorn log level")
 
-    @field_validator("api_keys_file", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
-
     def adapters(self) -> dict[str, Path]:
         """The ``NAME=DIR`` entries, checked."""
         named: dict[str, Path] = {}
@@ -65,10 +61,9 @@ class ServeSettings(BaseSettings):
 
     def check_exposure(self) -> None:
         """No keys on a non-loopback address is refused unless asked for."""
-        if self.api_keys_file is None and not self.insecure_no_auth and not is_loopback(self.host):
-            raise ValueError(
-                f"refusing to serve {self.host} without API keys: anyone who reaches it could "
-                "use your adapters. Make keys with `pema-server hash-key --name NAME >> "
-                "keys.txt` and pass --api-keys-file keys.txt, or bind 127.0.0.1, or pass "
-                "--insecure-no-auth"
-            )
+        check_exposure(
+            self.host,
+            keyed=self.api_keys_file is not None,
+            insecure_no_auth=self.insecure_no_auth,
+            exposed="your adapters",
+        )

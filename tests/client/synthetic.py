@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from data_owner_client.adapter import AdapterConfig
+from data_owner_client.adapter import KINDS, AdapterConfig, PemaConfig
 from data_owner_client.devices import init_distributed
 from data_owner_client.memory import split_batches
 from data_owner_client.train import TrainConfig, train
@@ -175,11 +175,24 @@ def copy_task(d: int = 32, v: int = 64, alphabet: int = 16, length: int = 5) -> 
     )
 
 
+def as_kind(config: AdapterConfig, kind: str, **changes: Any) -> AdapterConfig:
+    """``config``'s settings (with ``changes``) as a ``kind`` config, those the kind does not
+    have left out: the settings these tests had when one config served every kind."""
+    own = {f.name for f in dataclasses.fields(KINDS[kind].config)}
+    values = {**dataclasses.asdict(config), **changes}
+    return KINDS[kind].config(**{k: v for k, v in values.items() if k in own})
+
+
+def kind_config(kind: str, hidden_size: int, vocab_size: int, **settings: Any) -> AdapterConfig:
+    """A ``kind`` config from ``settings``, the other kinds' left out (see :func:`as_kind`)."""
+    return as_kind(PemaConfig(hidden_size, vocab_size), kind, **settings)
+
+
 def small_configs(
     d: int = 32, v: int = 64, **train_overrides: object
 ) -> tuple[AdapterConfig, TrainConfig]:
     """A rank-16 adapter and a few seconds of training on the CPU."""
-    adapter = AdapterConfig(hidden_size=d, vocab_size=v, rank=16, fingerprint="synthetic")
+    adapter = PemaConfig(hidden_size=d, vocab_size=v, rank=16, fingerprint="synthetic")
     options: dict = dict(
         lr=1e-2,
         stage1_batch_size=64,
@@ -196,8 +209,8 @@ def small_configs(
 def ddp_run(kind: str) -> tuple[AdapterConfig, TrainConfig, Head, tuple[Any, Any]]:
     """What the DDP test trains, in one process or under torchrun (dropout 0, so they agree)."""
     adapter_config, train_config = small_configs(sequence_batch_size=32)
-    adapter_config = dataclasses.replace(
-        adapter_config, kind=kind, dropout=0.0, width=32, heads=2, layers=1, copy=False
+    adapter_config = as_kind(
+        adapter_config, kind, dropout=0.0, width=32, heads=2, layers=1, copy=False
     )
     if kind == "sequence":
         copy = copy_task()

@@ -19,6 +19,7 @@ from data_owner_client.adapter import (
     AdapterError,
     AdapterFingerprintError,
     PemaAdapter,
+    PemaConfig,
     load_adapter,
     save_adapter,
 )
@@ -28,7 +29,7 @@ D, V, R = 12, 20, 4
 
 def config(**overrides: object) -> AdapterConfig:
     options: dict = dict(hidden_size=D, vocab_size=V, rank=R, fingerprint="fp-1", model_id="tiny")
-    return AdapterConfig(**{**options, **overrides})
+    return PemaConfig(**{**options, **overrides})
 
 
 def trained_adapter(cfg: AdapterConfig, seed: int = 0) -> PemaAdapter:
@@ -44,7 +45,7 @@ def trained_adapter(cfg: AdapterConfig, seed: int = 0) -> PemaAdapter:
 
 
 def test_config_defaults_are_the_papers():
-    cfg = AdapterConfig(hidden_size=1024, vocab_size=V)
+    cfg = PemaConfig(hidden_size=1024, vocab_size=V)
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.kappa) == (512, 1.0, 0.2, 0.2)
     assert (cfg.schedule, cfg.lambda_max, cfg.lambda_min) == ("quadratic", 0.9, 0.0)
     assert cfg.scaling == 1.0 / 512
@@ -60,7 +61,7 @@ def test_config_json_round_trip():
 
 def test_rank_above_hidden_size_is_clamped_with_a_note(caplog):
     with caplog.at_level(logging.INFO, logger="data_owner_client.adapter"):
-        cfg = AdapterConfig(hidden_size=D, vocab_size=V)
+        cfg = PemaConfig(hidden_size=D, vocab_size=V)
     assert cfg.rank == D
     assert "clamped" in caplog.text
 

@@ -14,15 +14,17 @@ from data_owner_client.adapter import (
     CONFIG_FILE,
     AdapterConfig,
     AdapterError,
+    PemaConfig,
+    ResidualAdapter,
+    SequenceAdapter,
+    SequenceConfig,
     build_adapter,
     load_adapter,
     save_adapter,
 )
-from data_owner_client.residual import ResidualAdapter
-from data_owner_client.sequence import SequenceAdapter
 from shared.head import Head
 from shared.protocol import HeadSpec
-from tests.client.synthetic import random_head
+from tests.client.synthetic import kind_config, random_head
 
 D, V = 32, 64
 
@@ -38,7 +40,7 @@ def rms_head(seed: int = 0) -> Head:
 
 def config(kind: str, **overrides) -> AdapterConfig:
     sizes = dict(rank=8, width=16, layers=2, heads=2)
-    return AdapterConfig(hidden_size=D, vocab_size=V, kind=kind, **{**sizes, **overrides})
+    return kind_config(kind, D, V, **{**sizes, **overrides})
 
 
 @pytest.mark.parametrize("head", [random_head(D, V), rms_head()], ids=["layernorm", "rmsnorm"])
@@ -192,11 +194,10 @@ def test_save_and_load_round_trip_every_kind(kind, tmp_path):
 
 
 def test_a_config_without_a_kind_loads_as_the_papers_adapter(tmp_path):
-    cfg = AdapterConfig(hidden_size=D, vocab_size=V, rank=8)
+    cfg = PemaConfig(hidden_size=D, vocab_size=V, rank=8)
     save_adapter(tmp_path, build_adapter(cfg), cfg)
     data = json.loads((tmp_path / CONFIG_FILE).read_text())
-    for key in ("kind", "activation", "width", "layers", "heads", "token_inputs", "copy"):
-        del data[key]  # as written before the kinds existed
+    del data["kind"]  # as written before the kinds existed
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
     _, loaded = load_adapter(tmp_path)
     assert loaded.kind == "pema"
@@ -212,14 +213,13 @@ def test_a_sequence_adapter_from_before_the_source_pointer_loads_with_the_read_o
     adapter, loaded = load_adapter(tmp_path, head=head)
     assert loaded.pointer == "read" and isinstance(adapter, SequenceAdapter)
     assert adapter.sink is None
-    assert AdapterConfig(hidden_size=D, vocab_size=V).pointer == "source"  # new adapters'
+    assert SequenceConfig(hidden_size=D, vocab_size=V).pointer == "source"  # new adapters'
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        dict(kind="lora"),
-        dict(activation="relu"),
+        dict(kind="residual", activation="relu"),
         dict(width=30, heads=4),
         dict(layers=0),
         dict(pointer="previous"),
@@ -228,6 +228,12 @@ def test_a_sequence_adapter_from_before_the_source_pointer_loads_with_the_read_o
 def test_bad_kind_settings_are_refused(bad):
     with pytest.raises(AdapterError):
         config(bad.pop("kind", "sequence"), **bad)
+
+
+def test_a_config_of_an_unknown_kind_is_refused():
+    data = json.loads(config("sequence").to_json())
+    with pytest.raises(AdapterError, match="kind must be one of"):
+        AdapterConfig.from_json(json.dumps({**data, "kind": "lora"}))
 
 
 def test_the_copy_pointer_is_refused_for_a_head_that_projects_out_first():

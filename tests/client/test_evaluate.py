@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 import torch
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter
+from data_owner_client.adapter import PemaAdapter, PemaConfig
 from data_owner_client.client import PemaClient
 from data_owner_client.data import Example
 from data_owner_client.evaluate import evaluate, markdown_table, score
@@ -61,7 +61,7 @@ def test_evaluation_continues_after_a_kill(make_runner, tmp_path):
     with serve(make_runner("llama")) as http, PemaClient(http=http, retries=0) as client:
         served = ServedModel.fetch(client, cache_dir=tmp_path / "cache")
         info = served.info
-        adapter_config = AdapterConfig(
+        adapter_config = PemaConfig(
             info.hidden_size, info.vocab_size, rank=8, fingerprint=info.fingerprint
         )
         adapter = PemaAdapter.from_config(

@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_owner_client.adapter import AdapterConfig, PemaAdapter, build_adapter
+from data_owner_client.adapter import (
+    AdapterConfig,
+    PemaAdapter,
+    PemaConfig,
+    ResidualAdapter,
+    SequenceAdapter,
+    build_adapter,
+)
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import Example, source_length
 from data_owner_client.generate import (
@@ -20,10 +27,9 @@ from data_owner_client.generate import (
     filter_top_k_top_p,
     repeated_ngram_ends,
 )
-from data_owner_client.residual import ResidualAdapter
-from data_owner_client.sequence import SequenceAdapter
 from data_owner_client.served_model import ServedModel
 from plm_owner_server.runner import ModelRunner
+from tests.client.synthetic import kind_config
 from tests.server.helpers import serve
 
 PROMPTS = ["w5 w9 w11", "w20", "w30 w31 w40 w41 w50 w7 w8 w60", "w44 w45"]
@@ -110,7 +116,7 @@ def test_outputs_report_length_and_do_not_use_references(served_client):
 
 def _adapter(served: ServedModel, seed: int = 0) -> tuple[PemaAdapter, AdapterConfig]:
     info = served.info
-    config = AdapterConfig(info.hidden_size, info.vocab_size, rank=8, length_ratio=1.5)
+    config = PemaConfig(info.hidden_size, info.vocab_size, rank=8, length_ratio=1.5)
     adapter = PemaAdapter.from_config(config, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         adapter.B_pd.normal_(0, 30, generator=torch.Generator().manual_seed(seed + 1))
@@ -210,8 +216,8 @@ def test_every_kind_decodes_as_its_mixture_over_the_whole_sequence(served_client
     head = served.head
     assert head is not None
     info = served.info
-    adapter_config = AdapterConfig(
-        info.hidden_size, info.vocab_size, kind=kind, rank=8, width=16, heads=2, dropout=0.0
+    adapter_config = kind_config(
+        kind, info.hidden_size, info.vocab_size, rank=8, width=16, heads=2, dropout=0.0
     )
     adapter = build_adapter(adapter_config, head, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # untrained, both kinds equal the PLM: give them weight
@@ -344,8 +350,8 @@ def test_a_session_error_other_than_loss_is_raised(served_client, monkeypatch):
 def _strong_adapter(served: ServedModel, kind: str):
     info = served.info
     assert served.head is not None
-    config = AdapterConfig(
-        info.hidden_size, info.vocab_size, kind=kind, rank=8, width=16, heads=2, dropout=0.0,
+    config = kind_config(
+        kind, info.hidden_size, info.vocab_size, rank=8, width=16, heads=2, dropout=0.0,
         length_ratio=1.5,
     )  # fmt: skip
     adapter = build_adapter(config, served.head, generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -14,10 +16,13 @@ import torch
 from filelock import FileLock
 from safetensors import safe_open
 
-from data_owner_client import memory as memory_module
+from data_owner_client import files as files_module
 from data_owner_client.client import PemaClient
 from data_owner_client.data import DataError, Example, encode_prompt, encode_target, source_length
+from data_owner_client.files import TMP_PREFIX
 from data_owner_client.memory import (
+    DTYPES,
+    IGNORE,
     FingerprintMismatchError,
     Manifest,
     Memory,
@@ -26,6 +31,7 @@ from data_owner_client.memory import (
     write_manifest,
     write_shard,
 )
+from data_owner_client.memory import build as build_module
 from plm_owner_server.runner import ModelRunner
 from tests.tiny_models import tiny_tokenizer
 
@@ -137,9 +143,9 @@ def test_a_memory_holds_every_position_for_the_sequence_kind(client, runner, tok
         torch.testing.assert_close(keys[:length], hooked(runner, sequence), rtol=0, atol=1e-5)
         assert tokens[:length].tolist() == sequence
         # Positions before the prompt's last predict no target; the rest predict target + EOS.
-        want = [memory_module.IGNORE] * (len(prompt) - 1) + target + [EOS]
+        want = [IGNORE] * (len(prompt) - 1) + target + [EOS]
         assert labels[:length].tolist() == want
-        assert set(labels[length:].tolist()) <= {memory_module.IGNORE}  # padding
+        assert set(labels[length:].tolist()) <= {IGNORE}  # padding
 
 
 def test_sequence_batches_shuffle_by_seed_and_split_over_ranks(client, tokenizer, tmp_path):
@@ -350,7 +356,8 @@ def test_build_killed_at_a_request_resumes_to_identical_bytes(
             build(client, tokenizer, out, make_examples(7))
     with pytest.raises(MemoryStoreError, match="unfinished"):
         Memory.open(out)
-    (out / ".tmp-abc123-shard-00002.safetensors").write_bytes(b"half a shard")  # a killed write
+    leftover = out / f"{TMP_PREFIX}abc123-shard-00002.safetensors"
+    leftover.write_bytes(b"half a shard")  # a killed write
     requests = counted(client, monkeypatch)
     build(client, tokenizer, out, make_examples(7))
     assert files(out) == uninterrupted
@@ -367,12 +374,12 @@ def test_build_killed_while_writing_resumes_to_identical_bytes(
     out = tmp_path / "resumed"
     with monkeypatch.context() as patch:
         if target == "replace":
-            patch.setattr(memory_module.os, "replace", fail_after(calls, memory_module.os.replace))
+            patch.setattr(files_module.os, "replace", fail_after(calls, files_module.os.replace))
         else:
-            patch.setattr(memory_module, target, fail_after(calls, memory_module.write_manifest))
+            patch.setattr(build_module, target, fail_after(calls, build_module.write_manifest))
         with pytest.raises(Killed):
             build(client, tokenizer, out, make_examples(7))
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
     build(client, tokenizer, out, make_examples(7))
     assert files(out) == uninterrupted
 
@@ -461,11 +468,24 @@ def synthetic(path: Path, counts: list[int], dtype: str = "float32") -> Memory:
     first = 0
     for index, count in enumerate(counts):
         values = torch.arange(first, first + count, dtype=torch.int32)
-        keys = values[:, None].expand(count, 4).to(memory_module.DTYPES[dtype])
+        keys = values[:, None].expand(count, 4).to(DTYPES[dtype])
         shard = write_shard(path, index, keys, values, (index, index + 1), (count, count))
         manifest, first = manifest.with_shard(shard), first + count
     write_manifest(path, manifest.model_copy(update={"complete": True}))
     return Memory.open(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_memory_files_get_the_usual_permissions(tmp_path):
+    """Shards and manifest are readable as any file the user writes, not private (0600)."""
+    old = os.umask(0o022)
+    try:
+        synthetic(tmp_path, [2, 1])
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    names = ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert modes == dict.fromkeys(names, 0o644)
 
 
 COUNTS = [7, 3, 9, 4, 6]  # 29 pairs

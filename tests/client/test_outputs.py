@@ -23,6 +23,7 @@ def test_records_with_unicode_line_separators_are_kept(tmp_path):
     out.write_text(text + '{"prediction": "cut sho')
     assert resume(out, RUN, total=4, batch_size=2) == 2  # the third record's batch is redone
     assert [r["prediction"] for r in read_records(out)] == ["a\u2028b", "c\u0085d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.run.json"]
 
 
 def test_a_finished_file_is_kept_whole_and_another_run_refused(tmp_path):

@@ -28,6 +28,7 @@ from data_owner_client.train import TrainConfig, train
 from data_owner_client.train_log import LOG_FILE, PLOT_FILE, read_log
 from tests.client.synthetic import (
     TensorSource,
+    as_kind,
     cipher_task,
     copy_task,
     ddp_run,
@@ -153,7 +154,7 @@ def test_training_through_the_mixture_lowers_the_mixtures_loss(kind, tmp_path):
     adapter_config, train_config = small_configs(
         stage2_epochs=3, sequence_batch_size=32, mixture_lambda=0.5
     )
-    adapter_config = dataclasses.replace(adapter_config, kind=kind, width=32, heads=2, layers=1)
+    adapter_config = as_kind(adapter_config, kind, width=32, heads=2, layers=1)
     if kind == "sequence":
         copy = copy_task()
         head, sources = copy.head, (copy.sample(256, seed=1), copy.sample(64, seed=2))
@@ -319,7 +320,7 @@ def test_the_sequence_kind_resumes_to_the_uninterrupted_result(tmp_path):
     adapter_config, train_config = small_configs(
         stage2_epochs=3, sequence_batch_size=32, val_every_steps=3, log_every_steps=1
     )  # dropout stays 0.2: the RNG must resume too
-    adapter_config = dataclasses.replace(adapter_config, kind="sequence", width=32, heads=2)
+    adapter_config = as_kind(adapter_config, "sequence", width=32, heads=2)
     whole = train(adapter_config, train_set, val_set, copy.head, tmp_path / "whole", train_config)
     out = tmp_path / "killed"
     with pytest.raises(Interrupted):
@@ -408,13 +409,11 @@ def test_only_the_sequence_kind_learns_a_task_that_needs_the_source(kind, tmp_pa
     adapter_config, train_config = small_configs(
         stage1_epochs=2, stage2_epochs=12, sequence_batch_size=32, patience=12
     )
-    adapter_config = dataclasses.replace(
-        adapter_config, kind=kind, dropout=0.0, width=64, layers=2, heads=4
-    )
+    adapter_config = as_kind(adapter_config, kind, dropout=0.0, width=64, layers=2, heads=4)
     pairs = kind != "sequence"
     sources = (train_set.pairs(), held_out.pairs()) if pairs else (train_set, held_out)
     result = train(adapter_config, *sources, task.head, tmp_path, train_config, progress=False)
-    untrained = build_adapter(dataclasses.replace(adapter_config, kind="residual"), task.head)
+    untrained = build_adapter(as_kind(adapter_config, "residual"), task.head)
     plm = evaluate_accuracy(untrained, task.head, held_out.pairs())  # equal to the PLM's
     accuracy = evaluate_accuracy(result.adapter, task.head, sources[1])
     if kind == "sequence":

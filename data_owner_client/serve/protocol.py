@@ -3,11 +3,16 @@ their streamed chunks), models and errors; PEMA's own settings are extra body fi
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import dataclasses
+import secrets
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_owner_client.schedule import SCHEDULES
+
+if TYPE_CHECKING:
+    from data_owner_client.generate import GenerationConfig
 
 FinishReason = Literal["stop", "length"]
 Stop = Annotated[str, Field(min_length=1)]
@@ -84,6 +89,25 @@ class Sampling(Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def generation_config(self, base: GenerationConfig, max_tokens: int) -> GenerationConfig:
+        """``base`` decoding as this request asks, ``max_tokens`` new tokens per choice at most;
+        without a seed, a fresh one (OpenAI samples differently each time)."""
+        return dataclasses.replace(
+            base,
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed if self.seed is not None else secrets.randbits(62),
+            stop=self.stops,
+            no_repeat_ngram=self.no_repeat_ngram,
+            min_length=self.min_length,
+            lambda_max=self.lambda_max,
+            lambda_min=self.lambda_min,
+            schedule=self.schedule,
+            gu_horizon=self.gu_horizon,
+        )
 
 
 Tokens = list[Annotated[int, Field(ge=0)]]

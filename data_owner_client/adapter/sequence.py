@@ -27,15 +27,65 @@ per row, next to the server's session; that equals running it over the whole seq
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_owner_client.adapter.base import AdapterConfig, AdapterError, AdapterKind, AdapterModule
+from data_owner_client.options import option, override
 from shared.head import Head
 
 ROPE_BASE = 10_000.0
 POINTERS = ("read", "source")  # what the copy pointer's values are (see the module docstring)
+
+
+@dataclass
+class SequenceConfig(AdapterConfig):
+    """The sequence kind; its defaults are the best on the Bible tuning verses."""
+
+    kind: ClassVar[str] = "sequence"
+
+    lambda_max: float = override(AdapterConfig, "lambda_max", 0.7)
+    schedule: str = override(AdapterConfig, "schedule", "constant")
+    no_repeat_ngram: int = override(AdapterConfig, "no_repeat_ngram", 4)
+    width: int = option(256, help="width of the side transformer")
+    layers: int = option(2, help="transformer blocks")
+    heads: int = option(4, help="attention heads per block")
+    token_inputs: bool = option(
+        True,
+        help="read the output embedding of each position's token too, not only the representations",
+    )
+    copy: bool = option(
+        True,
+        help="add a gated pointer that copies tokens of the prompt and output so far (not for "
+        "heads with a project_out)",
+    )
+    # The pointer copies the prompt's token after the attended one ("source"), or the token read
+    # there, anywhere in the sequence ("read": the only pointer before "source").
+    pointer: str = option(
+        "source",
+        help="the copy pointer copies the token read at the position it attends to (read), or "
+        "attends to the prompt alone and copies the token after that position (source: an "
+        "induction step, go on where the source matches)",
+        choices=POINTERS,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.width, self.layers, self.heads) < 1 or self.width % (2 * self.heads):
+            raise AdapterError(
+                f"the sequence kind needs a width divisible by 2 × heads, got width {self.width} "
+                f"and {self.heads} heads"
+            )
+        if self.pointer not in POINTERS:
+            raise AdapterError(f"pointer must be one of {POINTERS}, got {self.pointer!r}")
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, w = self.hidden_size, self.width
+        last = f"blocks.{self.layers - 1}.qkv.weight"
+        return {"inputs.weight": (w, d), "output.weight": (d, w), last: (3 * w, w)}
 
 
 @dataclass
@@ -129,10 +179,11 @@ class _Block(nn.Module):
         return h, k, v
 
 
-class SequenceAdapter(nn.Module):
+class SequenceAdapter(AdapterModule):
     """A causal transformer over the representations of prompt + continuation."""
 
     post_norm = True  # outputs live after the final norm: logits are head.project(z)
+    reads_sequences = True
 
     def __init__(
         self,
@@ -173,6 +224,32 @@ class SequenceAdapter(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
         self.sink = nn.Parameter(torch.zeros(width)) if copy and pointer == "source" else None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: SequenceConfig,
+        head: Head | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> SequenceAdapter:
+        if head is None:
+            raise AdapterError("a sequence adapter needs the served model's head")
+        with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global CPU RNG
+            if generator is not None:
+                seed = int(torch.randint(2**62, (1,), generator=generator))
+                torch.random.default_generator.manual_seed(seed)  # not the accelerators' RNGs
+            return cls(
+                head,
+                config.hidden_size,
+                config.width,
+                config.layers,
+                config.heads,
+                config.dropout,
+                config.token_inputs,
+                config.copy,
+                config.pointer,
+            )
 
     def _embed(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``norm(x)``, the stream's input) for representations ``x`` and the tokens read."""
@@ -327,3 +404,24 @@ def _room(t: torch.Tensor, capacity: int) -> torch.Tensor:
     room = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
     room[:, :, : t.shape[2]] = t
     return room
+
+
+KIND = AdapterKind(
+    "sequence",
+    SequenceConfig,
+    SequenceAdapter,
+    signature=(
+        "kind",
+        "hidden_size",
+        "vocab_size",
+        "width",
+        "layers",
+        "heads",
+        "dropout",
+        "token_inputs",
+        "copy",
+        "pointer",
+        "fingerprint",
+    ),  # fmt: skip
+    train_options=("sequence_batch_size", "mixture_lambda"),
+)
