@@ -1,4 +1,5 @@
-"""Gradual Unrolling (DESIGN §2): the per-step PEMA weight λ_t and the mixture it weights.
+"""Gradual Unrolling: the per-step PEMA weight λ_t and the mixture it weights (docs/design.md,
+"Mixing and Gradual Unrolling").
 
 ``log P = logsumexp(log(1 − λ) + log P_LM, log λ + log P_PEMA)``. The paper's quadratic schedule
 starts at ``λ_0 = λ_max`` and decays as ``λ_t = (λ_max · (1 − t/L))²``, reaching 0 at ``t = L``.

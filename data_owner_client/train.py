@@ -1,4 +1,4 @@
-"""Adapter training over an external memory (DESIGN §2), through the frozen head.
+"""Adapter training over an external memory, through the frozen head (docs/design.md, "Training").
 
 The ``pema`` kind trains in two stages: stage 1 trains ``A, B_rct`` to reconstruct the memory's
 keys; stage 2 starts from a fresh ``A`` and a zero ``B_pd``, keeps ``B_rct`` frozen and minimises
