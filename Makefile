@@ -48,7 +48,7 @@ bench: model
 	$(BIN)/python bench/bench_serve.py
 
 # PEMA against the PLM alone, kNN-LM and LoRA on WMT22 and the Bible task, with the ablations
-# (about 75 minutes on 2 CPU cores; results in results/quality, see README "Quality").
+# (about 75 minutes on 2 CPU cores; results and findings in results/quality/README.md).
 bench-quality: model
 	$(BIN)/python -m pip install --quiet -e ".[bench,demo]"
 	$(BIN)/python bench/quality.py

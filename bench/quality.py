@@ -52,7 +52,7 @@ WMT = ROOT.parent / "shared/data/wmt22"  # ../shared/data, never copied into the
 BIN = Path(sys.executable).parent
 GIB = 1024**3
 
-# Chosen on the tuning split (see the README's quality section). The adapter reads the head's
+# Chosen on the tuning split (results/quality/README.md). The adapter reads the head's
 # final norm of f(c) (SmolLM2 has massive activation dimensions), and batches are smaller than
 # the paper's because the memories here hold ~30k pairs, not millions.
 PEMA_TRAIN = (
@@ -62,7 +62,7 @@ PEMA_TRAIN = (
 LAMBDA_MAX = 0.5  # GU quadratic's λ_0
 CONSTANT_LAMBDA = 0.3  # the best constant λ on the Bible tuning verses (0.3 > 0.5 > 0.9)
 KNN = ("--knn-k", "64", "--knn-temperature", "10", "--lambda-max", "0.25")
-# The other adapter kinds, also chosen on the tuning split (README, "Quality").
+# The other adapter kinds, also chosen on the tuning split (results/quality/README.md).
 RESIDUAL = ("--adapter-kind", "residual", "--rank", "64", "--alpha", "64", "--stage2-epochs", "4")
 SEQUENCE_BASE = ("--adapter-kind", "sequence", "--stage2-epochs", "8")
 SEQUENCE = (*SEQUENCE_BASE, "--pointer", "source")  # the kind's default: the source pointer

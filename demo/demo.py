@@ -29,7 +29,7 @@ FIELDS = ["--source-field", "kjv", "--target-field", "web"]
 # causal transformer over the representations of the whole verse, so it can attend to the source,
 # with a pointer that copies the source's next token) gained most there; it stores the decoding
 # that did best there (constant λ 0.7, no repeated 4-gram). Its validation loss is best after 3-5
-# epochs. See README, "The demo" and "Quality".
+# epochs. See results/quality/README.md, "The demo".
 TRAIN = ["--template", "modernize", "--adapter-kind", "sequence", "--stage2-epochs", "8"]
 DECODE = ["--stop", "\\n", "--max-new-tokens", "96"]
 

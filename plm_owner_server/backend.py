@@ -1,5 +1,5 @@
 """What the server needs from a model engine. :class:`~plm_owner_server.runner.ModelRunner`
-(transformers, in process) is the reference implementation; README "Scale" says how an existing
+(transformers, in process) is the reference implementation; docs/scale.md says how an existing
 engine would implement it.
 
 Every method runs on the server's one model thread; batching across API keys is the scheduler's

@@ -43,7 +43,8 @@ POINTERS = ("read", "source")  # what the copy pointer's values are (see the mod
 
 @dataclass
 class SequenceConfig(AdapterConfig):
-    """The sequence kind; its defaults are the best on the Bible tuning verses."""
+    """The sequence kind; its defaults are the best on the Bible tuning verses
+    (results/quality/README.md)."""
 
     kind: ClassVar[str] = "sequence"
 
