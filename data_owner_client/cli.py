@@ -63,17 +63,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_flag(group: argparse._ArgumentGroup, flag: Flag, **overrides: Any) -> None:
-    """``flag`` in ``group``: bools as ``--x/--no-x``, other types parsed as the field's."""
+    """``flag`` in ``group``: a bool off by default as ``--x``, one on by default as
+    ``--x/--no-x``; other types parsed as the field's."""
     kwargs: dict[str, Any] = {
         "dest": flag.dest,
         "default": None if flag.default is dataclasses.MISSING else flag.default,
         "help": flag.help,
-        "metavar": flag.metavar,
     }
     if flag.type is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
+        off = flag.default is False
+        kwargs["action"] = "store_true" if off else argparse.BooleanOptionalAction
     else:
-        kwargs |= {"type": flag.type, "choices": flag.choices}
+        kwargs |= {"type": flag.type, "choices": flag.choices, "metavar": flag.metavar}
     group.add_argument(flag.flag, **{**kwargs, **overrides})
 
 
@@ -94,8 +95,8 @@ def _add_config_flags(
 
 
 def _connection_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False)
-    group = flags.add_argument_group("server")
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("server")
     # SUPPRESS: an absent flag leaves the value given before the command (or None) in place.
     group.add_argument("--server", default=argparse.SUPPRESS, help="server URL ($PEMA_SERVER)")
     group.add_argument("--api-key", default=argparse.SUPPRESS, help="API key ($PEMA_API_KEY)")
@@ -107,7 +108,7 @@ def _connection_flags() -> argparse.ArgumentParser:
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return flags
+    return parser
 
 
 DATA_FORMATS = (
@@ -132,8 +133,8 @@ def _input_flags(group: argparse._ArgumentGroup, data_help: str, template_defaul
 
 
 def _data_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False)
-    group = flags.add_argument_group("data and memory")
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("data and memory")
     _input_flags(group, "training pairs", "plain")
     group.add_argument("--dev-data", help="validation pairs (same format and fields as --data)")
     group.add_argument(
@@ -169,7 +170,7 @@ def _data_flags() -> argparse.ArgumentParser:
     group.add_argument(
         "--overwrite", action="store_true", help="replace a memory of another build in place"
     )
-    return flags
+    return parser
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,14 +1,16 @@
-"""Atomic file writes: every file the client stores (adapters, memories, checkpoints, output
-files) is written to a temp file beside its target, flushed to disk and renamed over it, so a kill
-at any moment leaves the old file or the new one, never a mix."""
+"""Atomic file writes: the files the client stores whole (an adapter's two files, a memory's
+shards and manifest, checkpoints, reports, an output file's record of its run) are written to a
+temp file beside their target, flushed to disk and renamed over it, so a kill at any moment
+leaves the old file or the new one, never a mix. (Logs and output records are appended instead.)"""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
 
-TMP_PREFIX = ".tmp-"  # temp files start with this; a restarted build removes its leftovers
+TMP_PREFIX = ".tmp-"  # temp files start with this; a restarted memory build removes leftovers
 
 
 def write_atomic(target: Path, data: bytes) -> None:
@@ -34,5 +36,8 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems that cannot
+            raise
     finally:
         os.close(fd)

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from data_owner_client.adapter import Adapter, AdapterConfig
-from data_owner_client.adapter.sequence import SequenceAdapter, SequenceCache
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.devices import resolve_device
@@ -248,7 +247,7 @@ class Batch:
     session: str | None
     hidden: torch.Tensor  # the live rows' last representations [len(live), d]
     started: float
-    cache: SequenceCache | None = None  # the sequence adapter's, over the same rows
+    cache: Any = None  # a sequence-reading adapter's, over the same rows
     adapted: torch.Tensor | None = None  # its outputs for the live rows
     step: int = 0  # tokens each row has taken so far
     error: Exception | None = None  # why the batch ended early
@@ -455,7 +454,8 @@ class Generator:
                 groups[-1][2].append((len(lam) - 1, b))
             if batch.adapted is not None:
                 adapted.append(batch.adapted)
-            elif isinstance(self.adapter, SequenceAdapter):  # weighed 0: none of its λ are
+            elif self.adapter is not None and self.adapter.reads_sequences:
+                # Weighed 0 (none of its λ are above 0): zeros stand in for its outputs.
                 adapted.append(batch.hidden.new_zeros(batch.hidden.shape))
         hidden = torch.cat([batch.hidden for batch in batches]).to(self.device, torch.float32)
         lams = torch.tensor(lam, device=self.device)
@@ -522,7 +522,7 @@ class Generator:
     def _start_sequence(self, batch: Batch) -> None:
         """The sequence adapter's cache over the batch's prompts, and its outputs at their last
         positions; nothing for the other kinds, or when no job gives the adapter weight."""
-        if not isinstance(self.adapter, SequenceAdapter):
+        if self.adapter is None or not self.adapter.reads_sequences:
             return
         if not any(job.mixing.lambda_max > 0 for job in batch.jobs):
             return
@@ -535,9 +535,9 @@ class Generator:
 
     @torch.inference_mode()
     def _step_sequence(
-        self, cache: SequenceCache, hidden: torch.Tensor, tokens: list[int], live: list[int]
+        self, cache: Any, hidden: torch.Tensor, tokens: list[int], live: list[int]
     ) -> torch.Tensor:
-        assert isinstance(self.adapter, SequenceAdapter)
+        assert self.adapter is not None
         x = hidden.to(self.device, torch.float32)
         ids, rows = (torch.tensor(t, device=self.device) for t in (tokens, live))
         return self.adapter.step(cache, x, ids, rows)
@@ -570,7 +570,7 @@ class Generator:
             return F.log_softmax(self.head(x), dim=-1)
         if self.adapter is not None:
             if adapted is None:
-                assert not isinstance(self.adapter, SequenceAdapter), "it reads the sequence"
+                assert not self.adapter.reads_sequences, "it reads the whole sequence"
                 adapted = self.adapter(x)
             # One projection over both: the PLM's representation and the adapter's output.
             if self.adapter.post_norm:

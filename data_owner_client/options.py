@@ -70,7 +70,10 @@ def values(config: type, parsed: Any, given: bool = False) -> dict[str, Any]:
 def _scalar(hint: Any) -> tuple[type, tuple[str, ...]]:
     """The flag type of a field annotation (``X | None`` is ``X``), and a Literal's values."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"a flag needs one type (or it | None), got {hint}")
+        hint = kinds[0]
     if typing.get_origin(hint) is Literal:
         values = typing.get_args(hint)
         return type(values[0]), tuple(values)
@@ -79,5 +82,7 @@ def _scalar(hint: Any) -> tuple[type, tuple[str, ...]]:
 
 def override(config: type, name: str, default: Any) -> Any:
     """``config``'s field ``name`` (its help and flag) with another default, for a subclass."""
-    (base,) = (f for f in dataclasses.fields(config) if f.name == name)
-    return dataclasses.field(default=default, metadata=base.metadata)
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if name not in fields:
+        raise TypeError(f"{config.__name__} has no field {name!r} to override")
+    return dataclasses.field(default=default, metadata=fields[name].metadata)

@@ -241,7 +241,7 @@ class _Trainer:
     def _mixture(self) -> tuple[float, Head] | None:
         """λ and the whole head when training through the mixture (kinds that offer it)."""
         lam = self.config.mixture_lambda
-        if lam is None or "mixture_lambda" not in self.kind.train_options:
+        if lam is None or not self.kind.mixture:
             return None
         return (lam, self.head) if isinstance(self.head, Head) else None
 
@@ -271,7 +271,7 @@ class _Trainer:
             )
         outputs = self.model(*batch)
         target = self.adapter.reconstruction_target(x)
-        kappa = self.adapter.kappa
+        kappa = self.adapter_config.reconstruction_weight
         mixture = None
         if self._mixture is not None:
             lam, head = self._mixture
@@ -364,7 +364,7 @@ class _Trainer:
         mse = sq / elements
         if not stage2:
             return {"val_loss": mse, "val_mse": mse}
-        kappa = self.adapter.kappa
+        kappa = self.adapter_config.reconstruction_weight
         loss = kappa * mse + (1.0 - kappa) * ce / rows
         return {"val_loss": loss, "val_mse": mse, "val_ce": ce / rows, "val_acc": correct / rows}
 

@@ -8,8 +8,10 @@
   representations, also added to ``norm(x)``, with a pointer that copies source tokens.
 
 Each kind's module holds its config (settings and their defaults), its ``nn.Module`` and an
-:class:`AdapterKind` record; registering that record is all a new kind needs elsewhere. The math
-is in docs/design.md, "Adapter kinds"; the directory format in :mod:`.storage`.
+:class:`AdapterKind` record; registering that record below is all a new kind needs elsewhere
+(training, saving, loading, decoding and the CLI read the record and the module's interface,
+:class:`AdapterModule`). The math is in docs/design.md, "Adapter kinds"; the directory format in
+:mod:`.storage`.
 """
 
 from data_owner_client.adapter import pema, residual, sequence

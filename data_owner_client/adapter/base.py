@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "pema-adapter"
 FORMAT_VERSION = 1
-# What a config file without these keys meant (they came later, or once had other defaults).
+# What a file without these keys meant when one config served the kinds of that time (they came
+# later, or once had other defaults); a file without a kind is a pema adapter's.
+LEGACY_KINDS = ("pema", "residual", "sequence")
 FILE_DEFAULTS: dict[str, Any] = {
-    "kind": "pema",
     "pointer": "read",
     "rank": 512,
     "alpha": 1.0,
@@ -111,6 +112,11 @@ class AdapterConfig:
         """The saved tensors whose shapes the config's sizes fix (a kind may save more)."""
         raise NotImplementedError
 
+    @property
+    def reconstruction_weight(self) -> float:
+        """κ: the weight of the reconstruction loss in the prediction stage (0 without one)."""
+        return 0.0
+
     def to_json(self) -> str:
         """The config as indented JSON (the content of ``adapter_config.json``)."""
         data = {"kind": self.kind, **dataclasses.asdict(self)}
@@ -124,7 +130,9 @@ class AdapterConfig:
             raise AdapterError("adapter config must be a JSON object")
         if data.get("format", FORMAT) != FORMAT:
             raise AdapterError(f"adapter config has format {data['format']!r}, not {FORMAT!r}")
-        data = {**FILE_DEFAULTS, **data}
+        data.setdefault("kind", "pema")
+        if data["kind"] in LEGACY_KINDS:
+            data = {**FILE_DEFAULTS, **data}
         if data["kind"] not in KINDS:
             raise AdapterError(f"adapter kind must be one of {tuple(KINDS)}, got {data['kind']!r}")
         config = KINDS[data["kind"]].config
@@ -179,9 +187,9 @@ class AdapterModule(nn.Module):
     post_norm: ClassVar[bool] = False  # outputs live after the final norm: logits are
     # head.project(z) rather than the whole head's H(z)
     # Reads whole sequences (every position of prompt + continuation), not one position: trains
-    # on a memory's examples rather than its pairs, and decodes with a cache of its own.
+    # on a memory's examples rather than its pairs, and decodes with a cache of its own
+    # (start and step).
     reads_sequences: ClassVar[bool] = False
-    kappa: float = 0.0  # weight of the reconstruction loss in the prediction stage
 
     @classmethod
     def from_config(
@@ -216,6 +224,19 @@ class AdapterModule(nn.Module):
     def start_stage(self, stage: int, generator: torch.Generator | None = None) -> None:
         """Prepare the parameters for ``stage`` after the previous stage's best state."""
 
+    def start(
+        self, hidden: list[torch.Tensor], tokens: list[list[int]], capacity: int
+    ) -> tuple[torch.Tensor, Any]:
+        """A sequence-reading kind: outputs at each prompt's last position and a decoding cache
+        with room for ``capacity`` positions per row."""
+        raise NotImplementedError(f"{type(self).__name__} reads one position at a time")
+
+    def step(
+        self, cache: Any, x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """A sequence-reading kind: outputs of one new position of each of ``rows``."""
+        raise NotImplementedError(f"{type(self).__name__} reads one position at a time")
+
 
 @dataclass(frozen=True)
 class AdapterKind:
@@ -227,8 +248,13 @@ class AdapterKind:
     # Settings a resumed training run must share with its checkpoint.
     signature: tuple[str, ...]
     stages: tuple[int, ...] = (2,)  # training stages: 1 reconstructs (pema), 2 predicts
-    # TrainConfig fields that only some kinds read and this one does.
-    train_options: tuple[str, ...] = ()
+    mixture: bool = False  # can train through the mixture with the PLM (--mixture-lambda)
+
+    @property
+    def train_options(self) -> tuple[str, ...]:
+        """The TrainConfig fields that only some kinds read, which this one does."""
+        sequences = ("sequence_batch_size",) if self.module.reads_sequences else ()
+        return sequences + (("mixture_lambda",) if self.mixture else ())
 
 
 KINDS: dict[str, AdapterKind] = {}  # filled by register_kind (data_owner_client.adapter)

@@ -50,6 +50,10 @@ class PemaConfig(LowRankConfig):
         if not 0.0 <= self.kappa <= 1.0:
             raise AdapterError(f"kappa must be in [0, 1], got {self.kappa}")
 
+    @property
+    def reconstruction_weight(self) -> float:
+        return self.kappa
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         d, r = self.hidden_size, self.rank
         return {"A": (r, d), "B_pd": (d, r), "B_rct": (d, r)}
@@ -90,7 +94,6 @@ class PemaAdapter(AdapterModule):
         adapter = cls(
             config.hidden_size, config.rank, config.alpha, config.dropout, generator=generator
         )
-        adapter.kappa = config.kappa
         if config.input_norm:
             if head is None:
                 raise AdapterError("an adapter with input_norm needs the served model's head")

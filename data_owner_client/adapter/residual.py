@@ -124,5 +124,5 @@ KIND = AdapterKind(
         "activation",
         "fingerprint",
     ),  # fmt: skip
-    train_options=("mixture_lambda",),
+    mixture=True,
 )

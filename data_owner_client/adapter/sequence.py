@@ -424,5 +424,5 @@ KIND = AdapterKind(
         "pointer",
         "fingerprint",
     ),  # fmt: skip
-    train_options=("sequence_batch_size", "mixture_lambda"),
+    mixture=True,
 )

@@ -19,12 +19,13 @@ from data_owner_client.serve.protocol import (
 from data_owner_client.serve.serving import OpenAIServing
 
 
-def serving(request: Request) -> OpenAIServing:
+def get_serving(request: Request) -> OpenAIServing:
+    """The app's service (built by :func:`~data_owner_client.serve.app.create_app`)."""
     service: OpenAIServing = request.app.state.serving
     return service
 
 
-Serving = Annotated[OpenAIServing, Depends(serving)]
+Serving = Annotated[OpenAIServing, Depends(get_serving)]
 
 router = APIRouter()  # the OpenAI API, behind the keys
 public = APIRouter()  # for probes and scrapers
