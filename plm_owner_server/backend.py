@@ -14,10 +14,11 @@ from typing import Any, Protocol
 
 import torch
 
-from plm_owner_server.architectures import ModelHead
+from plm_owner_server.architectures import Logits, ModelHead
+from plm_owner_server.settings import Settings
 from shared.protocol import LogitsMode
 
-Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # full, or (top-k values, indices)
+__all__ = ["Backend", "Logits", "SessionState", "load_backend"]
 
 
 class SessionState(Protocol):
@@ -75,3 +76,14 @@ class Backend(Protocol):
         rows, and return the new f(c) of the listed rows. A closed session's state is simply
         dropped by the server."""
         ...
+
+
+def load_backend(settings: Settings) -> Backend:
+    """The engine ``settings.backend`` names, with the model loaded."""
+    if settings.backend == "vllm":
+        from plm_owner_server.vllm_backend import VllmBackend
+
+        return VllmBackend.load(settings)
+    from plm_owner_server.runner import ModelRunner
+
+    return ModelRunner.load(settings)

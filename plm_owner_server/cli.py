@@ -76,11 +76,11 @@ def _serve(settings: Settings) -> None:
     import uvicorn
 
     from plm_owner_server.app import api_keys, create_app
-    from plm_owner_server.runner import ModelRunner
+    from plm_owner_server.backend import load_backend
 
     api_keys(settings)  # a bad keys file, or none where one is needed, fails before loading
     # Loaded before uvicorn starts, so a bad model name is one clear line, not a lifespan trace.
-    runner = ModelRunner.load(settings)
+    runner = load_backend(settings)
     uvicorn.run(
         create_app(settings, runner),
         host=settings.host,

@@ -21,8 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from plm_owner_server import embedded
-from plm_owner_server.architectures import ModelHead
-from plm_owner_server.backend import Logits
+from plm_owner_server.architectures import Logits, ModelHead
 from plm_owner_server.kv import KVState, split, stack, stackable, width_groups
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
 from shared.codec import hash_tensors
@@ -124,17 +123,9 @@ class ModelRunner:
                 out[i] = hidden[j, starts[i] : len(rows[i])]
         return out
 
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, mode: LogitsMode, chunk: int = 1024) -> Logits:
-        """``H(hidden)``: all logits, or the top-k (values, int32 indices); chunked over rows."""
-        if mode == "full":
-            return self.head(hidden)
-        assert isinstance(mode, int)
-        k = min(mode, self.vocab_size)
-        parts = [self.head(part).topk(k, dim=-1) for part in hidden.split(chunk)]
-        values = torch.cat([p.values for p in parts]) if parts else hidden.new_empty(0, k)
-        indices = torch.cat([p.indices for p in parts]) if parts else hidden.new_empty(0, k)
-        return values, indices.to(torch.int32)
+    def logits(self, hidden: torch.Tensor, mode: LogitsMode) -> Logits:
+        """``H(hidden)``: all logits, or the top-k (values, int32 indices)."""
+        return self.head.logits(hidden, mode)
 
     @torch.inference_mode()
     def open_session(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:

@@ -24,6 +24,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PEMA_", env_file=".env", extra="ignore")
 
     model: str = Field(EMBEDDED_MODEL, description="Hugging Face id or folder; default: embedded")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="model engine: transformers (in process, the reference) or vllm (paged "
+        "attention, prefix caching, tensor parallelism; needs the vllm extra: make vllm)",
+    )
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="vllm: processes (GPUs) the model is split over"
+    )
+    vllm_block_size: int = Field(
+        32,
+        gt=0,
+        description="vllm: tokens per KV-cache block (a session step recomputes up to one block)",
+    )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

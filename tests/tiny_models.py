@@ -78,10 +78,14 @@ def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A random float32 model; norm weights and biases are perturbed so no term is trivially 1/0."""
+def tiny_model(arch: str, seed: int = 0, **config: object) -> torch.nn.Module:
+    """A random float32 model (``config``: changes to the architecture's tiny config); norm
+    weights and biases are perturbed so no term is trivially 1/0."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    settings = CONFIGS[arch]()
+    for name, value in config.items():
+        setattr(settings, name, value)
+    model = tf.AutoModelForCausalLM.from_config(settings)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:

@@ -1,0 +1,111 @@
+"""The vLLM backend against the transformers runner on the same weights: f(c) of every position,
+session openings and steps (across and onto KV-block boundaries), logits, the fingerprint, and the
+refusal of architectures it cannot serve pre-norm. Runs in the vllm env (``make vllm``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from plm_owner_server.architectures import UnsupportedArchitecture
+from plm_owner_server.runner import ModelRunner
+from plm_owner_server.settings import Settings
+from plm_owner_server.vllm_backend import VllmBackend
+from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
+
+BLOCK = 32  # vLLM's KV-cache block (its CPU attention needs a multiple of 32)
+# vLLM's CPU attention takes head sizes such as 64 (SmolLM2's), not the tiny models' 8.
+HEADS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2,
+             head_dim=64)  # fmt: skip
+pytestmark = pytest.mark.slow
+
+
+def save_tiny(arch: str, folder: Path) -> Path:
+    tiny_model(arch, **HEADS).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def settings(model: str, **changes: object) -> Settings:
+    values = dict(model=model, dtype="float32", max_kv_cache_mib=64, vllm_block_size=BLOCK)
+    return Settings(**{**values, **changes})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def backends(request, tmp_path_factory) -> Iterator[tuple[VllmBackend, ModelRunner]]:
+    """The vLLM backend and the transformers runner over one tiny model of each architecture."""
+    folder = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    backend = VllmBackend.load(settings(str(folder)))
+    yield backend, ModelRunner.load(settings(str(folder), device="cpu"))
+    backend.llm.llm_engine.engine_core.shutdown()
+
+
+def assert_states_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within a relative tolerance of 1e-4 of the states' scale (float32)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def rows(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_represent_equals_the_transformers_runner(backends):
+    backend, runner = backends
+    sequences, starts = rows([5, 17, 32, 40]), [0, 3, 16, 39]
+    got = backend.represent(sequences, starts, max_batch_tokens=4096)
+    want = runner.represent(sequences, starts, max_batch_tokens=4096)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert_states_equal(g, w)
+    assert backend.fingerprint == runner.fingerprint and backend.vocab_size == runner.vocab_size
+
+
+def test_session_steps_equal_the_full_forward(backends):
+    """Rows of different lengths, finishing at different steps; steps that cross a block boundary
+    and that land exactly on one (the prefix cache then holds every earlier position)."""
+    backend, runner = backends
+    prompts = rows([3, BLOCK - 2, BLOCK, 2 * BLOCK - 1], seed=1)
+    new = rows([6, 6, 6, 6], seed=2)
+    ((state, hidden),) = backend.open_sessions([prompts])
+    want = runner.represent(prompts, [len(p) - 1 for p in prompts], 4096)
+    assert_states_equal(hidden, torch.cat(want))
+    live = [0, 1, 2, 3]
+    for step in range(5):
+        live = [r for r in live if step < 5 - r]  # row r finishes after 5 - r steps
+        (hidden,) = backend.step_sessions([(state, live, [new[r][step] for r in live])])
+        full = [prompts[r] + new[r][: step + 1] for r in live]
+        want = runner.represent(full, [len(f) - 1 for f in full], 4096)
+        assert_states_equal(hidden, torch.cat(want))
+    assert backend.cached_tokens > 0  # the steps read the prefix cache
+
+
+def test_several_sessions_step_together(backends):
+    backend, runner = backends
+    a, b = rows([4, 9], seed=3), rows([20], seed=4)
+    (sa, _), (sb, _) = backend.open_sessions([a, b])
+    ha, hb = backend.step_sessions([(sa, [0, 1], [7, 8]), (sb, [0], [9])])
+    want = runner.represent([a[0] + [7], a[1] + [8], b[0] + [9]], [4, 9, 20], 4096)
+    assert_states_equal(torch.cat([ha, hb]), torch.cat(want))
+
+
+def test_logits_are_the_heads_of_the_states(backends):
+    backend, runner = backends
+    (sequence,) = rows([12], seed=5)
+    got = backend.represent([sequence], [0], 4096)[0]
+    want = runner.represent([sequence], [0], 4096)[0]
+    full = backend.logits(got, "full")
+    assert isinstance(full, torch.Tensor)
+    torch.testing.assert_close(full, runner.logits(want, "full"), rtol=1e-4, atol=1e-4)
+    values, indices = backend.logits(got, 5)
+    assert torch.equal(indices, full.topk(5).indices.to(torch.int32))
+
+
+def test_an_architecture_it_cannot_serve_pre_norm_is_refused(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    with pytest.raises(UnsupportedArchitecture, match="--backend transformers"):
+        VllmBackend.load(settings(str(folder)))
