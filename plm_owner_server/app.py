@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, runner: Backend | None = None) 
             sweeper.cancel()
             await state.work.scheduler.stop()
             state.work.thread.shutdown()
+            model_runner.close()
 
     app = FastAPI(
         title="PEMA PLM-owner server",

@@ -77,6 +77,10 @@ class Backend(Protocol):
         dropped by the server."""
         ...
 
+    def close(self) -> None:
+        """Release the engine (its processes, its memory) when the server stops."""
+        ...
+
 
 def load_backend(settings: Settings) -> Backend:
     """The engine ``settings.backend`` names, with the model loaded."""

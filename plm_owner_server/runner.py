@@ -195,6 +195,9 @@ class ModelRunner:
         state.mask = mask  # only once the pass succeeded (a failed one is dropped by the server)
         return hidden
 
+    def close(self) -> None:
+        """Nothing to release: the model lives in this process."""
+
     @property
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token of one row costs (measured once on a one-token prompt)."""

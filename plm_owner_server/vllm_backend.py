@@ -164,6 +164,10 @@ class VllmBackend:
         """What a session holds here per token (vLLM bounds its own cache)."""
         return TOKEN_BYTES
 
+    def close(self) -> None:
+        """Stop vLLM's engine processes."""
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 def pre_norm_architecture(config: Any) -> str:
     """The registered class that serves f(c) for a Hugging Face config; others are refused."""

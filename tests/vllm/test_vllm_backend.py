@@ -40,7 +40,7 @@ def backends(request, tmp_path_factory) -> Iterator[tuple[VllmBackend, ModelRunn
     folder = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
     backend = VllmBackend.load(settings(str(folder)))
     yield backend, ModelRunner.load(settings(str(folder), device="cpu"))
-    backend.llm.llm_engine.engine_core.shutdown()
+    backend.close()
 
 
 def assert_states_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -109,3 +109,26 @@ def test_an_architecture_it_cannot_serve_pre_norm_is_refused(tmp_path):
     folder = save_tiny("gpt2", tmp_path / "gpt2")
     with pytest.raises(UnsupportedArchitecture, match="--backend transformers"):
         VllmBackend.load(settings(str(folder)))
+
+
+def test_tensor_parallel_states_equal_one_process(tmp_path, monkeypatch):
+    """TP=2 over two worker processes (vLLM's CPU backend binds each to its own cores) gives the
+    states of the transformers runner, as TP=1 does."""
+    folder = save_tiny("llama", tmp_path / "llama")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank: one NUMA node here
+    backend = VllmBackend.load(settings(str(folder), tensor_parallel_size=2))
+    try:
+        runner = ModelRunner.load(settings(str(folder), device="cpu"))
+        sequences = rows([7, 33], seed=6)
+        for got, want in zip(
+            backend.represent(sequences, [0, 0], 4096),
+            runner.represent(sequences, [0, 0], 4096),
+            strict=True,
+        ):
+            assert_states_equal(got, want)
+        ((state, _),) = backend.open_sessions([sequences])
+        (hidden,) = backend.step_sessions([(state, [0, 1], [5, 6])])
+        want = runner.represent([sequences[0] + [5], sequences[1] + [6]], [7, 33], 4096)
+        assert_states_equal(hidden, torch.cat(want))
+    finally:
+        backend.close()

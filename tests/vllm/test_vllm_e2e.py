@@ -1,0 +1,121 @@
+"""The whole client pipeline against `pema-server --backend vllm` and `--backend transformers`
+on the embedded SmolLM2, two real uvicorn servers: the same f(c) and logits, the same memory, and
+token-identical greedy decoding, with the PLM alone and with an adapter trained on that memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_owner_client.adapter import SequenceConfig, load_adapter
+from data_owner_client.client import PemaClient
+from data_owner_client.data import TEMPLATES, Example
+from data_owner_client.generate import GenerationConfig, Generator
+from data_owner_client.memory import Memory, build_memory
+from data_owner_client.served_model import ServedModel
+from data_owner_client.train import TrainConfig, train
+from tests.uvicorn_server import uvicorn_server
+
+pytestmark = pytest.mark.slow
+TEMPLATE = TEMPLATES["translate"]
+PAIRS = [
+    Example(f"The {animal} is {colour}.", f"Der {tier} ist {farbe}.")
+    for animal, tier in (("dog", "Hund"), ("bird", "Vogel"), ("fish", "Fisch"), ("cat", "Kater"))
+    for colour, farbe in (("red", "rot"), ("black", "schwarz"), ("small", "klein"))
+]
+PROMPTS = [Example("The horse is brown.", None), Example("My house is very old.", None)]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[dict[str, PemaClient]]:
+    """A client of each backend's server (float32, so both compute in the same dtype)."""
+    logs = tmp_path_factory.mktemp("logs")
+    flags = ("--dtype", "float32", "--max-kv-cache-mib", "512")
+    with (
+        uvicorn_server("--backend", "transformers", *flags, log=logs / "t.log") as reference,
+        uvicorn_server("--backend", "vllm", *flags, log=logs / "v.log") as engine,
+        PemaClient(reference) as transformers_client,
+        PemaClient(engine) as vllm_client,
+    ):
+        yield {"transformers": transformers_client, "vllm": vllm_client}
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_both_serve_the_same_model_states_and_logits(servers):
+    infos = {name: client.model_info() for name, client in servers.items()}
+    assert infos["vllm"].fingerprint == infos["transformers"].fingerprint
+    sequences, starts = [[1, 504, 2365, 314, 1345, 30], list(range(1, 70))], [0, 40]
+    out = {
+        name: client.represent(sequences, starts, dtype="float32", logits=5)
+        for name, client in servers.items()
+    }
+    assert relative_difference(out["vllm"].hidden, out["transformers"].hidden) < 1e-4
+    assert torch.equal(out["vllm"].logits[1], out["transformers"].logits[1])  # top-5 ids
+
+
+def test_greedy_decoding_is_token_identical(servers, tmp_path):
+    config = GenerationConfig(max_new_tokens=24, lambda_max=0.0, batch_size=2)
+    outputs = {name: decode(client, config, tmp_path / name) for name, client in servers.items()}
+    assert outputs["vllm"] == outputs["transformers"]
+
+
+def test_a_memory_and_an_adapter_trained_on_it_decode_alike(servers, tmp_path):
+    memories = {
+        name: build_memory(
+            client,
+            ServedModel.fetch(client, cache_dir=tmp_path / name).tokenizer,
+            PAIRS,
+            tmp_path / name / "memory",
+            template=TEMPLATE,
+            dtype="float32",
+            progress=False,
+        )
+        for name, client in servers.items()
+    }
+    keys = {name: memory.load_all() for name, memory in memories.items()}
+    assert torch.equal(keys["vllm"][1], keys["transformers"][1])  # the same targets
+    assert relative_difference(keys["vllm"][0], keys["transformers"][0]) < 1e-4
+    adapter = train_adapter(servers["transformers"], memories["transformers"], tmp_path)
+    config = GenerationConfig(max_new_tokens=16, batch_size=2)
+    outputs = {
+        name: decode(client, config, tmp_path / name, adapter) for name, client in servers.items()
+    }
+    assert outputs["vllm"] == outputs["transformers"]
+    plm_alone = GenerationConfig(max_new_tokens=16, batch_size=2, lambda_max=0.0)
+    assert outputs["vllm"] != decode(servers["vllm"], plm_alone, tmp_path / "vllm")  # it mixes
+
+
+def train_adapter(client: PemaClient, memory: Memory, tmp_path: Path) -> Path:
+    served = ServedModel.fetch(client, cache_dir=tmp_path / "trainer")
+    assert served.head is not None
+    config = SequenceConfig(
+        served.info.hidden_size,
+        served.info.vocab_size,
+        width=64,
+        heads=2,
+        layers=1,
+        fingerprint=served.info.fingerprint,
+        template=TEMPLATE,
+        length_ratio=memory.manifest.length_ratio,
+    )
+    settings = TrainConfig(stage2_epochs=2, sequence_batch_size=4, device="cpu")
+    train(config, memory, memory, served.head, tmp_path / "adapter", settings, progress=False)
+    return tmp_path / "adapter"
+
+
+def decode(
+    client: PemaClient, config: GenerationConfig, cache: Path, adapter: Path | None = None
+) -> list[list[int]]:
+    """The token ids ``generate`` decodes for PROMPTS (with the adapter, when given)."""
+    served = ServedModel.fetch(client, cache_dir=cache)
+    loaded = (None, None)
+    if adapter is not None:
+        loaded = load_adapter(adapter, fingerprint=served.info.fingerprint, head=served.head)
+    generator = Generator(client, served, config, TEMPLATE, *loaded)
+    return [output.token_ids for output in generator.generate(PROMPTS, progress=False)]
