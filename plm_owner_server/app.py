@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, runner: Backend | None = None) 
         model_runner = (
             runner if runner is not None else await asyncio.to_thread(load_backend, config)
         )
+        metrics.watch(model_runner)
         state = await asyncio.to_thread(AppState.build, config, model_runner, keys, metrics)
         if keys.open:
             log.warning("no API keys configured (--api-keys-file): the server is open to anyone")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -52,6 +54,19 @@ class Metrics:
         self.evictions = Counter(
             "pema_sessions_evicted", "Sessions dropped by TTL or memory bound", registry=r
         )
+        self.engine_tokens = Gauge(
+            "pema_engine_session_tokens",
+            "Tokens of session openings and steps that the engine read from its prefix cache "
+            "(cached) or computed (the vllm backend)",
+            ["source"],
+            registry=r,
+        )
+
+    def watch(self, backend: Any) -> None:
+        """Export the engine's prefix-cache counts, where it keeps them (the vllm backend)."""
+        if hasattr(backend, "cached_tokens"):
+            self.engine_tokens.labels("cached").set_function(lambda: backend.cached_tokens)
+            self.engine_tokens.labels("computed").set_function(lambda: backend.computed_tokens)
 
     def install(self, app: FastAPI) -> None:
         """Count and time every request by its route template (not its raw path)."""

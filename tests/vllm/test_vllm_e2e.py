@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -30,17 +31,22 @@ PROMPTS = [Example("The horse is brown.", None), Example("My house is very old."
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Iterator[dict[str, PemaClient]]:
-    """A client of each backend's server (float32, so both compute in the same dtype)."""
+def urls(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Each backend's server (float32, so both compute in the same dtype)."""
     logs = tmp_path_factory.mktemp("logs")
     flags = ("--dtype", "float32", "--max-kv-cache-mib", "512")
     with (
         uvicorn_server("--backend", "transformers", *flags, log=logs / "t.log") as reference,
         uvicorn_server("--backend", "vllm", *flags, log=logs / "v.log") as engine,
-        PemaClient(reference) as transformers_client,
-        PemaClient(engine) as vllm_client,
     ):
-        yield {"transformers": transformers_client, "vllm": vllm_client}
+        yield {"transformers": reference, "vllm": engine}
+
+
+@pytest.fixture(scope="module")
+def servers(urls) -> Iterator[dict[str, PemaClient]]:
+    """A client of each backend's server."""
+    with PemaClient(urls["transformers"]) as reference, PemaClient(urls["vllm"]) as engine:
+        yield {"transformers": reference, "vllm": engine}
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,6 +95,18 @@ def test_a_memory_and_an_adapter_trained_on_it_decode_alike(servers, tmp_path):
     assert outputs["vllm"] == outputs["transformers"]
     plm_alone = GenerationConfig(max_new_tokens=16, batch_size=2, lambda_max=0.0)
     assert outputs["vllm"] != decode(servers["vllm"], plm_alone, tmp_path / "vllm")  # it mixes
+
+
+def test_the_prefix_cache_counts_are_exported(urls, servers):
+    text = httpx.get(urls["vllm"] + "/metrics").text
+    counts = {
+        source: float(line.split()[-1])
+        for line in text.splitlines()
+        for source in ("cached", "computed")
+        if line.startswith(f'pema_engine_session_tokens{{source="{source}"}}')
+    }
+    # A step reads the prefix's full blocks and computes the rest (up to one block of tokens).
+    assert counts["cached"] > 0 and counts["computed"] > 0
 
 
 def train_adapter(client: PemaClient, memory: Memory, tmp_path: Path) -> Path:
