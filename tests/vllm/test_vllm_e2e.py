@@ -4,6 +4,8 @@ token-identical greedy decoding, with the PLM alone and with an adapter trained 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from data_owner_client import cli
 from data_owner_client.adapter import SequenceConfig, load_adapter
 from data_owner_client.client import PemaClient
 from data_owner_client.data import TEMPLATES, Example
@@ -71,46 +74,30 @@ def test_greedy_decoding_is_token_identical(servers, tmp_path):
     assert outputs["vllm"] == outputs["transformers"]
 
 
-def test_a_memory_and_an_adapter_trained_on_it_decode_alike(servers, tmp_path):
-    memories = {
+@pytest.fixture(scope="module")
+def memories(servers, tmp_path_factory) -> dict[str, Memory]:
+    """The memory of PAIRS built through each server (float32)."""
+    tmp = tmp_path_factory.mktemp("memories")
+    return {
         name: build_memory(
             client,
-            ServedModel.fetch(client, cache_dir=tmp_path / name).tokenizer,
+            ServedModel.fetch(client, cache_dir=tmp / name).tokenizer,
             PAIRS,
-            tmp_path / name / "memory",
+            tmp / name / "memory",
             template=TEMPLATE,
             dtype="float32",
             progress=False,
         )
         for name, client in servers.items()
     }
-    keys = {name: memory.load_all() for name, memory in memories.items()}
-    assert torch.equal(keys["vllm"][1], keys["transformers"][1])  # the same targets
-    assert relative_difference(keys["vllm"][0], keys["transformers"][0]) < 1e-4
-    adapter = train_adapter(servers["transformers"], memories["transformers"], tmp_path)
-    config = GenerationConfig(max_new_tokens=16, batch_size=2)
-    outputs = {
-        name: decode(client, config, tmp_path / name, adapter) for name, client in servers.items()
-    }
-    assert outputs["vllm"] == outputs["transformers"]
-    plm_alone = GenerationConfig(max_new_tokens=16, batch_size=2, lambda_max=0.0)
-    assert outputs["vllm"] != decode(servers["vllm"], plm_alone, tmp_path / "vllm")  # it mixes
 
 
-def test_the_prefix_cache_counts_are_exported(urls, servers):
-    text = httpx.get(urls["vllm"] + "/metrics").text
-    counts = {
-        source: float(line.split()[-1])
-        for line in text.splitlines()
-        for source in ("cached", "computed")
-        if line.startswith(f'pema_engine_session_tokens{{source="{source}"}}')
-    }
-    # A step reads the prefix's full blocks and computes the rest (up to one block of tokens).
-    assert counts["cached"] > 0 and counts["computed"] > 0
-
-
-def train_adapter(client: PemaClient, memory: Memory, tmp_path: Path) -> Path:
-    served = ServedModel.fetch(client, cache_dir=tmp_path / "trainer")
+@pytest.fixture(scope="module")
+def adapter(servers, memories, tmp_path_factory) -> Path:
+    """A sequence adapter trained on the memory built through the transformers server."""
+    client, memory = servers["transformers"], memories["transformers"]
+    tmp = tmp_path_factory.mktemp("adapter")
+    served = ServedModel.fetch(client, cache_dir=tmp / "cache")
     assert served.head is not None
     config = SequenceConfig(
         served.info.hidden_size,
@@ -123,8 +110,55 @@ def train_adapter(client: PemaClient, memory: Memory, tmp_path: Path) -> Path:
         length_ratio=memory.manifest.length_ratio,
     )
     settings = TrainConfig(stage2_epochs=2, sequence_batch_size=4, device="cpu")
-    train(config, memory, memory, served.head, tmp_path / "adapter", settings, progress=False)
-    return tmp_path / "adapter"
+    train(config, memory, memory, served.head, tmp / "adapter", settings, progress=False)
+    return tmp / "adapter"
+
+
+def test_memories_built_through_either_are_equal(memories):
+    keys = {name: memory.load_all() for name, memory in memories.items()}
+    assert torch.equal(keys["vllm"][1], keys["transformers"][1])  # the same targets
+    assert relative_difference(keys["vllm"][0], keys["transformers"][0]) < 1e-4
+
+
+def test_an_adapter_decodes_alike_through_either(servers, adapter, tmp_path):
+    config = GenerationConfig(max_new_tokens=16, batch_size=2)
+    outputs = {
+        name: decode(client, config, tmp_path / name, adapter) for name, client in servers.items()
+    }
+    assert outputs["vllm"] == outputs["transformers"]
+    plm_alone = GenerationConfig(max_new_tokens=16, batch_size=2, lambda_max=0.0)
+    assert outputs["vllm"] != decode(servers["vllm"], plm_alone, tmp_path / "vllm")  # it mixes
+
+
+def test_evaluate_reports_alike_through_either(urls, adapter, tmp_path):
+    """`pema-client evaluate`, the command, against each server."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in PAIRS[:4]))
+    predictions = {}
+    for name, url in urls.items():
+        report_dir = tmp_path / name
+        flags = ["--adapter", str(adapter), "--data", str(data), "--report", str(report_dir)]
+        cli.main(["--server", url, "evaluate", *flags, "--max-new-tokens", "8", "--no-progress"])
+        report = json.loads((report_dir / "report.json").read_text())
+        assert set(report["results"]) == {"plm", "pema"}
+        predictions[name] = [
+            json.loads(line)["prediction"]
+            for method in ("plm", "pema")
+            for line in (report_dir / f"predictions_{method}.jsonl").read_text().splitlines()
+        ]
+    assert predictions["vllm"] == predictions["transformers"]
+
+
+def test_the_prefix_cache_counts_are_exported(urls, servers):
+    text = httpx.get(urls["vllm"] + "/metrics").text
+    counts = {
+        source: float(line.split()[-1])
+        for line in text.splitlines()
+        for source in ("cached", "computed")
+        if line.startswith(f'pema_engine_session_tokens{{source="{source}"}}')
+    }
+    # A step reads the prefix's full blocks and computes the rest (up to one block of tokens).
+    assert counts["cached"] > 0 and counts["computed"] > 0
 
 
 def decode(
