@@ -171,3 +171,20 @@ def decode(
         loaded = load_adapter(adapter, fingerprint=served.info.fingerprint, head=served.head)
     generator = Generator(client, served, config, TEMPLATE, *loaded)
     return [output.token_ids for output in generator.generate(PROMPTS, progress=False)]
+
+
+def test_pema_client_serve_answers_alike_through_either(urls, adapter, tmp_path):
+    """`pema-client serve` in front of each server: the same greedy completions."""
+    body = {"model": "seq", "prompt": TEMPLATE.format(source="The cow is white."), "max_tokens": 8}
+    texts = {}
+    for name, url in urls.items():
+        flags = ("serve", "--server", url, f"--adapter=seq={adapter}")
+        with uvicorn_server(
+            *flags, log=tmp_path / f"{name}.log", module="data_owner_client", health="/health"
+        ) as service:
+            answer = httpx.post(
+                f"{service}/v1/completions", json={**body, "temperature": 0}, timeout=120
+            )
+            assert answer.status_code == 200, answer.text
+            texts[name] = answer.json()["choices"][0]["text"]
+    assert texts["vllm"] == texts["transformers"] and texts["vllm"]
