@@ -44,8 +44,9 @@ class ModelRunner:
         self.head = ModelHead(model)
         self._base = model.base_model
         self._captured: torch.Tensor | None = None
+        self._hook = None
         if self.head.capture is not None:
-            self.head.capture.register_forward_pre_hook(self._capture)
+            self._hook = self.head.capture.register_forward_pre_hook(self._capture)
         embeddings = next(model.get_input_embeddings().parameters())
         self.device = embeddings.device
         self.dtype = embeddings.dtype
@@ -76,6 +77,13 @@ class ModelRunner:
             raise ValueError(f"--model {settings.model}: no such folder")
         model, tokenizer = _from_pretrained(name, dtype, device)
         return cls(model, tokenizer, model_id=settings.model)
+
+    def head_only(self) -> ModelHead:
+        """The head, the rest of the model let go (the vllm backend holds the body itself)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self.model = self._base = None  # type: ignore[assignment]
+        return self.head
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._captured = args[0]

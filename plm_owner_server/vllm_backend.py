@@ -16,38 +16,47 @@ kept. Importing this module imports vLLM: only the vllm extra (``make vllm``) ha
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 from vllm import LLM
 from vllm.config import PoolerConfig
+from vllm.inputs import TokensPrompt
 from vllm.pooling_params import PoolingParams
 
-from plm_owner_server import embedded, vllm_models
+from plm_owner_server import embedded, vllm_plugin
 from plm_owner_server.architectures import Logits, UnsupportedArchitecture
-from plm_owner_server.runner import ModelRunner
+from plm_owner_server.runner import ModelRunner, resolve_device, resolve_dtype
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
 from shared.protocol import LogitsMode
 
 log = logging.getLogger(__name__)
-TOKEN_BYTES = 8  # what a session holds per token: its id
+
+
+def _salt() -> str:
+    return secrets.token_hex(16)
 
 
 @dataclass
 class TokenSession:
-    """A session on vLLM: each live row's tokens so far (its cache lives in vLLM's blocks)."""
+    """A session on vLLM: each live row's tokens so far (its cache lives in vLLM's blocks, under
+    the session's own salt, so no other session or key reads them)."""
 
     tokens: list[list[int]]
+    token_bytes: int  # the engine's KV-cache bytes per token: what the session costs it
     rows: list[int] = field(default_factory=list)  # the caller's ids of the live rows
+    salt: str = field(default_factory=_salt)
 
     def __post_init__(self) -> None:
         self.rows = self.rows or list(range(len(self.tokens)))
 
     @property
     def nbytes(self) -> int:
-        return TOKEN_BYTES * sum(map(len, self.tokens))
+        return self.token_bytes * sum(map(len, self.tokens))
 
     def select(self, rows: Sequence[int]) -> None:
         """Keep only the listed rows, in that order (the rest are finished)."""
@@ -55,10 +64,9 @@ class TokenSession:
         self.tokens = [self.tokens[where[r]] for r in rows]
         self.rows = list(rows)
 
-    def grown(self, tokens: Sequence[int]) -> TokenSession:
-        """This session with one more token on each row."""
-        grown = [row + [token] for row, token in zip(self.tokens, tokens, strict=True)]
-        return TokenSession(grown, self.rows)
+    def grown(self, tokens: Sequence[int]) -> list[list[int]]:
+        """Each row with one more token."""
+        return [row + [token] for row, token in zip(self.tokens, tokens, strict=True)]
 
 
 class VllmBackend:
@@ -71,57 +79,69 @@ class VllmBackend:
         self.max_positions, self.dtype = reference.max_positions, reference.dtype
         self.fingerprint, self.tokenizer = reference.fingerprint, reference.tokenizer
         self.eos_token_ids, self.bos_token_id = reference.eos_token_ids, reference.bos_token_id
-        self.head = reference.head  # the norm and lm_head modules; the body is not kept
+        self.kv_bytes_per_token = kv_bytes_per_token(reference.config, reference.dtype)
+        self.head = reference.head_only()  # the norm and lm_head; the body is vLLM's
         self.cached_tokens = self.computed_tokens = 0  # of session steps and openings
 
     @classmethod
     def load(cls, settings: Settings) -> VllmBackend:
         """Start vLLM on the model named by the settings (the embedded SmolLM2 by default)."""
         path = _model_path(settings)
-        reference = ModelRunner.load(settings.model_copy(update={"device": "cpu"}))
-        architecture = pre_norm_architecture(reference.model.config)
-        dtype = str(reference.dtype).removeprefix("torch.")
-        # Keep the head's modules only: the body's weights are vLLM's to hold.
-        reference.model = reference._base = None  # type: ignore[assignment]
-        vllm_models.register()
+        architecture = pre_norm_architecture(AutoConfig.from_pretrained(path))
+        device = resolve_device(settings.device)
+        dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
+        # The same weights in the same dtype as the transformers backend: the same fingerprint.
+        reference = ModelRunner.load(settings.model_copy(update={"device": "cpu", "dtype": dtype}))
+        tp = settings.tensor_parallel_size
+        vllm_plugin.register()
         llm = LLM(
             model=path,
             runner="pooling",
             convert="embed",
             dtype=dtype,
             hf_overrides={"architectures": [architecture]},
-            pooler_config=PoolerConfig(
-                task="token_embed", tok_pooling_type="ALL", use_activation=False
-            ),
+            pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL"),
             enable_prefix_caching=True,
             block_size=settings.vllm_block_size,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            distributed_executor_backend="mp" if settings.tensor_parallel_size > 1 else None,
-            kv_cache_memory_bytes=settings.max_kv_cache_bytes,
-            enforce_eager=True,
+            max_model_len=reference.max_positions,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="mp" if tp > 1 else None,
+            kv_cache_memory_bytes=settings.max_kv_cache_bytes // tp,  # vLLM's is per rank
+            enforce_eager=device.type == "cpu",  # graphs and compilation pay off on GPUs
             seed=0,
         )
         return cls(llm, reference)
 
-    def _encode(self, rows: Sequence[Sequence[int]], read_cache: bool) -> list[torch.Tensor]:
-        """Each row's states of the positions vLLM computed: all of them without cache reads;
-        with them, those after the cached prefix."""
-        params = PoolingParams(use_activation=False, skip_reading_prefix_cache=not read_cache)
-        prompts: Any = [{"prompt_token_ids": list(row)} for row in rows]
+    def _encode(
+        self, rows: Sequence[Sequence[int]], salts: Sequence[str] | None = None
+    ) -> list[torch.Tensor]:
+        """Each row's states of the positions vLLM computed. Without salts: all of them, the
+        cache unread; with one per row, those after the prefix cached under the row's salt."""
+        read = salts is not None
+        params = PoolingParams(use_activation=False, skip_reading_prefix_cache=not read)
+        prompts = [
+            TokensPrompt(prompt_token_ids=list(row), cache_salt=salt)
+            for row, salt in zip(rows, salts or [_salt() for _ in rows], strict=True)
+        ]
         outputs = self.llm.encode(
             prompts, pooling_task="token_embed", pooling_params=params, use_tqdm=False
         )
-        if read_cache:
+        if read:
             cached = sum(out.num_cached_tokens or 0 for out in outputs)
             self.cached_tokens += cached
             self.computed_tokens += sum(map(len, rows)) - cached
-        return [out.outputs.data.to(self.dtype) for out in outputs]
+        states = [out.outputs.data.to(self.dtype) for out in outputs]
+        if any(h.shape[-1] != self.hidden_size for h in states):
+            raise RuntimeError(f"vLLM returned states of another width than {self.hidden_size}")
+        return states
 
     def represent(
         self, rows: Sequence[Sequence[int]], starts: Sequence[int], max_batch_tokens: int
     ) -> list[torch.Tensor]:
         """Per row, f(c) of positions ``start .. len-1`` (vLLM schedules the passes)."""
-        hidden = self._encode(rows, read_cache=False)
+        hidden = self._encode(rows)
+        if [len(h) for h in hidden] != [len(row) for row in rows]:
+            raise RuntimeError("vLLM returned another number of states than tokens sent")
         return [h[start:] for h, start in zip(hidden, starts, strict=True)]
 
     def logits(self, hidden: torch.Tensor, mode: LogitsMode) -> Logits:
@@ -132,8 +152,12 @@ class VllmBackend:
         self, sessions: Sequence[Sequence[Sequence[int]]]
     ) -> list[tuple[TokenSession, torch.Tensor]]:
         """Prefill every session's prompts in one call; each row's last f(c)."""
-        states = [TokenSession([list(p) for p in prompts]) for prompts in sessions]
-        return list(zip(states, self._last_states(states), strict=True))
+        states = [
+            TokenSession([list(p) for p in prompts], self.kv_bytes_per_token)
+            for prompts in sessions
+        ]
+        hidden = self._last_states([(s, s.tokens) for s in states])
+        return list(zip(states, hidden, strict=True))
 
     def step_sessions(
         self, steps: Sequence[tuple[TokenSession, Sequence[int], Sequence[int]]]
@@ -141,41 +165,43 @@ class VllmBackend:
         """One token more for each listed row of each session, in one call to the engine."""
         for state, rows, _ in steps:
             state.select(rows)
-        grown = [
-            TokenSession(
-                [t + [new] for t, new in zip(state.tokens, tokens, strict=True)], state.rows
-            )
-            for state, _, tokens in steps
-        ]
+        grown = [(state, state.grown(tokens)) for state, _, tokens in steps]
         hidden = self._last_states(grown)
-        for (state, _, _), new in zip(steps, grown, strict=True):
-            state.tokens = new.tokens  # only once the pass succeeded
+        for state, tokens in grown:
+            state.tokens = tokens  # only once the pass succeeded
         return hidden
 
-    def _last_states(self, sessions: Sequence[TokenSession]) -> list[torch.Tensor]:
-        """f(c) of each row's last position ``[rows, d]`` per session, prefix-cache reads on."""
-        rows = [row for session in sessions for row in session.tokens]
-        states = [h[-1] for h in self._encode(rows, read_cache=True)] if rows else []
+    def _last_states(
+        self, sessions: Sequence[tuple[TokenSession, list[list[int]]]]
+    ) -> list[torch.Tensor]:
+        """f(c) of each row's last position ``[rows, d]`` per session, all in one call to the
+        engine, each row reading the prefix its session cached."""
+        rows = [row for _, tokens in sessions for row in tokens]
+        salts = [session.salt for session, tokens in sessions for _ in tokens]
+        states = [h[-1] for h in self._encode(rows, salts)] if rows else []
         last = torch.stack(states) if states else torch.empty(0, self.hidden_size, dtype=self.dtype)
-        return list(last.split([len(s.tokens) for s in sessions]))
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """What a session holds here per token (vLLM bounds its own cache)."""
-        return TOKEN_BYTES
+        return list(last.split([len(tokens) for _, tokens in sessions]))
 
     def close(self) -> None:
         """Stop vLLM's engine processes."""
         self.llm.llm_engine.engine_core.shutdown()
 
 
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token costs the engine: keys and values of every layer."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    item = torch.empty(0, dtype=dtype).element_size()
+    return int(config.num_hidden_layers * 2 * heads * head_dim * item)
+
+
 def pre_norm_architecture(config: Any) -> str:
     """The registered class that serves f(c) for a Hugging Face config; others are refused."""
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
-        if name in vllm_models.PRE_NORM:
-            return vllm_models.PRE_NORM[name].__name__
-    covered = ", ".join(vllm_models.PRE_NORM)
+        if name in vllm_plugin.PRE_NORM:
+            return vllm_plugin.PRE_NORM[name]
+    covered = ", ".join(vllm_plugin.PRE_NORM)
     raise UnsupportedArchitecture(
         f"the vllm backend serves f(c), the final norm's input, for {covered}; this model is "
         f"{', '.join(names) or 'of no named architecture'}: serve it with --backend transformers"

@@ -6,8 +6,7 @@ that returns its input (keeping the norm's weight, so checkpoints load unchanged
 norm is applied by the server, as for the transformers backend). Tensor parallelism is untouched:
 at the final norm every rank holds the whole, all-reduced state.
 
-:func:`register` is a ``vllm.general_plugins`` entry point (``pyproject.toml``), so every vLLM
-process (the engine core, each tensor-parallel worker) registers these classes under their own
+:mod:`plm_owner_server.vllm_plugin` registers these classes in every vLLM process under their own
 names; the server asks for them with ``hf_overrides={"architectures": [...]}`` and vLLM's own
 classes stay as they are. Importing this module imports vLLM: only the vllm extra has it.
 """
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm import ModelRegistry
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -49,6 +47,8 @@ class _PreNorm:
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        if not hasattr(self.model.norm, "weight"):  # a pipeline stage without the final norm
+            raise NotImplementedError("the vllm backend does not run pipeline parallelism")
         self.model.norm = NormInput(self.model.norm)
 
 
@@ -66,19 +66,3 @@ class PemaQwen2ForCausalLM(_PreNorm, Qwen2ForCausalLM):
 
 class PemaQwen3ForCausalLM(_PreNorm, Qwen3ForCausalLM):
     pass
-
-
-# The Hugging Face architecture → the class serving its f(c).
-PRE_NORM = {
-    "LlamaForCausalLM": PemaLlamaForCausalLM,
-    "MistralForCausalLM": PemaMistralForCausalLM,
-    "Qwen2ForCausalLM": PemaQwen2ForCausalLM,
-    "Qwen3ForCausalLM": PemaQwen3ForCausalLM,
-}
-
-
-def register() -> None:
-    """Register the pre-norm classes with vLLM (in every process that loads its plugins)."""
-    for cls in PRE_NORM.values():
-        if cls.__name__ not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(cls.__name__, f"{__name__}:{cls.__name__}")

@@ -34,13 +34,15 @@ def settings(model: str, **changes: object) -> Settings:
     return Settings(**{**values, **changes})  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
 def backends(request, tmp_path_factory) -> Iterator[tuple[VllmBackend, ModelRunner]]:
     """The vLLM backend and the transformers runner over one tiny model of each architecture."""
     folder = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
     backend = VllmBackend.load(settings(str(folder)))
-    yield backend, ModelRunner.load(settings(str(folder), device="cpu"))
-    backend.close()
+    try:
+        yield backend, ModelRunner.load(settings(str(folder), device="cpu"))
+    finally:
+        backend.close()
 
 
 def assert_states_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -77,11 +79,25 @@ def test_session_steps_equal_the_full_forward(backends):
     live = [0, 1, 2, 3]
     for step in range(5):
         live = [r for r in live if step < 5 - r]  # row r finishes after 5 - r steps
+        computed = backend.computed_tokens
         (hidden,) = backend.step_sessions([(state, live, [new[r][step] for r in live])])
         full = [prompts[r] + new[r][: step + 1] for r in live]
         want = runner.represent(full, [len(f) - 1 for f in full], 4096)
         assert_states_equal(hidden, torch.cat(want))
+        # Each row recomputes at most what its cached full blocks leave: below one block.
+        assert backend.computed_tokens - computed <= BLOCK * len(live)
     assert backend.cached_tokens > 0  # the steps read the prefix cache
+
+
+def test_a_session_never_reads_another_sessions_cache(backends):
+    """Prefixes are cached under each session's own salt: the same prompt in another session
+    (another data owner's, say) is computed again, and nothing tells one about the other."""
+    backend, _ = backends
+    prompt = rows([3 * BLOCK], seed=7)
+    backend.open_sessions([prompt])
+    cached = backend.cached_tokens
+    backend.open_sessions([prompt])
+    assert backend.cached_tokens == cached
 
 
 def test_several_sessions_step_together(backends):
