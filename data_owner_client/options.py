@@ -31,7 +31,7 @@ class Flag:
 
     name: str  # the config field
     flag: str  # e.g. --val-every
-    type: type  # int, float, str or bool (bool flags are --x/--no-x)
+    type: type  # int, float, str or bool
     default: Any  # the field's default (dataclasses.MISSING when it has none)
     help: str
     metavar: str | None

@@ -63,20 +63,16 @@ class ModelRunner:
         """Load the model named by the settings (the embedded SmolLM2 by default)."""
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        if settings.model in (EMBEDDED_MODEL, ""):
-            path = embedded.ensure_embedded_model(settings.cache_dir)
-            try:
-                model, tokenizer = _from_pretrained(str(path), dtype, device)
-            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-                log.warning("embedded model cache is broken (%s); rebuilding", exc)
-                path = embedded.ensure_embedded_model(settings.cache_dir, rebuild=True)
-                model, tokenizer = _from_pretrained(str(path), dtype, device)
-            return cls(model, tokenizer, model_id=embedded.MODEL_ID)
-        name = os.path.expanduser(settings.model)
-        if name.startswith(("/", ".")) and not Path(name).is_dir():
-            raise ValueError(f"--model {settings.model}: no such folder")
-        model, tokenizer = _from_pretrained(name, dtype, device)
-        return cls(model, tokenizer, model_id=settings.model)
+        path = model_source(settings)
+        if settings.model not in (EMBEDDED_MODEL, ""):
+            return cls(*_from_pretrained(path, dtype, device), model_id=settings.model)
+        try:
+            model, tokenizer = _from_pretrained(path, dtype, device)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            log.warning("embedded model cache is broken (%s); rebuilding", exc)
+            embedded.ensure_embedded_model(settings.cache_dir, rebuild=True)
+            model, tokenizer = _from_pretrained(path, dtype, device)
+        return cls(model, tokenizer, model_id=embedded.MODEL_ID)
 
     def head_only(self) -> ModelHead:
         """The head, the rest of the model let go (the vllm backend holds the body itself)."""
@@ -237,6 +233,17 @@ def _chunks(rows: Sequence[Sequence[int]], max_tokens: int) -> Iterator[list[int
         chunk.append(i)
     if chunk:
         yield chunk
+
+
+def model_source(settings: Settings) -> str:
+    """The hub id or folder the settings name (the embedded model's converted folder by
+    default, converted first if need be)."""
+    if settings.model in (EMBEDDED_MODEL, ""):
+        return str(embedded.ensure_embedded_model(settings.cache_dir))
+    name = os.path.expanduser(settings.model)
+    if name.startswith(("/", ".")) and not Path(name).is_dir():
+        raise ValueError(f"--model {settings.model}: no such folder")
+    return name
 
 
 def resolve_device(name: str) -> torch.device:

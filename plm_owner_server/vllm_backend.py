@@ -15,7 +15,6 @@ kept. Importing this module imports vLLM: only the vllm extra (``make vllm``) ha
 
 from __future__ import annotations
 
-import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,13 +27,11 @@ from vllm.config import PoolerConfig
 from vllm.inputs import TokensPrompt
 from vllm.pooling_params import PoolingParams
 
-from plm_owner_server import embedded, vllm_plugin
+from plm_owner_server import vllm_plugin
 from plm_owner_server.architectures import Logits, UnsupportedArchitecture
-from plm_owner_server.runner import ModelRunner, resolve_device, resolve_dtype
-from plm_owner_server.settings import EMBEDDED_MODEL, Settings
+from plm_owner_server.runner import ModelRunner, model_source, resolve_device, resolve_dtype
+from plm_owner_server.settings import Settings
 from shared.protocol import LogitsMode
-
-log = logging.getLogger(__name__)
 
 
 def _salt() -> str:
@@ -86,7 +83,7 @@ class VllmBackend:
     @classmethod
     def load(cls, settings: Settings) -> VllmBackend:
         """Start vLLM on the model named by the settings (the embedded SmolLM2 by default)."""
-        path = _model_path(settings)
+        path = model_source(settings)
         architecture = pre_norm_architecture(AutoConfig.from_pretrained(path))
         device = resolve_device(settings.device)
         dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
@@ -206,10 +203,3 @@ def pre_norm_architecture(config: Any) -> str:
         f"the vllm backend serves f(c), the final norm's input, for {covered}; this model is "
         f"{', '.join(names) or 'of no named architecture'}: serve it with --backend transformers"
     )
-
-
-def _model_path(settings: Settings) -> str:
-    """The folder or hub id vLLM loads (the embedded model's converted folder by default)."""
-    if settings.model in (EMBEDDED_MODEL, ""):
-        return str(embedded.ensure_embedded_model(settings.cache_dir))
-    return settings.model
