@@ -85,8 +85,13 @@ class Backend(Protocol):
 def load_backend(settings: Settings) -> Backend:
     """The engine ``settings.backend`` names, with the model loaded."""
     if settings.backend == "vllm":
-        from plm_owner_server.vllm_backend import VllmBackend
-
+        try:
+            from plm_owner_server.vllm_backend import VllmBackend
+        except ImportError as exc:
+            raise RuntimeError(
+                f"--backend vllm needs vLLM, which this environment lacks ({exc}): run `make "
+                "vllm` and start .venv-vllm/bin/pema-server"
+            ) from exc
         return VllmBackend.load(settings)
     from plm_owner_server.runner import ModelRunner
 

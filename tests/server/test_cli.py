@@ -40,3 +40,9 @@ def test_invalid_setting_exits_with_a_message(capsys):
 def test_empty_keys_file_variable_means_no_keys(monkeypatch):
     monkeypatch.setenv("PEMA_API_KEYS_FILE", "")
     assert settings_from(build_parser().parse_args([])).api_keys_file is None
+
+
+def test_the_vllm_backend_without_vllm_says_how_to_get_it():
+    """In the main env (vLLM lives in .venv-vllm) the server stops with one line saying how."""
+    with pytest.raises(SystemExit, match="needs vLLM.*make vllm"):
+        main(["--backend", "vllm"])
