@@ -29,8 +29,10 @@ is skipped when that file exists (``--fresh`` reruns); memories, adapters and pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import random
 import re
 import shlex
 import subprocess
@@ -44,6 +46,7 @@ from typing import Any
 import torch
 from bench_common import machine, running_server
 
+from data_owner_client.data import split_dev
 from data_owner_client.evaluate import score
 from plm_owner_server.settings import EMBEDDED_MODEL
 
@@ -71,6 +74,7 @@ RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.7  # constant λ of each kind's main r
 SETTINGS_LAMBDA = 0.5  # the read pointer's settings were compared at this constant λ
 NO_REPEAT_4 = ("--no-repeat-ngram", "4")
 MIN_LENGTHS = ("0.8", "0.9")  # --min-length ablations
+SELF_TRAINING = (1000,)  # unlabelled sources the main sequence run labels for self-training
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
 
@@ -114,7 +118,10 @@ class Run:
     setting: str  # the value the ablation varies (the label in tables and plots)
     train: tuple[str, ...] = ()  # extra `pema-client train` flags
     decode: tuple[str, ...] = ()  # extra `pema-client generate` flags
-    memory: str = "all"  # all, 25, 50 (% of training examples) or generated
+    # all, 25, 50 (% of training examples), generated, or self-N: the training examples and N
+    # unlabelled sources labelled by the main sequence run (self-training)
+    memory: str = "all"
+    members: int = 1  # an ensemble of this many adapters, trained with seeds 0, 1, ...
 
     @property
     def adapter_key(self) -> str:
@@ -128,10 +135,24 @@ class Run:
             return self.method
         if self.method == "plm":
             return "_".join(["plm", *(a.lstrip("-") for a in self.decode)])
-        return "_".join([self.method, self.adapter_key, *(a.lstrip("-") for a in self.decode)])
+        ensemble = [f"ensemble-{self.members}"] if self.members > 1 else []
+        parts = [self.method, self.adapter_key, *ensemble, *(a.lstrip("-") for a in self.decode)]
+        return "_".join(parts)
+
+    def member(self, seed: int) -> Run:
+        """The ensemble's member trained with ``seed`` (seed 0: this run's own adapter)."""
+        return dataclasses.replace(self, train=(*self.train, "--seed", str(seed))) if seed else self
 
 
 PLM = Run("plm", "plm", "main", "PLM alone")  # the baseline every other run is tested against
+SEQUENCE_RUN = Run(  # the best kind with its stored decoding; it also labels self-training data
+    "sequence",
+    "pema",
+    "main",
+    f"sequence adapter, constant λ {SEQUENCE_LAMBDA:g}, no repeated 4-gram",
+    train=SEQUENCE,
+    decode=("--lambda-max", f"{SEQUENCE_LAMBDA:g}", "--schedule", "constant", *NO_REPEAT_4),
+)
 
 
 def main_runs() -> list[Run]:
@@ -154,14 +175,7 @@ def main_runs() -> list[Run]:
             train=RESIDUAL,
             decode=constant(RESIDUAL_LAMBDA),
         ),
-        Run(
-            "sequence",
-            "pema",
-            "main",
-            f"sequence adapter, constant λ {SEQUENCE_LAMBDA:g}, no repeated 4-gram",
-            train=SEQUENCE,
-            decode=(*constant(SEQUENCE_LAMBDA), *NO_REPEAT_4),
-        ),
+        SEQUENCE_RUN,
         Run("knn", "knn", "main", "kNN-LM, same memory", decode=KNN),
         Run("lora", "lora", "main", "LoRA (peft, whole model)"),
     ]
@@ -275,6 +289,15 @@ def kind_ablation_runs() -> list[Run]:
         read = flags[: len(SEQUENCE_READ)] == SEQUENCE_READ
         run_decode = constant(SETTINGS_LAMBDA) if read else decode
         runs.append(Run(name, "pema", "sequence: settings", setting, flags, run_decode))
+    group = "sequence: ensembles and self-training"
+    for members in (2, 3):
+        setting = f"ensemble of {members} seeds"
+        runs.append(Run(f"sequence-ensemble-{members}", "pema", group, setting, SEQUENCE, decode,
+                        members=members))  # fmt: skip
+    for count in SELF_TRAINING:
+        setting = f"+{count:,} self-labelled sources"
+        runs.append(Run(f"sequence-self-{count}", "pema", group, setting, SEQUENCE, decode,
+                        f"self-{count}"))  # fmt: skip
     return runs
 
 
@@ -340,9 +363,76 @@ class Bench:
             flags += ["--limit", str(self.sizes[task.name].train * int(variant) // 100)]
         if variant == "generated":
             flags += ["--context", "generated"]
+        labelling: dict[str, Any] = {}
+        if variant.startswith("self-"):
+            data, dev, labelling = self.self_training_data(task, int(variant.removeprefix("self-")))
+            flags[1] = data
+            flags += ["--dev-data", dev]
         cost = self.client("memory", "build", *flags, "--out", out)
+        if labelling:  # the data owner's cost of the pseudo pairs counts as building the memory
+            cost = {**labelling, "build_s": cost["seconds"]}
+            cost["seconds"] = cost["build_s"] + labelling["labelling_s"]
         figures.write_text(json.dumps(cost))
         return out
+
+    def unlabelled(self, task: Task, count: int) -> Path:
+        """``count`` sources of the training distribution that are neither training nor tuning
+        examples, without targets: verses of the training books, or WMT22 training sentences
+        between the training rows and the tuning tail."""
+        path = self.work / task.name / "data" / f"unlabelled-{count}.jsonl"
+        if path.is_file():
+            return path
+        size = self.sizes[task.name]
+        if task.name == "wmt22":
+            lines = (WMT / "train.jsonl").read_text().splitlines()
+            pool = [json.loads(line) for line in lines[size.train : len(lines) - size.tune]]
+        else:
+            sys.path.insert(0, str(ROOT / "demo"))
+            from bible import TEST_BOOKS, split, verses
+
+            train, tune, _ = split(size.train, size.eval, 0, 40, TEST_BOOKS, size.tune)
+            taken = {verse["ref"] for verse in train + tune}
+            pool = [
+                {task.source: kjv, "ref": ref}
+                for book, ref, kjv, _ in verses(40)
+                if book not in TEST_BOOKS and ref not in taken
+            ]
+            random.Random(1).shuffle(pool)  # a larger count extends a smaller one's sources
+        if len(pool) < count:
+            raise SystemExit(f"only {len(pool)} unlabelled {task.name} sources are available")
+        rows = (json.dumps({task.source: r[task.source]}, ensure_ascii=False) for r in pool[:count])
+        path.write_text("".join(f"{row}\n" for row in rows))
+        return path
+
+    def self_training_data(self, task: Task, count: int) -> tuple[Path, Path, dict[str, Any]]:
+        """(training pairs, dev pairs, cost) of self-training: the training examples less the
+        dev hold-out, and ``count`` unlabelled sources decoded by the main sequence run, those
+        that ended before the length limit; the dev pairs are the usual hold-out (real pairs)."""
+        folder = self.work / task.name / f"self-{count}"
+        folder.mkdir(parents=True, exist_ok=True)
+        labelled = folder / "labelled.jsonl"
+        cost_file = folder / "labelling.json"
+        if not cost_file.is_file():
+            adapter, _ = self.adapter(task, SEQUENCE_RUN)
+            labelled.unlink(missing_ok=True)  # generate appends
+            cost = self.client(
+                "generate", "--adapter", adapter, "--data", self.unlabelled(task, count),
+                "--source-field", task.source, "--template", task.template, "--stop", "\\n",
+                "--max-new-tokens", str(task.max_new_tokens), *SEQUENCE_RUN.decode,
+                "--output", labelled,
+            )  # fmt: skip
+            cost_file.write_text(json.dumps({"labelling_s": cost["seconds"]}))
+        records = [json.loads(line) for line in labelled.read_text().splitlines()]
+        kept = [r for r in records if r["finish_reason"] != "length" and r["prediction"]]
+        train, _ = self.data(task)
+        rows = [json.loads(line) for line in train.read_text().splitlines()]
+        real, dev = split_dev(rows, 0.1)  # as `memory build` holds out --dev-fraction 0.1
+        pseudo = [{task.source: r["source"], task.target: r["prediction"]} for r in kept]
+        data, dev_file = folder / "train.jsonl", folder / "dev.jsonl"
+        for path, part in ((data, real + pseudo), (dev_file, dev)):
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+        cost = {**json.loads(cost_file.read_text()), "sources": count, "pseudo_pairs": len(kept)}
+        return data, dev_file, cost
 
     def adapter(self, task: Task, run: Run) -> tuple[Path, dict[str, Any]]:
         """The adapter ``run`` decodes with, trained on first use, and its training cost."""
@@ -384,8 +474,9 @@ class Bench:
         if run.method == "plm":
             records = self.generate(task, run)
         elif run.method == "pema":
-            adapter, cost = self.adapter(task, run)
-            records = self.generate(task, run, "--adapter", adapter)
+            members = [self.adapter(task, run.member(seed)) for seed in range(run.members)]
+            cost = ensemble_cost([figures for _, figures in members])
+            records = self.generate(task, run, "--adapter", *(folder for folder, _ in members))
         elif run.method == "knn":
             memory = self.memory(task, run.memory)
             cost = {"memory_build_s": json.loads((memory / "build.json").read_text())["seconds"]}
@@ -427,6 +518,14 @@ class Bench:
         cost = {"seconds": lora["train_seconds"], "peak_rss": lora["peak_rss"]}
         speed = {"new_tokens": lora["new_tokens"], "seconds": lora["generate_seconds"]}
         return [{**r, "_speed": speed} for r in records], cost
+
+
+def ensemble_cost(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training cost of an ensemble: its members' times added, the largest peak."""
+    if len(members) == 1:
+        return members[0]
+    seconds = sum(m["seconds"] for m in members)
+    return {**members[0], "seconds": seconds, "peak_rss": max(m["peak_rss"] for m in members)}
 
 
 def measured(command: list[str]) -> dict[str, float]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from rich.logging import RichHandler
 
 from data_owner_client import options
-from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapter
+from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapters
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import (
     TEMPLATES,
@@ -241,8 +241,11 @@ def _decode_flags(adapter_required: bool) -> argparse.ArgumentParser:
     mixing.add_argument(
         "--adapter",
         type=Path,
+        nargs="+",
         required=adapter_required,
-        help="adapter directory from pema-client train"
+        metavar="DIR",
+        help="adapter directory from pema-client train; several of one kind decode as an "
+        "ensemble, the mean of their outputs"
         + ("" if adapter_required else " (without it: the PLM alone)"),
     )
     _add_config_flags(mixing, GenerationConfig, only=MIXING)
@@ -512,7 +515,7 @@ def _decoder(
     served = ServedModel.fetch(client)
     adapter = adapter_config = None
     if args.adapter is not None:
-        adapter, adapter_config = load_adapter(
+        adapter, adapter_config = load_adapters(
             args.adapter, fingerprint=served.info.fingerprint, head=served.head
         )
     if args.template is not None:
@@ -591,7 +594,7 @@ def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:
         raise DataError("pass --data FILE with sources and references")
     served, config, template, adapter, adapter_config = _decoder(args, client)
     assert adapter is not None and adapter_config is not None  # --adapter is required
-    report_dir = args.report or args.adapter / "evaluation"
+    report_dir = args.report or args.adapter[0] / "evaluation"
     report = evaluate(
         client,
         served,

@@ -27,6 +27,7 @@ from data_owner_client.adapter.base import (
     LowRankConfig,
     register_kind,
 )
+from data_owner_client.adapter.ensemble import Ensemble
 from data_owner_client.adapter.pema import PemaAdapter, PemaConfig
 from data_owner_client.adapter.residual import ResidualAdapter, ResidualConfig
 from data_owner_client.adapter.sequence import SequenceAdapter, SequenceConfig
@@ -37,6 +38,7 @@ from data_owner_client.adapter.storage import (
     build_adapter,
     check_fingerprint,
     load_adapter,
+    load_adapters,
     read_adapter_config,
     save_adapter,
 )
@@ -59,6 +61,7 @@ __all__ = [
     "AdapterFingerprintError",
     "AdapterKind",
     "AdapterModule",
+    "Ensemble",
     "LowRankConfig",
     "PemaAdapter",
     "PemaConfig",
@@ -70,6 +73,7 @@ __all__ = [
     "build_adapter",
     "check_fingerprint",
     "load_adapter",
+    "load_adapters",
     "read_adapter_config",
     "save_adapter",
     "register_kind",

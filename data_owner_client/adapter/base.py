@@ -184,12 +184,12 @@ class AdapterModule(nn.Module):
     """What training and decoding call on every kind's module (the pema kind adds a
     reconstruction branch and a second stage)."""
 
-    post_norm: ClassVar[bool] = False  # outputs live after the final norm: logits are
+    post_norm: bool = False  # outputs live after the final norm: logits are
     # head.project(z) rather than the whole head's H(z)
     # Reads whole sequences (every position of prompt + continuation), not one position: trains
     # on a memory's examples rather than its pairs, and decodes with a cache of its own
     # (start and step).
-    reads_sequences: ClassVar[bool] = False
+    reads_sequences: bool = False
 
     @classmethod
     def from_config(

@@ -22,6 +22,7 @@ from data_owner_client.adapter.base import (
     AdapterFingerprintError,
     AdapterModule,
 )
+from data_owner_client.adapter.ensemble import Ensemble
 from data_owner_client.files import write_atomic
 from shared.head import Head
 
@@ -76,6 +77,31 @@ def load_adapter(
     _check_tensors(tensors, expected, directory)
     adapter.load_state_dict(tensors)
     return adapter.to(device).eval(), config
+
+
+def load_adapters(
+    directories: list[str | Path],
+    *,
+    fingerprint: str | None = None,
+    head: Head | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[AdapterModule, AdapterConfig]:
+    """One adapter, or several of one kind and template as an :class:`Ensemble` that decodes
+    with the first one's settings."""
+    loaded = [
+        load_adapter(d, fingerprint=fingerprint, head=head, device=device) for d in directories
+    ]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0][1]
+    for directory, (_, config) in zip(directories[1:], loaded[1:], strict=True):
+        if (config.kind, config.template) != (first.kind, first.template):
+            raise AdapterError(
+                f"an ensemble needs adapters of one kind and prompt template: {directory} is a "
+                f"{config.kind} adapter with template {config.template!r}, {directories[0]} a "
+                f"{first.kind} adapter with {first.template!r}"
+            )
+    return Ensemble([adapter for adapter, _ in loaded]).to(device).eval(), first
 
 
 def read_adapter_config(directory: str | Path) -> AdapterConfig:
