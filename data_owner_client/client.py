@@ -213,10 +213,16 @@ class PemaClient:
         tokens: Sequence[int],
         rows: Sequence[int] | None = None,
         logits: LogitsMode = "none",
+        parents: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, Logits]:
-        """One token per listed row; returns their new representations [len(rows), d]."""
+        """One token per listed row; returns their new representations [len(rows), d]. With
+        ``parents``, row ``k`` continues a copy of live row ``parents[k]`` (see
+        :class:`SessionStepRequest`)."""
         request = SessionStepRequest(
-            tokens=list(tokens), rows=list(rows) if rows is not None else None, logits=logits
+            tokens=list(tokens),
+            rows=list(rows) if rows is not None else None,
+            parents=list(parents) if parents is not None else None,
+            logits=logits,
         )
         path = f"/v1/sessions/{session_id}/step"
         r = self._call("POST", path, request, SessionStepResponse, idempotent=False)

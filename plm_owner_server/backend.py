@@ -34,6 +34,11 @@ class SessionState(Protocol):
         """Memory the cache holds now (the server bounds the sum over sessions)."""
         ...
 
+    def select(self, rows: Sequence[int], parents: Sequence[int] | None = None) -> None:
+        """Keep only the listed rows, in that order; with ``parents``, row ``k`` continues a
+        copy of live row ``parents[k]``."""
+        ...
+
 
 class Backend(Protocol):
     model_id: str

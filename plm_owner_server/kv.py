@@ -45,12 +45,14 @@ class KVState:
                     total += t.nbytes
         return total
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only the listed rows, in that order (the rest are finished)."""
-        if list(rows) == self.rows:
+    def select(self, rows: Sequence[int], parents: Sequence[int] | None = None) -> None:
+        """Keep only the listed rows, in that order (the rest are finished); with ``parents``,
+        row ``k`` is a copy of live row ``parents[k]`` (a row may go on as several)."""
+        sources = list(rows if parents is None else parents)
+        if sources == self.rows and list(rows) == self.rows:
             return
         where = {r: i for i, r in enumerate(self.rows)}
-        keep = torch.tensor([where[r] for r in rows], device=self.mask.device)
+        keep = torch.tensor([where[r] for r in sources], device=self.mask.device)
         self.cache.batch_select_indices(keep)
         self.mask = self.mask[keep]
         self.rows = list(rows)

@@ -313,11 +313,13 @@ class SessionService:
         for i, (owner, session_id, request) in enumerate(jobs):
             try:
                 session = self.store.get(session_id, owner)
-                rows = request.rows if request.rows is not None else session.state.rows
-                self._check_step(session, rows, request.tokens)
+                rows = request.step_rows(session.state.rows)
+                self._check_step(session, request.parents or rows, request.tokens)
             except ApiError as exc:
                 results[i] = exc
                 continue
+            if request.parents is not None:  # forks and reorders, before the pass
+                session.state.select(rows, request.parents)
             steps.append((i, session, list(rows)))
         batch = [(session.state, rows, jobs[i][2].tokens) for i, session, rows in steps]
         try:
@@ -346,6 +348,7 @@ class SessionService:
         return [results[i] for i in range(len(jobs))]
 
     def _check_step(self, session: Session, rows: Sequence[int], tokens: Sequence[int]) -> None:
+        """``rows``: the live rows the step continues (its parents when it forks)."""
         if len(rows) != len(tokens):
             raise ApiError(
                 422,
@@ -353,8 +356,14 @@ class SessionService:
                 f"{len(tokens)} tokens for {len(rows)} live rows; send one token per row, "
                 "or list the rows",
             )
+        if len(tokens) > self.settings.max_batch_size:
+            raise ApiError(
+                413,
+                "batch_too_large",
+                f"{len(tokens)} rows in one session; the limit is {self.settings.max_batch_size}",
+            )
         live = set(session.state.rows)
-        if dead := [r for r in rows if r not in live]:
+        if dead := sorted({r for r in rows if r not in live}):
             raise ApiError(
                 422,
                 "row_not_live",

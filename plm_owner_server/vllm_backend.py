@@ -55,10 +55,11 @@ class TokenSession:
     def nbytes(self) -> int:
         return self.token_bytes * sum(map(len, self.tokens))
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only the listed rows, in that order (the rest are finished)."""
+    def select(self, rows: Sequence[int], parents: Sequence[int] | None = None) -> None:
+        """Keep only the listed rows, in that order (the rest are finished); with ``parents``,
+        row ``k`` continues live row ``parents[k]``'s tokens (their cached blocks are shared)."""
         where = {r: i for i, r in enumerate(self.rows)}
-        self.tokens = [self.tokens[where[r]] for r in rows]
+        self.tokens = [list(self.tokens[where[r]]) for r in (rows if parents is None else parents)]
         self.rows = list(rows)
 
     def grown(self, tokens: Sequence[int]) -> list[list[int]]:

@@ -192,22 +192,35 @@ class SessionOpenResponse(WireModel):
 
 
 class SessionStepRequest(WireModel):
-    """One token for each listed row; a row left out is finished and its cache is freed."""
+    """One token for each listed row; a row left out is finished and its cache is freed.
+
+    With ``parents``, row ``k`` of the step (named ``rows[k]``, default ``k``) continues a copy
+    of live row ``parents[k]``'s cache: a row may go on as several (beam search forks and
+    reorders its hypotheses); every live row not listed as a parent is finished.
+    """
 
     tokens: TokenIds
     rows: list[Index] | None = None
+    parents: list[Index] | None = None
     logits: LogitsMode = "none"
 
     @model_validator(mode="after")
     def _rows_match_tokens(self) -> SessionStepRequest:
-        if self.rows is not None:
-            if len(self.rows) != len(self.tokens):
+        for name in ("rows", "parents"):
+            listed = getattr(self, name)
+            if listed is not None and len(listed) != len(self.tokens):
                 raise ValueError(
-                    f"rows has {len(self.rows)} entries but tokens has {len(self.tokens)}"
+                    f"{name} has {len(listed)} entries but tokens has {len(self.tokens)}"
                 )
-            if len(set(self.rows)) != len(self.rows):
-                raise ValueError("rows must not repeat a row")
+        if self.rows is not None and len(set(self.rows)) != len(self.rows):
+            raise ValueError("rows must not repeat a row")
         return self
+
+    def step_rows(self, live: list[int]) -> list[int]:
+        """The rows the step leaves in the session, in order."""
+        if self.rows is not None:
+            return self.rows
+        return list(range(len(self.tokens))) if self.parents is not None else live
 
 
 class SessionStepResponse(WireModel):

@@ -95,6 +95,35 @@ def test_rows_finishing_at_different_steps_equal_full_forwards(client, runner):
     assert "live: [2]" in error.message
 
 
+def test_forked_rows_continue_exactly_as_their_parents_would(client, runner):
+    """``parents`` forks and reorders rows (beam search): each row of the step continues a copy
+    of its parent, equal to a full forward over the parent's tokens and its own."""
+    opened = open_session(client, PROMPTS)
+    rows = {b: list(p) for b, p in enumerate(PROMPTS)}
+    # Row 2 goes on as two rows, row 0 as one under a new name; row 1 is finished.
+    plan = [([2, 0, 2], [7, 8, 9], [0, 1, 5]), ([5, 0, 5], [3, 3, 4], None)]
+    for parents, tokens, names in plan:
+        got = answer(
+            step(client, opened.session_id, tokens, parents=parents, rows=names),
+            SessionStepResponse,
+        )
+        hidden = decode_tensor(got.hidden)
+        rows = {
+            name: rows[parent] + [token]
+            for name, parent, token in zip(names or range(3), parents, tokens, strict=True)
+        }
+        for i, row in enumerate(rows.values()):
+            torch.testing.assert_close(
+                hidden[i], last_representation(runner, row), atol=1e-5, rtol=0
+            )
+    assert sorted(rows) == [0, 1, 2]  # named by position when rows are not given
+    error = assert_error(step(client, opened.session_id, [1], parents=[5]), 422, "row_not_live")
+    assert "rows [5]" in error.message
+    mismatched = {"tokens": [1, 2], "parents": [0]}
+    got = client.post(f"/v1/sessions/{opened.session_id}/step", json=mismatched)
+    assert "parents has 1 entries" in assert_error(got, 422, "inconsistent_request").message
+
+
 def test_step_logits_match_open_logits_mode(client, runner):
     """Steps answer with the logits asked for, as /v1/represent would."""
     opened = open_session(client, PROMPTS[:2], logits="full")
