@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from data_owner_client.adapter import Adapter, AdapterConfig
+from data_owner_client.beam import BeamSearch
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.devices import resolve_device
 from data_owner_client.knn import KnnLM
 from data_owner_client.options import option
 from data_owner_client.progress import progress_bar
+from data_owner_client.sampling import ban_repeats, filter_top_k_top_p, stop_index
 from data_owner_client.schedule import SCHEDULES, check_settings, gu_lambda, mix_log_probs
 from data_owner_client.served_model import ServedModel
 from shared.protocol import HiddenDType
@@ -70,6 +72,16 @@ class GenerationConfig:
     top_k: int = option(0, help="when sampling, only the k most likely tokens (0: all)")
     top_p: float = option(1.0, help="when sampling, only the smallest set holding this probability")
     seed: int = option(0, help="seeds sampling")
+    num_beams: int = option(
+        1,
+        help="beam search over this many hypotheses per input, scored by the mixture's "
+        "log-probabilities (1: one hypothesis, greedy or sampled)",
+    )
+    length_penalty: float = option(
+        1.0,
+        help="beam search ranks finished hypotheses by their log-probability / length^this "
+        "(0: the sum alone, which favours short outputs)",
+    )
     no_repeat_ngram: int | None = option(
         None,
         help="never repeat an n-gram of an output, e.g. 4; 0: off (default: the adapter's)",
@@ -107,6 +119,13 @@ class GenerationConfig:
             raise ValueError(f"the GU horizon must be positive, got {self.gu_horizon}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.temperature >= GREEDY_BELOW:
+            raise ValueError(
+                "beam search keeps the most likely hypotheses and samples nothing: "
+                "drop the temperature, or decode with num_beams 1"
+            )
 
 
 class MixingDefaults(Protocol):
@@ -328,7 +347,10 @@ class Generator:
                 prompts = [encode_prompt(tokenizer, self.template, e.source) for e in batch]
                 sources = [source_length(tokenizer, e.source) for e in batch]
                 job = self.job(prompts, sources, seed=self.config.seed + first, first=first)
-                self.decode([job])
+                if self.config.num_beams > 1:
+                    BeamSearch(self, job).run()
+                else:
+                    self.decode([job])
                 advance(len(job.rows), sum(len(r.tokens) for r in job.rows))
                 for example, row in zip(batch, job.rows, strict=True):
                     yield Generation(
@@ -479,7 +501,7 @@ class Generator:
 
     def _choose(self, log_probs: torch.Tensor, rows: list[Row], job: Job) -> list[int]:
         """The next token of each of a job's ``rows`` from their mixed log-probabilities."""
-        _ban_repeats(log_probs, [row.tokens for row in rows], job.mixing.no_repeat_ngram)
+        ban_repeats(log_probs, [row.tokens for row in rows], job.mixing.no_repeat_ngram)
         early = [i for i, row in enumerate(rows) if len(row.tokens) < row.min_tokens]
         if early:
             index = torch.tensor(early, device=log_probs.device)[:, None]
@@ -509,8 +531,6 @@ class Generator:
                 slots = [batch.slots[b] for b in batch.live]
                 batch.hidden, _ = self.client.step(batch.session, new, slots)
             except (ServerError, httpx.TransportError) as exc:
-                if isinstance(exc, ServerError) and not _lost(exc):
-                    raise
                 self._reopen(batch, exc)  # restarted, evicted or unreachable
             if batch.cache is not None:  # the sequence adapter reads the same new position
                 batch.adapted = self._step_sequence(batch.cache, batch.hidden, new, batch.live)
@@ -558,7 +578,7 @@ class Generator:
         x = hidden.to(self.device, torch.float32)
         log_probs = self._log_probs(x, lam.to(self.device), adapted)
         if history is not None:
-            _ban_repeats(log_probs, history, self.mixing.no_repeat_ngram)
+            ban_repeats(log_probs, history, self.mixing.no_repeat_ngram)
         return _pick(log_probs, self.config, self.sampler).tolist()
 
     def _log_probs(
@@ -590,7 +610,7 @@ class Generator:
             row.finish_reason = "eos"
         elif config.stop:  # decoding the text every step costs: only with stop strings
             row.text = self.text(row.tokens)
-            if (cut := _stop_index(row.text, config.stop)) is not None:
+            if (cut := stop_index(row.text, config.stop)) is not None:
                 row.text, row.finish_reason = row.text[:cut].rstrip(), "stop"
         if row.finish_reason is None and len(row.tokens) >= row.budget:
             row.finish_reason = "length"
@@ -607,6 +627,20 @@ class Generator:
         """A new session of each live row's prompt and output so far, once the server answers
         again (within ``reconnect_s``): its last representations are what the lost step would
         have returned."""
+        sequences = [batch.rows[b].prompt + batch.rows[b].tokens for b in batch.live]
+        batch.session, batch.hidden = self.reopened(batch.session, sequences, cause)
+        for slot, b in enumerate(batch.live):
+            batch.slots[b] = slot
+
+    def reopened(
+        self, session: str | None, sequences: list[list[int]], cause: Exception
+    ) -> tuple[str, torch.Tensor]:
+        """A new session of ``sequences`` (each row's prompt and output so far) and its last
+        representations, once the server answers again (within ``reconnect_s``), in place of
+        ``session``, which a step failed on with ``cause``: re-raised unless the server lost
+        the session (restarted, evicted or unreachable)."""
+        if isinstance(cause, ServerError) and not _lost(cause):
+            raise cause
         log.warning("the server lost the session (%s); re-opening it", cause)
         deadline = time.monotonic() + self.config.reconnect_s
         while not self.client.health():
@@ -622,12 +656,10 @@ class Generator:
                 f"the server came back with another model ({fingerprint}, was "
                 f"{self.served.info.fingerprint}); the outputs so far would not match"
             ) from cause
-        self.close(batch)  # if it is still there (a dropped connection), free its slot
-        sequences = [batch.rows[b].prompt + batch.rows[b].tokens for b in batch.live]
-        dtype = self.config.hidden_dtype
-        batch.session, batch.hidden, _ = self.client.open_session(sequences, dtype=dtype)
-        for slot, b in enumerate(batch.live):
-            batch.slots[b] = slot
+        if session is not None:  # if it is still there (a dropped connection), free its slot
+            self._close(session)
+        session, hidden, _ = self.client.open_session(sequences, dtype=self.config.hidden_dtype)
+        return session, hidden
 
     def _close(self, session: str) -> None:
         try:
@@ -645,48 +677,6 @@ def _pick(
     return torch.multinomial(scores.softmax(-1), 1, generator=sampler).squeeze(-1)
 
 
-def _ban_repeats(log_probs: torch.Tensor, history: Sequence[Sequence[int]], n: int) -> None:
-    """Rule out, in place, each row's tokens that would repeat an n-gram of its output."""
-    if n:
-        for b, tokens in enumerate(history):
-            if banned := repeated_ngram_ends(tokens, n):
-                log_probs[b, banned] = -math.inf
-
-
-def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """``scores [B, V]`` with everything outside the top-k and the top-p nucleus set to -inf."""
-    if 0 < top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already hold top_p of the probability.
-        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
-        drop_sorted = before >= top_p
-        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
-
-
-def repeated_ngram_ends(tokens: Sequence[int], n: int) -> list[int]:
-    """The tokens that would complete an n-gram already in ``tokens`` (as transformers'
-    ``no_repeat_ngram_size``, over the output only: copying from the prompt stays allowed)."""
-    if len(tokens) < n - 1:
-        return []
-    prefix = list(tokens[len(tokens) - n + 1 :]) if n > 1 else []
-    return [
-        tokens[i + n - 1]
-        for i in range(len(tokens) - n + 1)
-        if list(tokens[i : i + n - 1]) == prefix
-    ]
-
-
 def _lost(error: ServerError) -> bool:
     """Whether the server no longer has the session: restarted or evicted (404), or down."""
     return error.code == "session_not_found" or error.status >= 500
-
-
-def _stop_index(text: str, stops: Iterable[str]) -> int | None:
-    """Where the earliest stop string starts in ``text``, or None."""
-    found = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(found) if found else None

@@ -237,6 +237,11 @@ class AdapterModule(nn.Module):
         """A sequence-reading kind: outputs of one new position of each of ``rows``."""
         raise NotImplementedError(f"{type(self).__name__} reads one position at a time")
 
+    def select(self, cache: Any, rows: torch.Tensor) -> Any:
+        """A sequence-reading kind: the decoding cache of ``rows``, in that order (a row may
+        repeat: beam search forks its hypotheses)."""
+        raise NotImplementedError(f"{type(self).__name__} reads one position at a time")
+
 
 @dataclass(frozen=True)
 class AdapterKind:

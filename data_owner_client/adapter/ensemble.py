@@ -54,3 +54,6 @@ class Ensemble(AdapterModule):
             for member, own in zip(self._members(), cache, strict=True)
         ]
         return torch.stack(outputs).mean(0)
+
+    def select(self, cache: list[Any], rows: torch.Tensor) -> list[Any]:
+        return [m.select(own, rows) for m, own in zip(self._members(), cache, strict=True)]

@@ -102,6 +102,15 @@ class SequenceCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def select(self, rows: torch.Tensor) -> SequenceCache:
+        """The cache of ``rows``, in that order (a row may repeat: beam search forks)."""
+        return SequenceCache(
+            [k[rows] for k in self.keys],
+            [v[rows] for v in self.values],
+            self.lengths[rows],
+            self.prompts[rows],
+        )
+
 
 def _rotary(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[B, 1, T, head_dim / 2]`` of rotary embeddings at ``positions [B, T]``."""
@@ -398,6 +407,9 @@ class SequenceAdapter(AdapterModule):
         z = self._out(n, h, tokens, cache.prompts[rows], pointer, rows, positions)[0]
         cache.lengths[rows] += 1
         return z.squeeze(1)
+
+    def select(self, cache: SequenceCache, rows: torch.Tensor) -> SequenceCache:
+        return cache.select(rows)
 
 
 def _room(t: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,8 @@ from data_owner_client.adapter import (
 )
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import Example, source_length
-from data_owner_client.generate import (
-    GenerationConfig,
-    Generator,
-    Job,
-    filter_top_k_top_p,
-    repeated_ngram_ends,
-)
+from data_owner_client.generate import GenerationConfig, Generator, Job
+from data_owner_client.sampling import filter_top_k_top_p, repeated_ngram_ends
 from data_owner_client.served_model import ServedModel
 from plm_owner_server.runner import ModelRunner
 from tests.client.synthetic import kind_config
@@ -34,13 +28,6 @@ from tests.server.helpers import serve
 
 PROMPTS = ["w5 w9 w11", "w20", "w30 w31 w40 w41 w50 w7 w8 w60", "w44 w45"]
 TEMPLATE = "{source}"
-
-
-@pytest.fixture
-def served_client(make_runner, tmp_path) -> Iterator[tuple[ModelRunner, PemaClient, ServedModel]]:
-    runner = make_runner("llama")
-    with serve(runner) as http, PemaClient(http=http, retries=0) as client:
-        yield runner, client, ServedModel.fetch(client, cache_dir=tmp_path / "cache")
 
 
 def examples(prompts: list[str] = PROMPTS) -> list[Example]:

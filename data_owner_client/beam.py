@@ -1,0 +1,195 @@
+"""Beam search over the mixture (docs/design.md, "Beam search").
+
+Each input keeps ``num_beams`` hypotheses, scored by the sum of their tokens' mixed
+log-probabilities (the same λ, repetition guard and minimum length as greedy decoding). Each step
+every live hypothesis proposes its continuations; per input the ``2 · num_beams`` best are
+read in order: one that ends (EOS, a stop string, the token budget) joins the finished
+hypotheses if it ranks among the first ``num_beams``, the others go on until ``num_beams`` do. An
+input is done once it has ``num_beams`` finished hypotheses that no live one can beat at its
+current length (transformers' heuristic); its output is the finished hypothesis with the best
+``score / length^length_penalty``.
+
+The server's session follows the hypotheses with a step's ``parents`` (a row forks or is
+dropped), and so does the sequence adapter's cache (:meth:`AdapterModule.select`): the
+hypotheses share their prompt's prefill.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+import torch
+
+from data_owner_client.client import ServerError
+from data_owner_client.sampling import ban_repeats, stop_index
+
+if TYPE_CHECKING:
+    from data_owner_client.generate import Generator, Job
+
+
+@dataclass
+class Hypothesis:
+    """A continuation of one input."""
+
+    row: int  # the input's index in the job
+    tokens: list[int]
+    score: float  # the sum of its tokens' log-probabilities
+    finish_reason: str | None = None  # "eos", "stop" or "length" once finished
+    text: str = ""
+
+
+@dataclass
+class _Input:
+    finished: list[Hypothesis] = field(default_factory=list)
+    done: bool = False
+
+
+class BeamSearch:
+    """Decodes a job's rows by beam search in one server session, writing each row's best
+    hypothesis into it (its tokens, text, finish reason and time)."""
+
+    def __init__(self, generator: Generator, job: Job) -> None:
+        self.generator, self.job = generator, job
+        self.width = job.config.num_beams
+        self.mixing = job.mixing
+        self.inputs = [_Input() for _ in job.rows]
+        self.endings = generator._endings(job.config.stop)
+        self.eos = generator.eos
+
+    def run(self) -> None:
+        g, rows = self.generator, self.job.rows
+        started = time.perf_counter()
+        session, hidden, _ = g.client.open_session(
+            [row.prompt for row in rows], dtype=g.config.hidden_dtype
+        )
+        live = [Hypothesis(r, [], 0.0) for r in range(len(rows))]
+        try:
+            adapted, cache = self._start(hidden, [row.prompt for row in rows])
+            step = 0
+            while live:
+                parents, live = self._advance(live, hidden, adapted, step)
+                if not live:
+                    break
+                tokens = [h.tokens[-1] for h in live]
+                session, hidden = self._step(session, live, parents, tokens)
+                if cache is not None:
+                    index = torch.tensor(parents, device=g.device)
+                    cache = g.adapter.select(cache, index)  # type: ignore[union-attr]
+                    adapted = g._step_sequence(cache, hidden, tokens, list(range(len(live))))
+                step += 1
+        finally:
+            g._close(session)
+        for row, state in zip(rows, self.inputs, strict=True):
+            best = max(state.finished, key=self._normalised)
+            row.tokens, row.text, row.finish_reason = best.tokens, best.text, best.finish_reason
+            row.seconds = time.perf_counter() - started
+
+    def _start(
+        self, hidden: torch.Tensor, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor | None, object]:
+        """The sequence adapter's outputs at the prompts' last positions and its cache."""
+        g = self.generator
+        if g.adapter is None or not g.adapter.reads_sequences or self.mixing.lambda_max <= 0:
+            return None, None
+        out = g.client.represent(prompts, [0] * len(prompts), dtype=g.config.hidden_dtype)
+        states = [h.to(g.device, torch.float32) for h in out.rows()]
+        capacity = max(map(len, prompts)) + g.max_new_tokens
+        with torch.inference_mode():
+            return g.adapter.start(states, prompts, capacity)
+
+    def _advance(
+        self,
+        live: list[Hypothesis],
+        hidden: torch.Tensor,
+        adapted: torch.Tensor | None,
+        step: int,
+    ) -> tuple[list[int], list[Hypothesis]]:
+        """The hypotheses that go on after one more token, and the live one each continues."""
+        g, rows = self.generator, self.job.rows
+        lam = [self.mixing.lambda_at(step, rows[h.row].horizon) for h in live]
+        x = hidden.to(g.device, torch.float32)
+        with torch.inference_mode():
+            log_probs = g._log_probs(x, torch.tensor(lam, device=g.device), adapted)
+        ban_repeats(log_probs, [h.tokens for h in live], self.mixing.no_repeat_ngram)
+        early = [i for i, h in enumerate(live) if len(h.tokens) < rows[h.row].min_tokens]
+        if early:
+            log_probs[torch.tensor(early, device=g.device)[:, None], self.endings] = -math.inf
+        totals = log_probs + torch.tensor([h.score for h in live], device=g.device)[:, None]
+        parents: list[int] = []
+        going: list[Hypothesis] = []
+        vocab = totals.shape[1]
+        for r, state in enumerate(self.inputs):
+            members = [i for i, h in enumerate(live) if h.row == r]
+            if not members:
+                continue
+            flat = totals[members].flatten()
+            values, where = flat.topk(min(2 * self.width, flat.numel()))
+            kept: list[tuple[int, Hypothesis]] = []
+            ranked = zip(values.tolist(), where.tolist(), strict=True)
+            for rank, (value, index) in enumerate(ranked):
+                if value == -math.inf or len(kept) == self.width:
+                    break
+                parent = members[index // vocab]
+                hypothesis = self._extend(live[parent], index % vocab, value)
+                if hypothesis.finish_reason is None:
+                    kept.append((parent, hypothesis))
+                elif rank < self.width:  # only the best may finish (as transformers)
+                    state.finished.append(hypothesis)
+            if self._done(state, [h for _, h in kept]):
+                state.done = True
+                continue
+            parents += [p for p, _ in kept]
+            going += [h for _, h in kept]
+        return parents, going
+
+    def _extend(self, hypothesis: Hypothesis, token: int, score: float) -> Hypothesis:
+        """``hypothesis`` with ``token``, finished where the token ends it."""
+        g, row = self.generator, self.job.rows[hypothesis.row]
+        tokens = [*hypothesis.tokens, token]
+        extended = Hypothesis(hypothesis.row, tokens, score)
+        if token in self.eos:
+            extended.finish_reason, extended.text = "eos", g.text(tokens[:-1])
+            return extended
+        if self.job.config.stop:
+            text = g.text(tokens)
+            if (cut := stop_index(text, self.job.config.stop)) is not None:
+                extended.finish_reason, extended.text = "stop", text[:cut].rstrip()
+                return extended
+        if len(tokens) >= row.budget:
+            extended.finish_reason, extended.text = "length", g.text(tokens)
+        return extended
+
+    def _done(self, state: _Input, live: list[Hypothesis]) -> bool:
+        """No live hypothesis left, or ``width`` finished ones none of them can beat at its
+        current length."""
+        if not live:
+            return True
+        if len(state.finished) < self.width:
+            return False
+        worst = sorted(map(self._normalised, state.finished), reverse=True)[self.width - 1]
+        best_live = max(h.score for h in live) / len(live[0].tokens) ** self._penalty
+        return worst >= best_live
+
+    @property
+    def _penalty(self) -> float:
+        return self.job.config.length_penalty
+
+    def _normalised(self, hypothesis: Hypothesis) -> float:
+        return hypothesis.score / max(len(hypothesis.tokens), 1) ** self._penalty
+
+    def _step(
+        self, session: str, live: list[Hypothesis], parents: list[int], tokens: list[int]
+    ) -> tuple[str, torch.Tensor]:
+        """Step the session's rows, forked to follow ``parents``; re-open it if the server lost
+        it (restarted or evicted), with each hypothesis's whole sequence."""
+        g = self.generator
+        try:
+            hidden, _ = g.client.step(session, tokens, parents=parents)
+            return session, hidden
+        except (ServerError, httpx.TransportError) as exc:
+            sequences = [self.job.rows[h.row].prompt + h.tokens for h in live]
+            return g.reopened(session, sequences, exc)
