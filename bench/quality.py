@@ -289,11 +289,15 @@ def kind_ablation_runs() -> list[Run]:
         read = flags[: len(SEQUENCE_READ)] == SEQUENCE_READ
         run_decode = constant(SETTINGS_LAMBDA) if read else decode
         runs.append(Run(name, "pema", "sequence: settings", setting, flags, run_decode))
-    group = "sequence: ensembles and self-training"
+    group = "sequence: ensembles, beams and self-training"
     for members in (2, 3):
         setting = f"ensemble of {members} seeds"
         runs.append(Run(f"sequence-ensemble-{members}", "pema", group, setting, SEQUENCE, decode,
                         members=members))  # fmt: skip
+    for beams in (4,):
+        setting = f"beam search, {beams} beams"
+        runs.append(Run(f"sequence-beam-{beams}", "pema", group, setting, SEQUENCE,
+                        (*decode, "--num-beams", str(beams))))  # fmt: skip
     for count in SELF_TRAINING:
         setting = f"+{count:,} self-labelled sources"
         runs.append(Run(f"sequence-self-{count}", "pema", group, setting, SEQUENCE, decode,

@@ -89,6 +89,21 @@ def test_session_steps_equal_the_full_forward(backends):
     assert backend.cached_tokens > 0  # the steps read the prefix cache
 
 
+def test_forked_rows_continue_as_their_parents_would(backends):
+    """A row forked into several (beam search) continues from a copy of its tokens: each equals
+    the full forward, and the forks read their parent's cached blocks."""
+    backend, runner = backends
+    prompts = rows([BLOCK + 3, 5], seed=5)
+    ((state, _),) = backend.open_sessions([prompts])
+    cached = backend.cached_tokens
+    state.select([0, 1, 2], parents=[0, 0, 1])  # row 0 goes on twice, row 1 once
+    (hidden,) = backend.step_sessions([(state, [0, 1, 2], [7, 8, 9])])
+    full = [prompts[0] + [7], prompts[0] + [8], prompts[1] + [9]]
+    want = runner.represent(full, [len(f) - 1 for f in full], 4096)
+    assert_states_equal(hidden, torch.cat(want))
+    assert backend.cached_tokens - cached >= 2 * BLOCK  # both forks read the prompt's block
+
+
 def test_a_session_never_reads_another_sessions_cache(backends):
     """Prefixes are cached under each session's own salt: the same prompt in another session
     (another data owner's, say) is computed again, and nothing tells one about the other."""
