@@ -270,6 +270,35 @@ def test_generate_output_continues_after_a_kill_and_refuses_another_run(
     assert timeless(foreign.read_text()) == timeless(whole)
 
 
+def test_generate_decodes_with_an_ensemble_of_adapters_and_by_beam_search(run, data, tmp_path):
+    """Several --adapter folders decode as one ensemble; --num-beams searches; each is recorded
+    as its own run of the output file."""
+    adapters = [tmp_path / f"adapter-{seed}" for seed in range(2)]
+    for seed, out in enumerate(adapters):
+        run("train", "--data", str(data), "--out", str(out), *MEMORY_FLAGS, "--limit=40",
+            "--adapter-kind=residual", "--rank=8", "--stage2-epochs=2",
+            f"--seed={seed}")  # fmt: skip
+    flags = ("generate", "--data", str(data), "--source-field=src", "--limit=6",
+             "--max-new-tokens=4", "--lambda-max=0.5")  # fmt: skip
+    records = {}
+    for name, extra in (
+        ("one", ("--adapter", str(adapters[0]))),
+        ("both", ("--adapter", *map(str, adapters))),
+        ("beams", ("--adapter", *map(str, adapters), "--num-beams=3")),
+    ):
+        out = tmp_path / f"{name}.jsonl"
+        run(*flags, *extra, "--output", str(out))
+        records[name] = timeless(out.read_text())
+        assert len(records[name]) == 6
+    settings = json.loads((tmp_path / "beams.jsonl.run.json").read_text())["settings"]
+    assert settings["num_beams"] == 3
+    assert "num_beams" not in json.loads((tmp_path / "both.jsonl.run.json").read_text())["settings"]
+    run("train", "--data", str(data), "--out", str(tmp_path / "pema"), *MEMORY_FLAGS,
+        "--limit=40", "--rank=8", "--stage1-epochs=1", "--stage2-epochs=1")  # fmt: skip
+    with pytest.raises(SystemExit, match="one kind"):
+        run(*flags, "--adapter", str(adapters[0]), str(tmp_path / "pema"))
+
+
 def timeless(jsonl: str) -> list[dict[str, object]]:
     """The records without their decoding times."""
     records = [json.loads(line) for line in jsonl.splitlines()]
