@@ -28,6 +28,8 @@ def run_signature(
     unused = () if kind.module.reads_sequences else ("sequence_batch_size",)
     skip = RUNTIME_ONLY + unused
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    if config.init is None:  # as checkpoints from before --init read
+        del train["init"]
     return {"adapter": adapter, "train": train, "world_size": world.size}
 
 

@@ -29,7 +29,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, build_adapter, save_adapter
+from data_owner_client.adapter import (
+    KINDS,
+    Adapter,
+    AdapterConfig,
+    AdapterError,
+    build_adapter,
+    load_adapter,
+    save_adapter,
+)
 from data_owner_client.checkpoint import (
     CHECKPOINT_FILE,
     RunState,
@@ -131,6 +139,8 @@ class _Trainer:
         init = _generator(self.config.seed, "stage1")
         head = self.head if isinstance(self.head, Head) else None
         self.adapter = build_adapter(self.adapter_config, head, generator=init).to(self.device)
+        if self.config.init is not None:
+            self._initialise(Path(self.config.init), head)
         self.logits = logits_of(self.adapter, self.head)
         saved = self._load_checkpoint() if self.config.resume else None
         if saved is not None:
@@ -138,6 +148,20 @@ class _Trainer:
         self._build_stage(optimizer_state=saved["optimizer"] if saved else None)
         self.log = JsonlLog(self.out_dir / LOG_FILE, self.world.main, self.state.log_bytes)
         self.t0 = time.monotonic() - self.state.elapsed
+
+    def _initialise(self, directory: Path, head: Head | None) -> None:
+        """Start from the weights of the adapter in ``directory``, of this run's kind and shape
+        and trained on this model's representations."""
+        fingerprint = self.adapter_config.fingerprint or None
+        initial, config = load_adapter(directory, fingerprint=fingerprint, head=head)
+        shapes = {k: tuple(t.shape) for k, t in initial.state_dict().items()}
+        expected = {k: tuple(t.shape) for k, t in self.adapter.state_dict().items()}
+        if config.kind != self.adapter_config.kind or shapes != expected:
+            raise AdapterError(
+                f"--init {directory} is a {config.kind} adapter of another shape than this "
+                f"{self.adapter_config.kind} one; train with its kind and shape settings"
+            )
+        self.adapter.load_state_dict(initial.state_dict())
 
     def _build_stage(self, optimizer_state: dict[str, Any] | None = None) -> None:
         """Freeze for the current stage, wrap for DDP, make the stage's optimizer."""

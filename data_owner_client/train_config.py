@@ -44,6 +44,12 @@ class TrainConfig:
     ce_chunk: int | None = None  # rows per CE chunk; None: keep a chunk's logits ≤ 2**24 values
     log_every_steps: int = 10  # steps between training-loss records in the JSONL log
     seed: int = option(0, help="seeds initialisation, shuffling and dropout")
+    init: str | None = option(
+        None,
+        help="start from this adapter's weights instead of a fresh initialisation (same kind, "
+        "shape and model), e.g. one trained on self-labelled pairs, then fine-tune it",
+        metavar="ADAPTER",
+    )
     device: str = option("auto", help="auto (cuda, then mps, then cpu), or a torch device name")
     checkpoint_dir: str | None = None  # where resumable state goes; None: OUT_DIR/checkpoint
     resume: bool = option(False, help="continue from OUT/checkpoint when there is one")

@@ -340,6 +340,25 @@ def test_resume_with_other_settings_is_refused(task, tmp_path):
         train(adapter_config, task.sample(128, 1), task.sample(64, 2), task.head, tmp_path, other)
 
 
+def test_a_run_started_from_another_adapter_goes_on_from_its_weights(tmp_path):
+    """--init: the first validation of a run started from a trained adapter is that adapter's
+    (no step has changed it yet); one of another shape is refused."""
+    copy = copy_task()
+    train_set, val_set = copy.sample(128, 1), copy.sample(32, 2)
+    adapter_config, train_config = small_configs(stage2_epochs=4, sequence_batch_size=32)
+    adapter_config = as_kind(adapter_config, "sequence", width=32, heads=2, dropout=0.0)
+    first = train(adapter_config, train_set, val_set, copy.head, tmp_path / "first", train_config)
+    fresh = dataclasses.replace(train_config, stage2_epochs=1, val_every_steps=1, lr=0.0)
+    started = dataclasses.replace(fresh, init=str(tmp_path / "first"))
+    again = train(adapter_config, train_set, val_set, copy.head, tmp_path / "again", started)
+    scratch = train(adapter_config, train_set, val_set, copy.head, tmp_path / "scratch", fresh)
+    assert again.stage2_val_loss == pytest.approx(first.stage2_val_loss, rel=1e-5)
+    assert scratch.stage2_val_loss > 1.5 * first.stage2_val_loss
+    wider = as_kind(adapter_config, "sequence", width=64, heads=2, dropout=0.0)
+    with pytest.raises(AdapterError, match="another shape"):
+        train(wider, train_set, val_set, copy.head, tmp_path / "wider", started)
+
+
 # ---- devices and DDP -------------------------------------------------------------------------
 
 
