@@ -122,11 +122,13 @@ class Run:
     # unlabelled sources labelled by the main sequence run (self-training)
     memory: str = "all"
     members: int = 1  # an ensemble of this many adapters, trained with seeds 0, 1, ...
+    init: str = ""  # the run whose adapter training starts from (train --init)
 
     @property
     def adapter_key(self) -> str:
         """Names the adapter: runs that differ only in decoding share one."""
-        return "_".join([self.memory, *(a.lstrip("-") for a in self.train)])
+        init = [f"init-{self.init}"] if self.init else []
+        return "_".join([self.memory, *(a.lstrip("-") for a in self.train), *init])
 
     @property
     def predictions_key(self) -> str:
@@ -302,6 +304,9 @@ def kind_ablation_runs() -> list[Run]:
         setting = f"+{count:,} self-labelled sources"
         runs.append(Run(f"sequence-self-{count}", "pema", group, setting, SEQUENCE, decode,
                         f"self-{count}"))  # fmt: skip
+        setting = f"trained on +{count:,} self-labelled sources, then on the pairs alone"
+        runs.append(Run(f"sequence-self-{count}-then-pairs", "pema", group, setting, SEQUENCE,
+                        decode, init=f"sequence-self-{count}"))  # fmt: skip
     return runs
 
 
@@ -444,10 +449,17 @@ class Bench:
         figures = out / "train_cost.json"
         if not figures.is_file():
             memory = self.memory(task, run.memory)
-            cost = self.client(
-                "train", "--memory", memory, "--out", out, *PEMA_TRAIN, *run.train, "--resume"
-            )
+            flags: list[str | Path] = [*PEMA_TRAIN, *run.train]
+            before: dict[str, Any] = {}
+            if run.init:  # its adapter's cost counts as this one's
+                start, before = self.adapter(task, RUNS[run.init])
+                flags += ["--init", start]
+            cost = self.client("train", "--memory", memory, "--out", out, *flags, "--resume")
             cost["memory_build_s"] = json.loads((memory / "build.json").read_text())["seconds"]
+            if before:
+                cost["seconds"] += before["seconds"]
+                cost["memory_build_s"] += before["memory_build_s"]
+                cost["peak_rss"] = max(cost["peak_rss"], before["peak_rss"])
             figures.write_text(json.dumps(cost))
         return out, json.loads(figures.read_text())
 
@@ -732,6 +744,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
+
+
+RUNS = {run.name: run for run in (*main_runs(), *ablation_runs())}
 
 
 def main(argv: list[str] | None = None) -> None:
