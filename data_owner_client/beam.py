@@ -101,6 +101,7 @@ class BeamSearch:
         with torch.inference_mode():
             return g.adapter.start(states, prompts, capacity)
 
+    @torch.inference_mode()
     def _advance(
         self,
         live: list[Hypothesis],
@@ -112,8 +113,7 @@ class BeamSearch:
         g, rows = self.generator, self.job.rows
         lam = [self.mixing.lambda_at(step, rows[h.row].horizon) for h in live]
         x = hidden.to(g.device, torch.float32)
-        with torch.inference_mode():
-            log_probs = g._log_probs(x, torch.tensor(lam, device=g.device), adapted)
+        log_probs = g._log_probs(x, torch.tensor(lam, device=g.device), adapted)
         ban_repeats(log_probs, [h.tokens for h in live], self.mixing.no_repeat_ngram)
         early = [i for i, h in enumerate(live) if len(h.tokens) < rows[h.row].min_tokens]
         if early:

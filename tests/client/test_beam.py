@@ -75,9 +75,10 @@ def test_every_hypothesis_scores_its_mixture_over_the_whole_sequence(served_clie
         PROMPTS[1:2],
     )[0][2]
     served = with_eos(served, eos)
-    config = GenerationConfig(
-        max_new_tokens=NEW_TOKENS, lambda_max=0.7, schedule="constant", num_beams=4
-    )
+    config = GenerationConfig(  # the guard and the minimum length rule out, never rescore
+        max_new_tokens=NEW_TOKENS, lambda_max=0.7, schedule="constant", num_beams=4,
+        no_repeat_ngram=2, min_length=0.5,
+    )  # fmt: skip
     generator = Generator(client, served, config, TEMPLATE, adapter, adapter_config)
     prompts = [served.tokenizer(p)["input_ids"] for p in PROMPTS]
     search = BeamSearch(generator, generator.job(prompts, [len(p) for p in prompts]))
