@@ -468,8 +468,13 @@ class Bench:
         _, inputs = self.data(task)
         out = self.work / task.name / "predictions" / self.split / f"{run.predictions_key}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
+        wanted = len(inputs.read_text().splitlines())
         if out.is_file() and not self.fresh:
-            return [json.loads(line) for line in out.read_text().splitlines()]
+            records = [json.loads(line) for line in out.read_text().splitlines()]
+            if len(records) == wanted:
+                return records  # else a killed run: generate continues it
+        elif out.is_file():
+            out.unlink()  # --fresh
         # A run names its repetition guard, or has none (not the adapter's stored default).
         unguarded = () if "--no-repeat-ngram" in run.decode else ("--no-repeat-ngram", "0")
         self.client(
