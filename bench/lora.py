@@ -146,8 +146,11 @@ def generate(
     max_new_tokens: int,
     stop: Sequence[str] = ("\n",),
     batch_size: int = 8,
+    num_beams: int = 1,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Greedy outputs (prediction and new-token count per source) and the decoding seconds."""
+    """Greedy outputs, or beam search's with ``num_beams`` (transformers' defaults: length
+    penalty 1, ``early_stopping=False``, as ``pema-client generate --num-beams``): prediction and
+    new-token count per source, and the decoding seconds."""
     from data_owner_client.data import encode_prompt
 
     device = next(model.parameters()).device
@@ -165,6 +168,7 @@ def generate(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            num_beams=num_beams,
             pad_token_id=pad,
             stop_strings=list(stop) or None,
             tokenizer=tokenizer,
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictions", type=Path, required=True, help="JSONL written here")
     parser.add_argument("--result", type=Path, required=True, help="figures (JSON) written here")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="Hugging Face id or folder")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search (1: greedy)")
     for name, value in vars(LoraSettings()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -215,7 +220,12 @@ def main(argv: list[str] | None = None) -> None:
         figures["cuda_peak"] = torch.cuda.max_memory_allocated()
     examples = load_examples(args.eval, *fields)
     outputs, seconds = generate(
-        model, tokenizer, template, [e.source for e in examples], args.max_new_tokens
+        model,
+        tokenizer,
+        template,
+        [e.source for e in examples],
+        args.max_new_tokens,
+        num_beams=args.num_beams,
     )
     lines = [
         {"source": e.source, **o, "reference": e.target}

@@ -14,7 +14,8 @@ Methods, on the same training pairs and evaluation inputs, each through the proj
   with Gradual Unrolling (quadratic) and with a constant λ;
 - the residual and sequence adapter kinds (``train --adapter-kind``) on the same memory;
 - kNN-LM: ``pema-client generate --knn`` over the same memory;
-- LoRA: peft on the whole local model (``bench/lora.py``), greedy decoding with transformers.
+- LoRA: peft on the whole local model (``bench/lora.py``), greedy decoding with transformers
+  (and beam search, as PEMA's beam runs decode).
 
 Ablations (on ``--ablation-task``): κ, rank, memory size, GU schedule and λ_max, teacher-forced
 versus generated-context memory; the residual and sequence kinds' λ, schedule and sizes.
@@ -74,6 +75,8 @@ RESIDUAL_LAMBDA, SEQUENCE_LAMBDA = 0.5, 0.7  # constant λ of each kind's main r
 SETTINGS_LAMBDA = 0.5  # the read pointer's settings were compared at this constant λ
 NO_REPEAT_4 = ("--no-repeat-ngram", "4")
 MIN_LENGTHS = ("0.8", "0.9")  # --min-length ablations
+BEAMS = (4, 8)  # beam widths tried (--num-beams)
+BEAM_4 = ("--num-beams", "4")
 SELF_TRAINING = (1000,)  # unlabelled sources the main sequence run labels for self-training
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
@@ -133,10 +136,10 @@ class Run:
     @property
     def predictions_key(self) -> str:
         """Names the outputs: runs with the same adapter and decoding share them (greedy)."""
-        if self.method == "lora" or (self.method == "plm" and not self.decode):
+        if self.method in ("lora", "plm") and not self.decode:
             return self.method
-        if self.method == "plm":
-            return "_".join(["plm", *(a.lstrip("-") for a in self.decode)])
+        if self.method in ("lora", "plm"):
+            return "_".join([self.method, *(a.lstrip("-") for a in self.decode)])
         ensemble = [f"ensemble-{self.members}"] if self.members > 1 else []
         parts = [self.method, self.adapter_key, *ensemble, *(a.lstrip("-") for a in self.decode)]
         return "_".join(parts)
@@ -180,6 +183,7 @@ def main_runs() -> list[Run]:
         SEQUENCE_RUN,
         Run("knn", "knn", "main", "kNN-LM, same memory", decode=KNN),
         Run("lora", "lora", "main", "LoRA (peft, whole model)"),
+        Run("lora-beam-4", "lora", "main", "LoRA, beam search, 4 beams", decode=BEAM_4),
     ]
 
 
@@ -296,10 +300,14 @@ def kind_ablation_runs() -> list[Run]:
         setting = f"ensemble of {members} seeds"
         runs.append(Run(f"sequence-ensemble-{members}", "pema", group, setting, SEQUENCE, decode,
                         members=members))  # fmt: skip
-    for beams in (4,):
+    for beams in BEAMS:
         setting = f"beam search, {beams} beams"
+        beam = ("--num-beams", str(beams))
         runs.append(Run(f"sequence-beam-{beams}", "pema", group, setting, SEQUENCE,
-                        (*decode, "--num-beams", str(beams))))  # fmt: skip
+                        (*decode, *beam)))  # fmt: skip
+        runs.append(Run(f"sequence-seed-1-beam-{beams}", "pema", group, f"{setting}, seed 1",
+                        (*SEQUENCE, "--seed", "1"), (*decode, *beam)))  # fmt: skip
+        runs.append(Run(f"plm-beam-{beams}", "plm", "PLM alone", setting, (), beam))
     for count in SELF_TRAINING:
         setting = f"+{count:,} self-labelled sources"
         runs.append(Run(f"sequence-self-{count}", "pema", group, setting, SEQUENCE, decode,
@@ -524,7 +532,7 @@ class Bench:
 
     def lora(self, task: Task, run: Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         train, inputs = self.data(task)
-        folder = self.work / task.name / "lora"
+        folder = self.work / task.name / "_".join(["lora", *(a.lstrip("-") for a in run.decode)])
         folder.mkdir(parents=True, exist_ok=True)
         predictions, figures = folder / f"{self.split}.jsonl", folder / f"{self.split}.json"
         if self.fresh or not figures.is_file():
@@ -532,7 +540,7 @@ class Bench:
                 [sys.executable, str(ROOT / "bench/lora.py"), "--train", str(train), "--eval",
                  str(inputs), *self.fields(task), "--template", task.template, "--max-new-tokens",
                  str(task.max_new_tokens), "--predictions", str(predictions), "--result",
-                 str(figures), "--model", self.model, *LORA],
+                 str(figures), "--model", self.model, *LORA, *run.decode],
             )  # fmt: skip
         records = [json.loads(line) for line in predictions.read_text().splitlines()]
         lora = json.loads(figures.read_text())
