@@ -54,7 +54,7 @@ class BeamSearch:
 
     def __init__(self, generator: Generator, job: Job) -> None:
         self.generator, self.job = generator, job
-        self.width = job.config.num_beams
+        self.width = job.mixing.num_beams
         self.mixing = job.mixing
         self.inputs = [_Input() for _ in job.rows]
         self.endings = generator._endings(job.config.stop)

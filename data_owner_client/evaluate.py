@@ -99,7 +99,10 @@ def evaluate(
     mixing = Mixing.resolve(config, adapter_config)
     if mixing.lambda_max == 0:
         raise ValueError("evaluate compares the PLM with PEMA: pass a --lambda-max above 0")
-    plm_config = dataclasses.replace(config, lambda_max=0.0, lambda_min=0.0)
+    # The PLM decodes as PEMA does: greedy, sampled, or by beam search of the same width.
+    plm_config = dataclasses.replace(
+        config, lambda_max=0.0, lambda_min=0.0, num_beams=mixing.num_beams
+    )
     runs = {
         "plm": Generator(client, served, plm_config, template),
         "pema": Generator(client, served, config, template, adapter, adapter_config),

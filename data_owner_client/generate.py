@@ -72,10 +72,11 @@ class GenerationConfig:
     top_k: int = option(0, help="when sampling, only the k most likely tokens (0: all)")
     top_p: float = option(1.0, help="when sampling, only the smallest set holding this probability")
     seed: int = option(0, help="seeds sampling")
-    num_beams: int = option(
-        1,
+    num_beams: int | None = option(
+        None,
         help="beam search over this many hypotheses per input, scored by the mixture's "
-        "log-probabilities (1: one hypothesis, greedy or sampled)",
+        "log-probabilities; 1: one hypothesis, greedy or sampled (default: the adapter's; 1 "
+        "when sampling or without an adapter)",
     )
     length_penalty: float = option(
         1.0,
@@ -119,13 +120,17 @@ class GenerationConfig:
             raise ValueError(f"the GU horizon must be positive, got {self.gu_horizon}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        if self.num_beams < 1:
+        if self.num_beams is not None and self.num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.temperature >= GREEDY_BELOW:
+        if self.num_beams is not None and self.num_beams > 1 and self.sampling:
             raise ValueError(
                 "beam search keeps the most likely hypotheses and samples nothing: "
                 "drop the temperature, or decode with num_beams 1"
             )
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature >= GREEDY_BELOW
 
 
 class MixingDefaults(Protocol):
@@ -145,8 +150,8 @@ class MixingDefaults(Protocol):
 
 @dataclass(frozen=True)
 class Mixing:
-    """The resolved Gradual Unrolling settings of one run, and its repetition guard (which an
-    adapter stores with them)."""
+    """The resolved Gradual Unrolling settings of one run, and its repetition guard and beam
+    width (which an adapter stores with them)."""
 
     lambda_max: float
     lambda_min: float
@@ -154,6 +159,7 @@ class Mixing:
     length_ratio: float | None  # target/source tokens learned in training
     horizon: float | None  # fixed horizon; overrides the ratio
     no_repeat_ngram: int = 0  # never repeat an n-gram of a row's output (0: off)
+    num_beams: int = 1  # beam search's hypotheses per input (1: greedy or sampled)
 
     def __post_init__(self) -> None:
         check_settings(self.lambda_max, self.lambda_min, self.schedule)
@@ -187,6 +193,9 @@ class Mixing:
                 return value
             return getattr(defaults, name) if defaults is not None else alone
 
+        beams = config.num_beams
+        if beams is None:  # sampling, or a kNN-LM, decodes one hypothesis unless told otherwise
+            beams = 1 if config.sampling else int(getattr(defaults, "num_beams", 1))
         mixing = cls(
             lambda_max=pick("lambda_max", 0.0),
             lambda_min=pick("lambda_min", 0.0),
@@ -194,6 +203,7 @@ class Mixing:
             length_ratio=defaults.length_ratio if defaults is not None else None,
             horizon=config.gu_horizon,
             no_repeat_ngram=pick("no_repeat_ngram", 0),
+            num_beams=beams,
         )
         if mixing.lambda_max > 0 and defaults is None:
             raise ValueError(
@@ -347,7 +357,7 @@ class Generator:
                 prompts = [encode_prompt(tokenizer, self.template, e.source) for e in batch]
                 sources = [source_length(tokenizer, e.source) for e in batch]
                 job = self.job(prompts, sources, seed=self.config.seed + first, first=first)
-                if self.config.num_beams > 1:
+                if self.mixing.num_beams > 1:
                     BeamSearch(self, job).run()
                 else:
                     self.decode([job])

@@ -63,7 +63,8 @@ def settings_record(generator: Generator) -> dict[str, Any]:
     settings = dataclasses.asdict(generator.config)
     for volatile in ("device", "reconnect_s"):
         settings.pop(volatile, None)
-    if generator.config.num_beams == 1:  # as records from before beam search read
+    settings["num_beams"] = generator.mixing.num_beams  # the adapter's when not given
+    if generator.mixing.num_beams == 1:  # as records from before beam search read
         del settings["num_beams"], settings["length_penalty"]
     settings.update(
         batch_size=generator.batch_size,

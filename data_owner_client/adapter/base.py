@@ -42,6 +42,7 @@ FILE_DEFAULTS: dict[str, Any] = {
     "lambda_max": 0.9,
     "schedule": "quadratic",
     "no_repeat_ngram": 0,
+    "num_beams": 1,
 }
 
 
@@ -90,6 +91,9 @@ class AdapterConfig:
     no_repeat_ngram: int = option(
         0, help="default repetition guard of generate, stored with the adapter"
     )
+    num_beams: int = option(
+        1, help="default beam width of generate and evaluate (1: greedy), stored with the adapter"
+    )
     package_version: str = field(default_factory=_package_version)  # pema-offsite that wrote it
     format: str = FORMAT  # format tag, checked on load
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes
@@ -107,6 +111,8 @@ class AdapterConfig:
             )
         if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:
             raise AdapterError("need 0 <= lambda_min <= lambda_max <= 1")
+        if self.num_beams < 1:
+            raise AdapterError(f"num_beams must be at least 1, got {self.num_beams}")
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The saved tensors whose shapes the config's sizes fix (a kind may save more)."""

@@ -58,6 +58,7 @@ def serving_models(
         hidden_dtype=settings.hidden_dtype,
         reconnect_s=settings.reconnect_s,
         device=settings.device,
+        num_beams=1,  # one hypothesis per choice: an adapter's stored width is generate's
     )
     sessions = SessionPool(min(settings.max_sessions, limits.max_sessions_per_key))
     plm = served.info.model_id

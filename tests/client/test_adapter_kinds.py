@@ -208,10 +208,11 @@ def test_a_sequence_adapter_from_before_the_source_pointer_loads_with_the_read_o
     cfg = dataclasses.replace(sequence_config("copy"), fingerprint="f")
     save_adapter(tmp_path, build_adapter(cfg, head), cfg)
     data = json.loads((tmp_path / CONFIG_FILE).read_text())
-    del data["pointer"]  # as written before the setting existed
+    del data["pointer"], data["num_beams"]  # as written before the settings existed
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
     adapter, loaded = load_adapter(tmp_path, head=head)
     assert loaded.pointer == "read" and isinstance(adapter, SequenceAdapter)
+    assert loaded.num_beams == 1  # decoded greedily, as it was
     assert adapter.sink is None
     assert SequenceConfig(hidden_size=D, vocab_size=V).pointer == "source"  # new adapters'
 

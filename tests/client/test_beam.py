@@ -124,6 +124,27 @@ def test_a_session_lost_mid_search_is_reopened_and_the_output_is_unchanged(
     assert len(set(calls)) >= 3  # re-opened twice
 
 
+def test_the_adapters_stored_beam_width_is_the_default(served_client):
+    """An adapter's stored ``num_beams`` decodes by beam search unless told otherwise; sampling
+    decodes one hypothesis."""
+    _, client, served = served_client
+    adapter, adapter_config = _strong_adapter(served, "sequence")
+    stored = dataclasses.replace(adapter_config, num_beams=3)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, schedule="constant")
+
+    def decode(config: GenerationConfig, adapter_config=stored) -> list[list[int]]:
+        generator = Generator(client, served, config, TEMPLATE, adapter, adapter_config)
+        return [g.token_ids for g in generator.generate(examples())]
+
+    beams = decode(dataclasses.replace(config, num_beams=3), adapter_config)
+    assert decode(config) == beams
+    greedy = decode(dataclasses.replace(config, num_beams=1))
+    assert greedy == decode(config, adapter_config) and greedy != beams
+    sampled = Generator(client, served, dataclasses.replace(config, temperature=1.0), TEMPLATE,
+                        adapter, stored)  # fmt: skip
+    assert sampled.mixing.num_beams == 1
+
+
 def test_beam_search_samples_nothing():
     with pytest.raises(ValueError, match="samples nothing"):
         GenerationConfig(num_beams=2, temperature=0.7)
