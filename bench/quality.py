@@ -483,8 +483,10 @@ class Bench:
                 return records  # else a killed run: generate continues it
         elif out.is_file():
             out.unlink()  # --fresh
-        # A run names its repetition guard, or has none (not the adapter's stored default).
+        # A run names its repetition guard and beam width, or has none and decodes greedily
+        # (not with the adapter's stored defaults).
         unguarded = () if "--no-repeat-ngram" in run.decode else ("--no-repeat-ngram", "0")
+        unguarded += () if "--num-beams" in run.decode else ("--num-beams", "1")
         self.client(
             "generate", "--data", inputs, *self.fields(task), "--template", task.template,
             "--stop", "\\n", "--max-new-tokens", str(task.max_new_tokens), *flags, *run.decode,
