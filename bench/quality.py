@@ -77,7 +77,8 @@ NO_REPEAT_4 = ("--no-repeat-ngram", "4")
 MIN_LENGTHS = ("0.8", "0.9")  # --min-length ablations
 BEAMS = (4, 8)  # beam widths tried (--num-beams)
 BEAM_4 = ("--num-beams", "4")
-SELF_TRAINING = (1000,)  # unlabelled sources the main sequence run labels for self-training
+SELF_TRAINING = (1000,)  # unlabelled sources labelled for self-training by LABELLER
+LABELLER = "sequence-beam-4"  # the best run on the tuning verses
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
 
@@ -122,7 +123,7 @@ class Run:
     train: tuple[str, ...] = ()  # extra `pema-client train` flags
     decode: tuple[str, ...] = ()  # extra `pema-client generate` flags
     # all, 25, 50 (% of training examples), generated, or self-N: the training examples and N
-    # unlabelled sources labelled by the main sequence run (self-training)
+    # unlabelled sources labelled by the best run (LABELLER: self-training)
     memory: str = "all"
     members: int = 1  # an ensemble of this many adapters, trained with seeds 0, 1, ...
     init: str = ""  # the run whose adapter training starts from (train --init)
@@ -181,6 +182,15 @@ def main_runs() -> list[Run]:
             decode=constant(RESIDUAL_LAMBDA),
         ),
         SEQUENCE_RUN,
+        Run(
+            "sequence-beam-4",
+            "pema",
+            "main",
+            f"{SEQUENCE_RUN.setting}, 4 beams (its stored decoding)",
+            train=SEQUENCE,
+            decode=(*SEQUENCE_RUN.decode, *BEAM_4),
+        ),
+        Run("plm-beam-4", "plm", "main", "PLM alone, 4 beams", decode=BEAM_4),
         Run("knn", "knn", "main", "kNN-LM, same memory", decode=KNN),
         Run("lora", "lora", "main", "LoRA (peft, whole model)"),
         Run("lora-beam-4", "lora", "main", "LoRA, beam search, 4 beams", decode=BEAM_4),
@@ -303,11 +313,11 @@ def kind_ablation_runs() -> list[Run]:
     for beams in BEAMS:
         setting = f"beam search, {beams} beams"
         beam = ("--num-beams", str(beams))
-        runs.append(Run(f"sequence-beam-{beams}", "pema", group, setting, SEQUENCE,
-                        (*decode, *beam)))  # fmt: skip
+        if beams != 4:  # 4 beams: the main runs
+            runs.append(Run(f"sequence-beam-{beams}", "pema", group, setting, SEQUENCE,
+                            (*decode, *beam)))  # fmt: skip
         runs.append(Run(f"sequence-seed-1-beam-{beams}", "pema", group, f"{setting}, seed 1",
                         (*SEQUENCE, "--seed", "1"), (*decode, *beam)))  # fmt: skip
-        runs.append(Run(f"plm-beam-{beams}", "plm", "PLM alone", setting, (), beam))
     for count in SELF_TRAINING:
         setting = f"+{count:,} self-labelled sources"
         runs.append(Run(f"sequence-self-{count}", "pema", group, setting, SEQUENCE, decode,
@@ -423,19 +433,20 @@ class Bench:
 
     def self_training_data(self, task: Task, count: int) -> tuple[Path, Path, dict[str, Any]]:
         """(training pairs, dev pairs, cost) of self-training: the training examples less the
-        dev hold-out, and ``count`` unlabelled sources decoded by the main sequence run, those
+        dev hold-out, and ``count`` unlabelled sources decoded by the best run (LABELLER), those
         that ended before the length limit; the dev pairs are the usual hold-out (real pairs)."""
         folder = self.work / task.name / f"self-{count}"
         folder.mkdir(parents=True, exist_ok=True)
         labelled = folder / "labelled.jsonl"
         cost_file = folder / "labelling.json"
         if not cost_file.is_file():
-            adapter, _ = self.adapter(task, SEQUENCE_RUN)
+            labeller = RUNS[LABELLER]
+            adapter, _ = self.adapter(task, labeller)
             labelled.unlink(missing_ok=True)  # generate appends
             cost = self.client(
                 "generate", "--adapter", adapter, "--data", self.unlabelled(task, count),
                 "--source-field", task.source, "--template", task.template, "--stop", "\\n",
-                "--max-new-tokens", str(task.max_new_tokens), *SEQUENCE_RUN.decode,
+                "--max-new-tokens", str(task.max_new_tokens), *labeller.decode,
                 "--output", labelled,
             )  # fmt: skip
             cost_file.write_text(json.dumps({"labelling_s": cost["seconds"]}))
