@@ -51,6 +51,7 @@ class SequenceConfig(AdapterConfig):
     lambda_max: float = override(AdapterConfig, "lambda_max", 0.7)
     schedule: str = override(AdapterConfig, "schedule", "constant")
     no_repeat_ngram: int = override(AdapterConfig, "no_repeat_ngram", 4)
+    num_beams: int = override(AdapterConfig, "num_beams", 4)
     width: int = option(256, help="width of the side transformer")
     layers: int = option(2, help="transformer blocks")
     heads: int = option(4, help="attention heads per block")
