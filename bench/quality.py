@@ -339,6 +339,7 @@ class Bench:
     model: str = EMBEDDED_MODEL
     url: str = ""
     fresh: bool = False
+    refreshed: set[Path] = dataclasses.field(default_factory=set)  # outputs decoded again
 
     # ---- data -----------------------------------------------------------------------------------
 
@@ -488,12 +489,14 @@ class Bench:
         out = self.work / task.name / "predictions" / self.split / f"{run.predictions_key}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         wanted = len(inputs.read_text().splitlines())
-        if out.is_file() and not self.fresh:
+        # --fresh decodes each output again once (the PLM's serve every run's p-values).
+        if out.is_file() and (not self.fresh or out in self.refreshed):
             records = [json.loads(line) for line in out.read_text().splitlines()]
             if len(records) == wanted:
                 return records  # else a killed run: generate continues it
         elif out.is_file():
-            out.unlink()  # --fresh
+            out.unlink()
+        self.refreshed.add(out)
         # A run names its repetition guard and beam width, or has none and decodes greedily
         # (not with the adapter's stored defaults).
         unguarded = () if "--no-repeat-ngram" in run.decode else ("--no-repeat-ngram", "0")
