@@ -16,9 +16,10 @@ hypotheses share their prompt's prefill.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
@@ -42,12 +43,6 @@ class Hypothesis:
     text: str = ""
 
 
-@dataclass
-class _Input:
-    finished: list[Hypothesis] = field(default_factory=list)
-    done: bool = False
-
-
 class BeamSearch:
     """Decodes a job's rows by beam search in one server session, writing each row's best
     hypothesis into it (its tokens, text, finish reason and time)."""
@@ -56,7 +51,7 @@ class BeamSearch:
         self.generator, self.job = generator, job
         self.width = job.mixing.num_beams
         self.mixing = job.mixing
-        self.inputs = [_Input() for _ in job.rows]
+        self.finished: list[list[Hypothesis]] = [[] for _ in job.rows]  # per input
         self.endings = generator._endings(job.config.stop)
         self.eos = generator.eos
 
@@ -83,8 +78,8 @@ class BeamSearch:
                 step += 1
         finally:
             g._close(session)
-        for row, state in zip(rows, self.inputs, strict=True):
-            best = max(state.finished, key=self._normalised)
+        for row, finished in zip(rows, self.finished, strict=True):
+            best = max(finished, key=self._normalised)
             row.tokens, row.text, row.finish_reason = best.tokens, best.text, best.finish_reason
             row.seconds = time.perf_counter() - started
 
@@ -122,7 +117,7 @@ class BeamSearch:
         parents: list[int] = []
         going: list[Hypothesis] = []
         vocab = totals.shape[1]
-        for r, state in enumerate(self.inputs):
+        for r, finished in enumerate(self.finished):
             members = [i for i, h in enumerate(live) if h.row == r]
             if not members:
                 continue
@@ -138,9 +133,12 @@ class BeamSearch:
                 if hypothesis.finish_reason is None:
                     kept.append((parent, hypothesis))
                 elif rank < self.width:  # only the best may finish (as transformers)
-                    state.finished.append(hypothesis)
-            if self._done(state, [h for _, h in kept]):
-                state.done = True
+                    finished.append(hypothesis)
+            if not finished and not kept:  # every continuation ruled out: the best so far
+                best = max((live[i] for i in members), key=lambda h: h.score)
+                finished.append(dataclasses.replace(best, finish_reason="length",
+                                                    text=g.text(best.tokens)))  # fmt: skip
+            if self._done(finished, [h for _, h in kept]):
                 continue
             parents += [p for p, _ in kept]
             going += [h for _, h in kept]
@@ -163,14 +161,14 @@ class BeamSearch:
             extended.finish_reason, extended.text = "length", g.text(tokens)
         return extended
 
-    def _done(self, state: _Input, live: list[Hypothesis]) -> bool:
+    def _done(self, finished: list[Hypothesis], live: list[Hypothesis]) -> bool:
         """No live hypothesis left, or ``width`` finished ones none of them can beat at its
         current length."""
         if not live:
             return True
-        if len(state.finished) < self.width:
+        if len(finished) < self.width:
             return False
-        worst = sorted(map(self._normalised, state.finished), reverse=True)[self.width - 1]
+        worst = sorted(map(self._normalised, finished), reverse=True)[self.width - 1]
         best_live = max(h.score for h in live) / len(live[0].tokens) ** self._penalty
         return worst >= best_live
 

@@ -11,6 +11,7 @@ exactly the PLM's own decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -358,7 +359,7 @@ class Generator:
                 sources = [source_length(tokenizer, e.source) for e in batch]
                 job = self.job(prompts, sources, seed=self.config.seed + first, first=first)
                 if self.mixing.num_beams > 1:
-                    BeamSearch(self, job).run()
+                    self._beam_search(job)
                 else:
                     self.decode([job])
                 advance(len(job.rows), sum(len(r.tokens) for r in job.rows))
@@ -371,6 +372,15 @@ class Generator:
                         round(row.seconds, 4),
                         row.finish_reason or "length",
                     )
+
+    def _beam_search(self, job: Job) -> None:
+        """Decode ``job`` by beam search, in sessions of as many inputs as the server's row
+        limit leaves room for (each input takes ``num_beams`` rows)."""
+        limit = self.served.info.limits.max_batch_size
+        inputs = max(1, limit // job.mixing.num_beams)
+        for first in range(0, len(job.rows), inputs):
+            part = dataclasses.replace(job, rows=job.rows[first : first + inputs])
+            BeamSearch(self, part).run()
 
     def job(
         self,

@@ -84,8 +84,8 @@ def test_every_hypothesis_scores_its_mixture_over_the_whole_sequence(served_clie
     search = BeamSearch(generator, generator.job(prompts, [len(p) for p in prompts]))
     search.run()
     checked = 0
-    for prompt, row, state in zip(prompts, search.job.rows, search.inputs, strict=True):
-        for hypothesis in state.finished:
+    for prompt, row, finished in zip(prompts, search.job.rows, search.finished, strict=True):
+        for hypothesis in finished:
             sequence = prompt + hypothesis.tokens
             x = client.represent([sequence[:-1]], [0]).rows()[0]
             with torch.no_grad():
@@ -98,7 +98,7 @@ def test_every_hypothesis_scores_its_mixture_over_the_whole_sequence(served_clie
             picked = p[len(prompt) - 1 :].gather(-1, torch.tensor(hypothesis.tokens)[:, None])
             assert hypothesis.score == pytest.approx(float(picked.log().sum()), abs=1e-4)
             checked += 1
-        best = max(state.finished, key=search._normalised)
+        best = max(finished, key=search._normalised)
         assert row.tokens == best.tokens
     assert checked > 2 * len(PROMPTS)  # hypotheses of several parents
 
@@ -143,6 +143,26 @@ def test_the_adapters_stored_beam_width_is_the_default(served_client):
     sampled = Generator(client, served, dataclasses.replace(config, temperature=1.0), TEMPLATE,
                         adapter, stored)  # fmt: skip
     assert sampled.mixing.num_beams == 1
+
+
+def test_inputs_share_sessions_within_the_servers_row_limit(served_client, monkeypatch):
+    """Each input takes num_beams rows: a batch goes to the server in sessions that fit its
+    row limit, and decodes as in one session."""
+    _, client, served = served_client
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, lambda_max=0.0, num_beams=3)
+    want = [g.token_ids for g in Generator(client, served, config, TEMPLATE).generate(examples())]
+    limits = served.info.limits.model_copy(update={"max_batch_size": 7})
+    small = dataclasses.replace(served, info=served.info.model_copy(update={"limits": limits}))
+    opened = []
+    open_session = client.open_session
+
+    def recording(sequences, **kwargs):
+        opened.append(len(sequences))
+        return open_session(sequences, **kwargs)
+
+    monkeypatch.setattr(client, "open_session", recording)
+    got = [g.token_ids for g in Generator(client, small, config, TEMPLATE).generate(examples())]
+    assert got == want and opened == [2, 2]  # 2 inputs × 3 beams ≤ 7 rows per session
 
 
 def test_beam_search_samples_nothing():
