@@ -143,12 +143,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     adapter = "PEMA" if kind == "pema" else f"PEMA, {kind} adapter"
     guard = mixing.get("no_repeat_ngram", 0)  # reports from before it was stored lack it
     guarded = f", no repeated {guard}-gram" if guard else ""
-    pema = f"{adapter} ({mixing['schedule']}, λ_max {mixing['lambda_max']:g}{guarded})"
+    beams = mixing.get("num_beams", 1)  # both decode with the same width
+    searched = f", {beams} beams" if beams > 1 else ""
+    pema = f"{adapter} ({mixing['schedule']}, λ_max {mixing['lambda_max']:g}{guarded}{searched})"
+    plm = f"PLM alone ({beams} beams)" if beams > 1 else "PLM alone"
     rows = [
         "| method | BLEU | sBLEU | chrF | tokens/s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, label in (("plm", "PLM alone"), ("pema", pema)):
+    for name, label in (("plm", plm), ("pema", pema)):
         r = report["results"][name]
         rows.append(
             f"| {label} | {r['bleu']:.2f} | {r['sentence_bleu']:.2f} | {r['chrf']:.2f} "

@@ -53,6 +53,12 @@ def test_markdown_table_lists_both_methods():
     report["adapter_kind"] = "sequence"
     label = markdown_table(report).splitlines()[3].split(" | ")[0]
     assert label == "| PEMA, sequence adapter (constant, λ_max 0.7, no repeated 4-gram)"
+    report["mixing"]["num_beams"] = 4
+    lines = markdown_table(report).splitlines()
+    assert lines[2].startswith("| PLM alone (4 beams) |")
+    assert lines[3].startswith(
+        "| PEMA, sequence adapter (constant, λ_max 0.7, no repeated 4-gram, 4 beams) |"
+    )
 
 
 def test_evaluation_continues_after_a_kill(make_runner, tmp_path):
