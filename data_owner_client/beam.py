@@ -26,7 +26,7 @@ import httpx
 import torch
 
 from data_owner_client.client import ServerError
-from data_owner_client.sampling import ban_repeats, stop_index
+from data_owner_client.sampling import ban_repeats
 
 if TYPE_CHECKING:
     from data_owner_client.generate import Generator, Job
@@ -47,8 +47,10 @@ class BeamSearch:
     """Decodes a job's rows by beam search in one server session, writing each row's best
     hypothesis into it (its tokens, text, finish reason and time)."""
 
-    def __init__(self, generator: Generator, job: Job) -> None:
+    def __init__(self, generator: Generator, job: Job, started: float | None = None) -> None:
+        """``started``: when the batch began (its rows' ``seconds`` count from there)."""
         self.generator, self.job = generator, job
+        self.started = time.perf_counter() if started is None else started
         self.width = job.mixing.num_beams
         self.mixing = job.mixing
         self.finished: list[list[Hypothesis]] = [[] for _ in job.rows]  # per input
@@ -57,7 +59,6 @@ class BeamSearch:
 
     def run(self) -> None:
         g, rows = self.generator, self.job.rows
-        started = time.perf_counter()
         session, hidden, _ = g.client.open_session(
             [row.prompt for row in rows], dtype=g.config.hidden_dtype
         )
@@ -81,7 +82,7 @@ class BeamSearch:
         for row, finished in zip(rows, self.finished, strict=True):
             best = max(finished, key=self._normalised)
             row.tokens, row.text, row.finish_reason = best.tokens, best.text, best.finish_reason
-            row.seconds = time.perf_counter() - started
+            row.seconds = time.perf_counter() - self.started
 
     def _start(
         self, hidden: torch.Tensor, prompts: list[list[int]]
@@ -90,11 +91,7 @@ class BeamSearch:
         g = self.generator
         if g.adapter is None or not g.adapter.reads_sequences or self.mixing.lambda_max <= 0:
             return None, None
-        out = g.client.represent(prompts, [0] * len(prompts), dtype=g.config.hidden_dtype)
-        states = [h.to(g.device, torch.float32) for h in out.rows()]
-        capacity = max(map(len, prompts)) + g.max_new_tokens
-        with torch.inference_mode():
-            return g.adapter.start(states, prompts, capacity)
+        return g.start_sequence(prompts)
 
     @torch.inference_mode()
     def _advance(
@@ -122,7 +119,9 @@ class BeamSearch:
             if not members:
                 continue
             flat = totals[members].flatten()
-            values, where = flat.topk(min(2 * self.width, flat.numel()))
+            # As transformers: enough candidates that width go on however many end on an EOS.
+            candidates = max(2, 1 + len(self.eos)) * self.width
+            values, where = flat.topk(min(candidates, flat.numel()))
             kept: list[tuple[int, Hypothesis]] = []
             ranked = zip(values.tolist(), where.tolist(), strict=True)
             for rank, (value, index) in enumerate(ranked):
@@ -146,20 +145,10 @@ class BeamSearch:
 
     def _extend(self, hypothesis: Hypothesis, token: int, score: float) -> Hypothesis:
         """``hypothesis`` with ``token``, finished where the token ends it."""
-        g, row = self.generator, self.job.rows[hypothesis.row]
         tokens = [*hypothesis.tokens, token]
-        extended = Hypothesis(hypothesis.row, tokens, score)
-        if token in self.eos:
-            extended.finish_reason, extended.text = "eos", g.text(tokens[:-1])
-            return extended
-        if self.job.config.stop:
-            text = g.text(tokens)
-            if (cut := stop_index(text, self.job.config.stop)) is not None:
-                extended.finish_reason, extended.text = "stop", text[:cut].rstrip()
-                return extended
-        if len(tokens) >= row.budget:
-            extended.finish_reason, extended.text = "length", g.text(tokens)
-        return extended
+        budget = self.job.rows[hypothesis.row].budget
+        reason, text = self.generator.ending(tokens, budget, self.job.config.stop)
+        return Hypothesis(hypothesis.row, tokens, score, reason, text)
 
     def _done(self, finished: list[Hypothesis], live: list[Hypothesis]) -> bool:
         """No live hypothesis left, or ``width`` finished ones none of them can beat at its

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ def run_signature(
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     if config.init is None:  # as checkpoints from before --init read
         del train["init"]
+    else:  # however the path was spelled
+        train["init"] = str(Path(config.init).resolve())
     return {"adapter": adapter, "train": train, "world_size": world.size}
 
 

@@ -594,6 +594,8 @@ def _evaluate_command(args: argparse.Namespace, client: PemaClient) -> None:
         raise DataError("pass --data FILE with sources and references")
     served, config, template, adapter, adapter_config = _decoder(args, client)
     assert adapter is not None and adapter_config is not None  # --adapter is required
+    if args.report is None and len(args.adapter) > 1:
+        raise DataError("an ensemble has no folder of its own: pass --report RDIR")
     report_dir = args.report or args.adapter[0] / "evaluation"
     report = evaluate(
         client,

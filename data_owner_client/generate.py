@@ -34,6 +34,7 @@ from data_owner_client.knn import KnnLM
 from data_owner_client.options import option
 from data_owner_client.progress import progress_bar
 from data_owner_client.sampling import ban_repeats, filter_top_k_top_p, stop_index
+from data_owner_client.sampling import repeated_ngram_ends as repeated_ngram_ends  # re-exported
 from data_owner_client.schedule import SCHEDULES, check_settings, gu_lambda, mix_log_probs
 from data_owner_client.served_model import ServedModel
 from shared.protocol import HiddenDType
@@ -376,11 +377,16 @@ class Generator:
     def _beam_search(self, job: Job) -> None:
         """Decode ``job`` by beam search, in sessions of as many inputs as the server's row
         limit leaves room for (each input takes ``num_beams`` rows)."""
-        limit = self.served.info.limits.max_batch_size
-        inputs = max(1, limit // job.mixing.num_beams)
+        limit, beams = self.served.info.limits.max_batch_size, job.mixing.num_beams
+        if beams > limit:
+            raise ValueError(
+                f"{beams} beams need {beams} rows per input, but the server steps at most "
+                f"{limit} rows in a session: decode with --num-beams {limit} or fewer"
+            )
+        started, inputs = time.perf_counter(), limit // beams
         for first in range(0, len(job.rows), inputs):
             part = dataclasses.replace(job, rows=job.rows[first : first + inputs])
-            BeamSearch(self, part).run()
+            BeamSearch(self, part, started).run()
 
     def job(
         self,
@@ -566,12 +572,17 @@ class Generator:
             return
         if not any(job.mixing.lambda_max > 0 for job in batch.jobs):
             return
-        prompts = [row.prompt for row in batch.rows]
+        batch.adapted, batch.cache = self.start_sequence([row.prompt for row in batch.rows])
+
+    def start_sequence(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
+        """The sequence adapter's outputs at the last positions of ``prompts`` (read through
+        ``/v1/represent``) and its cache over them, with room for the new tokens."""
+        assert self.adapter is not None
         out = self.client.represent(prompts, [0] * len(prompts), dtype=self.config.hidden_dtype)
         hidden = [h.to(self.device, torch.float32) for h in out.rows()]
         capacity = max(len(p) for p in prompts) + self.max_new_tokens
         with torch.inference_mode():
-            batch.adapted, batch.cache = self.adapter.start(hidden, prompts, capacity)
+            return self.adapter.start(hidden, prompts, capacity)
 
     @torch.inference_mode()
     def _step_sequence(
@@ -626,18 +637,26 @@ class Generator:
     def _append(self, row: Row, token: int, started: float, config: GenerationConfig) -> None:
         """Add ``token`` to ``row`` and decide whether the row is finished."""
         row.tokens.append(token)
-        if token in self.eos:
-            row.finish_reason = "eos"
-        elif config.stop:  # decoding the text every step costs: only with stop strings
-            row.text = self.text(row.tokens)
-            if (cut := stop_index(row.text, config.stop)) is not None:
-                row.text, row.finish_reason = row.text[:cut].rstrip(), "stop"
-        if row.finish_reason is None and len(row.tokens) >= row.budget:
-            row.finish_reason = "length"
+        row.finish_reason, row.text = self.ending(row.tokens, row.budget, config.stop)
         if row.finish_reason is not None:
             row.seconds = time.perf_counter() - started
-            if row.finish_reason != "stop":
-                row.text = self.text(row.tokens[:-1] if token in self.eos else row.tokens)
+
+    def ending(
+        self, tokens: list[int], budget: int, stops: tuple[str, ...]
+    ) -> tuple[str | None, str]:
+        """Whether an output of ``tokens`` (its last just taken) is finished ("eos", "stop",
+        "length"; None) and its text: the finished text, or the text so far with stop strings
+        (decoding the text every step costs: only then), else ""."""
+        if tokens[-1] in self.eos:
+            return "eos", self.text(tokens[:-1])
+        text = ""
+        if stops:
+            text = self.text(tokens)
+            if (cut := stop_index(text, stops)) is not None:
+                return "stop", text[:cut].rstrip()
+        if len(tokens) >= budget:
+            return "length", self.text(tokens)
+        return None, text
 
     def text(self, tokens: list[int]) -> str:
         """The text of output ``tokens``, as a finished row's (special tokens out, stripped)."""

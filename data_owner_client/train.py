@@ -139,12 +139,12 @@ class _Trainer:
         init = _generator(self.config.seed, "stage1")
         head = self.head if isinstance(self.head, Head) else None
         self.adapter = build_adapter(self.adapter_config, head, generator=init).to(self.device)
-        if self.config.init is not None:
-            self._initialise(Path(self.config.init), head)
         self.logits = logits_of(self.adapter, self.head)
         saved = self._load_checkpoint() if self.config.resume else None
         if saved is not None:
             self._restore(saved)
+        elif self.config.init is not None:
+            self._initialise(Path(self.config.init), head)
         self._build_stage(optimizer_state=saved["optimizer"] if saved else None)
         self.log = JsonlLog(self.out_dir / LOG_FILE, self.world.main, self.state.log_bytes)
         self.t0 = time.monotonic() - self.state.elapsed
@@ -156,10 +156,16 @@ class _Trainer:
         initial, config = load_adapter(directory, fingerprint=fingerprint, head=head)
         shapes = {k: tuple(t.shape) for k, t in initial.state_dict().items()}
         expected = {k: tuple(t.shape) for k, t in self.adapter.state_dict().items()}
-        if config.kind != self.adapter_config.kind or shapes != expected:
+        if config.kind != self.adapter_config.kind:
             raise AdapterError(
-                f"--init {directory} is a {config.kind} adapter of another shape than this "
-                f"{self.adapter_config.kind} one; train with its kind and shape settings"
+                f"--init {directory} is a {config.kind} adapter; train it with --adapter-kind "
+                f"{config.kind}, or start a {self.adapter_config.kind} adapter afresh"
+            )
+        if shapes != expected:
+            differ = sorted(k for k in expected if shapes.get(k) != expected[k])
+            raise AdapterError(
+                f"--init {directory} has another shape ({', '.join(differ[:3])} differ); train "
+                "with the sizes it was trained with (width, layers, rank, ...)"
             )
         self.adapter.load_state_dict(initial.state_dict())
 

@@ -314,15 +314,16 @@ class SessionService:
             try:
                 session = self.store.get(session_id, owner)
                 rows = request.step_rows(session.state.rows)
-                self._check_step(session, request.parents or rows, request.tokens)
+                self._check_step(session, rows, request)
             except ApiError as exc:
                 results[i] = exc
                 continue
-            if request.parents is not None:  # forks and reorders, before the pass
-                session.state.select(rows, request.parents)
             steps.append((i, session, list(rows)))
         batch = [(session.state, rows, jobs[i][2].tokens) for i, session, rows in steps]
         try:
+            for i, session, rows in steps:
+                if (parents := jobs[i][2].parents) is not None:  # forks and reorders first
+                    session.state.select(rows, parents)
             hidden = self.backend.step_sessions(batch) if batch else []
         except Exception:
             # A pass that failed part-way leaves its caches half-grown: drop those sessions, so
@@ -347,8 +348,12 @@ class SessionService:
             )
         return [results[i] for i in range(len(jobs))]
 
-    def _check_step(self, session: Session, rows: Sequence[int], tokens: Sequence[int]) -> None:
-        """``rows``: the live rows the step continues (its parents when it forks)."""
+    def _check_step(
+        self, session: Session, rows: Sequence[int], request: SessionStepRequest
+    ) -> None:
+        """``rows``: the rows the step leaves in the session."""
+        tokens, parents = request.tokens, request.parents
+        rows = parents if parents is not None else rows  # the live rows the step continues
         if len(rows) != len(tokens):
             raise ApiError(
                 422,
@@ -370,6 +375,8 @@ class SessionService:
                 f"rows {dead} are not live in this session (live: {sorted(live)}); a row left "
                 "out of a step is finished",
             )
+        if parents is not None:
+            self._check_fork(session, parents)
         if session.steps >= self.settings.max_new_tokens:
             raise ApiError(
                 422,
@@ -382,6 +389,21 @@ class SessionService:
                 422,
                 "context_full",
                 f"this session filled the model's context of {self.backend.max_positions} tokens",
+            )
+
+    def _check_fork(self, session: Session, parents: Sequence[int]) -> None:
+        """Refuse a fork whose copied caches could never fit in the server's KV budget (its
+        other sessions are evicted to make room after the pass, as when a step grows one)."""
+        live = session.state.rows
+        per_row = session.state.nbytes / max(len(live), 1)
+        needed = per_row * len(parents)
+        if needed > self.store.max_bytes:
+            raise ApiError(
+                413,
+                "session_too_large",
+                f"{len(parents)} rows forked from this session need about {needed / 2**20:.1f} "
+                f"MiB of KV cache but the server allows {self.store.max_bytes / 2**20:.1f} MiB in "
+                "all; keep fewer rows (fewer beams) or shorter prompts",
             )
 
     async def close(self, owner: str, session_id: str) -> None:

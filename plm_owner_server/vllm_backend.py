@@ -59,7 +59,8 @@ class TokenSession:
         """Keep only the listed rows, in that order (the rest are finished); with ``parents``,
         row ``k`` continues live row ``parents[k]``'s tokens (their cached blocks are shared)."""
         where = {r: i for i, r in enumerate(self.rows)}
-        self.tokens = [list(self.tokens[where[r]]) for r in (rows if parents is None else parents)]
+        # Rows are never changed in place (a step builds new lists): forks may share one.
+        self.tokens = [self.tokens[where[r]] for r in (rows if parents is None else parents)]
         self.rows = list(rows)
 
     def grown(self, tokens: Sequence[int]) -> list[list[int]]:

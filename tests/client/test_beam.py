@@ -27,7 +27,7 @@ NEW_TOKENS = 10
 
 
 def reference_beams(
-    runner: ModelRunner, prompt: str, beams: int, eos: int, length_penalty: float
+    runner: ModelRunner, prompt: str, beams: int, eos: list[int], length_penalty: float
 ) -> list[int]:
     """transformers' beam search of one prompt, cut after its first EOS."""
     ids = runner.tokenizer(prompt, return_tensors="pt")
@@ -36,23 +36,24 @@ def reference_beams(
         pad_token_id=0, length_penalty=length_penalty, early_stopping=False,
     )  # fmt: skip
     tokens = out[0, ids["input_ids"].shape[1] :].tolist()
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
-def with_eos(served: ServedModel, eos: int) -> ServedModel:
-    info = served.info.model_copy(update={"eos_token_ids": [eos]})
+def with_eos(served: ServedModel, eos: list[int]) -> ServedModel:
+    info = served.info.model_copy(update={"eos_token_ids": eos})
     return dataclasses.replace(served, info=info)
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])
-@pytest.mark.parametrize("end", [(1, 1), (3, 0)])
-def test_lambda_zero_is_transformers_beam_search(runner, tmp_path, length_penalty, end):
+@pytest.mark.parametrize("ends", [[(1, 1)], [(3, 0)], [(1, 1), (3, 0), (2, 2)]])
+def test_lambda_zero_is_transformers_beam_search(runner, tmp_path, length_penalty, ends):
     with serve(runner) as http, PemaClient(http=http, retries=0) as client:
         served = ServedModel.fetch(client, cache_dir=tmp_path)
         greedy = GenerationConfig(max_new_tokens=NEW_TOKENS, lambda_max=0.0, batch_size=4)
         # A token greedy decoding reaches early ends hypotheses: some finish, some run on.
-        row, position = end
-        eos = generated_tokens(Generator(client, served, greedy, TEMPLATE), PROMPTS)[row][position]
+        outputs = generated_tokens(Generator(client, served, greedy, TEMPLATE), PROMPTS)
+        eos = [outputs[row][position] for row, position in ends]  # several: as instruct models
         served = with_eos(served, eos)
         config = dataclasses.replace(greedy, num_beams=3, length_penalty=length_penalty)
         got = list(Generator(client, served, config, TEMPLATE).generate(examples()))
@@ -74,7 +75,7 @@ def test_every_hypothesis_scores_its_mixture_over_the_whole_sequence(served_clie
         Generator(client, served, GenerationConfig(max_new_tokens=6, lambda_max=0.0), TEMPLATE),
         PROMPTS[1:2],
     )[0][2]
-    served = with_eos(served, eos)
+    served = with_eos(served, [eos])
     config = GenerationConfig(  # the guard and the minimum length rule out, never rescore
         max_new_tokens=NEW_TOKENS, lambda_max=0.7, schedule="constant", num_beams=4,
         no_repeat_ngram=2, min_length=0.5,
@@ -163,6 +164,12 @@ def test_inputs_share_sessions_within_the_servers_row_limit(served_client, monke
     monkeypatch.setattr(client, "open_session", recording)
     got = [g.token_ids for g in Generator(client, small, config, TEMPLATE).generate(examples())]
     assert got == want and opened == [2, 2]  # 2 inputs × 3 beams ≤ 7 rows per session
+    outputs = list(Generator(client, small, config, TEMPLATE).generate(examples()))
+    # Times count from the batch's start: the second session's rows took the first's time too.
+    assert min(o.seconds for o in outputs[2:]) > max(o.seconds for o in outputs[:2])
+    too_many = dataclasses.replace(config, num_beams=8)
+    with pytest.raises(ValueError, match="--num-beams 7 or fewer"):
+        list(Generator(client, small, too_many, TEMPLATE).generate(examples()))
 
 
 def test_beam_search_samples_nothing():

@@ -290,6 +290,9 @@ def test_generate_decodes_with_an_ensemble_of_adapters_and_by_beam_search(run, d
         run(*flags, *extra, "--output", str(out))
         records[name] = timeless(out.read_text())
         assert len(records[name]) == 6
+    with pytest.raises(SystemExit, match="--report"):
+        run("evaluate", "--data", str(data), "--source-field=src", "--target-field=tgt",
+            "--limit=4", "--adapter", *map(str, adapters))  # fmt: skip
     settings = json.loads((tmp_path / "beams.jsonl.run.json").read_text())["settings"]
     assert settings["num_beams"] == 3
     assert "num_beams" not in json.loads((tmp_path / "both.jsonl.run.json").read_text())["settings"]

@@ -357,6 +357,9 @@ def test_a_run_started_from_another_adapter_goes_on_from_its_weights(tmp_path):
     wider = as_kind(adapter_config, "sequence", width=64, heads=2, dropout=0.0)
     with pytest.raises(AdapterError, match="another shape"):
         train(wider, train_set, val_set, copy.head, tmp_path / "wider", started)
+    residual = as_kind(adapter_config, "residual")
+    with pytest.raises(AdapterError, match="--adapter-kind sequence"):
+        train(residual, train_set.pairs(), val_set.pairs(), copy.head, tmp_path / "r", started)
 
 
 # ---- devices and DDP -------------------------------------------------------------------------

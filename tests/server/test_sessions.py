@@ -124,6 +124,30 @@ def test_forked_rows_continue_exactly_as_their_parents_would(client, runner):
     assert "parents has 1 entries" in assert_error(got, 422, "inconsistent_request").message
 
 
+def test_a_fork_past_the_row_or_memory_limits_is_refused_and_loses_nothing(runner):
+    """Forking past max_batch_size rows, or into caches that could never fit the KV bound, is a
+    413 before anything is copied; the session steps on as before."""
+    width = 100
+    per_row = runner.kv_bytes_per_token * width
+    with serve(runner, max_batch_size=64, max_kv_cache_mib=1) as client:
+        opened = open_session(client, [[5] * width])
+        error = assert_error(
+            step(client, opened.session_id, [1] * 65, parents=[0] * 65), 413, "batch_too_large"
+        )
+        assert "the limit is 64" in error.message
+        rows = 2**20 // per_row + 1  # more copies than the bound holds
+        assert rows <= 64, "the test needs a bound below 64 rows"
+        error = assert_error(
+            step(client, opened.session_id, [1] * rows, parents=[0] * rows),
+            413,
+            "session_too_large",
+        )
+        assert "fewer beams" in error.message
+        got = answer(step(client, opened.session_id, [7]), SessionStepResponse)
+        want = last_representation(runner, [5] * width + [7])
+        torch.testing.assert_close(decode_tensor(got.hidden)[0], want, atol=1e-5, rtol=0)
+
+
 def test_step_logits_match_open_logits_mode(client, runner):
     """Steps answer with the logits asked for, as /v1/represent would."""
     opened = open_session(client, PROMPTS[:2], logits="full")
