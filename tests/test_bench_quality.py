@@ -38,8 +38,19 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     read = ablations["sequence-read-lambda-0.5"]
     assert read.predictions_key == ablations["sequence-pointer-read"].predictions_key
     # The PLM run trains nothing (key "all"); three main adapters (residual, sequence, its read
-    # pointer), two residual and eleven other sequence settings.
-    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 11
+    # pointer), two residual and eleven other sequence settings, and self-training's two (its
+    # own memory, and the run on the pairs that starts from it).
+    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 11 + 2
+    # Ensembles and beams decode adapters trained for other runs: their members, no new one.
+    ensemble, beams = ablations["sequence-ensemble-2"], main["sequence-beam-4"]
+    assert ensemble.member(0) == ensemble and ensemble.adapter_key == main["sequence"].adapter_key
+    assert ensemble.member(1).adapter_key == ablations["sequence-seed-1"].adapter_key
+    assert beams.adapter_key == main["sequence"].adapter_key
+    assert len({main["sequence"].predictions_key, ensemble.predictions_key,
+                beams.predictions_key}) == 3  # fmt: skip
+    then = ablations["sequence-self-1000-then-pairs"]
+    assert then.memory == "all" and quality.RUNS[then.init].memory == "self-1000"
+    assert main["lora-beam-4"].predictions_key != main["lora"].predictions_key
     # The repetition guard only changes decoding: the same adapter, other outputs.
     guarded, plain = ablations["sequence-lambda-0.5-no-repeat-4"], ablations["sequence-lambda-0.5"]
     assert guarded.adapter_key == plain.adapter_key == main["sequence"].adapter_key
@@ -85,7 +96,7 @@ def test_table_and_plot_come_from_the_results(tmp_path):
     assert "**bible** (10 training examples, 4 test inputs)" in table
     assert "| PLM alone | 0.00 | 1.00 | 2.00 |  |  |  |  | 20.0 |" in table
     pema = f"| PEMA, GU quadratic, λ_max {quality.LAMBDA_MAX:g} | 1.00 | 2.00 | 3.00 |"
-    lora = len(quality.main_runs()) - 1  # its BLEU and chrF gains over the PLM
+    lora = [run.name for run in quality.main_runs()].index("lora")  # its gains over the PLM
     assert (
         pema + f" 0.012 / 0.500 | {1 / lora:.2f} / {1 / lora:.2f} | 42 (12 + 30) | 1.00 | 20.0 |"
         in table
