@@ -95,7 +95,11 @@ def test_train_then_generate_does_what_the_plm_cannot(server, task, tmp_path, mo
     assert pema["sentence_bleu"] >= 90 and plm["sentence_bleu"] <= 10
     assert pema["chrf"] > plm["chrf"] + 50
     assert exact_match(report_dir / "predictions_pema.jsonl", held_out) >= 0.9
-    assert "| PLM alone |" in (report_dir / "report.md").read_text()
+    # Both decode with the kind's stored beam width: the sequence kind's 4 beams, else greedy.
+    beams = 4 if kind == "sequence" else 1
+    assert report["mixing"]["num_beams"] == beams
+    plm_label = "| PLM alone (4 beams) |" if beams > 1 else "| PLM alone |"
+    assert plm_label in (report_dir / "report.md").read_text()
 
 
 def test_a_prompt_gets_its_answer_on_stdout(server, tmp_path, monkeypatch, capsys):
