@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import torch
@@ -29,7 +29,37 @@ from data_owner_client.client import ServerError
 from data_owner_client.sampling import ban_repeats
 
 if TYPE_CHECKING:
-    from data_owner_client.generate import Generator, Job
+    from data_owner_client.adapter import Adapter
+    from data_owner_client.client import PemaClient
+    from data_owner_client.decoding import GenerationConfig, Job
+
+
+class Decoder(Protocol):
+    """What beam search uses of :class:`data_owner_client.generate.Generator`: the server, the
+    mixture and the end-of-output rule of one-hypothesis decoding."""
+
+    client: PemaClient
+    config: GenerationConfig
+    device: torch.device
+    adapter: Adapter | None
+    eos: set[int]
+
+    def _log_probs(
+        self, x: torch.Tensor, lam: torch.Tensor, adapted: torch.Tensor | None
+    ) -> torch.Tensor: ...
+    def _endings(self, stops: tuple[str, ...]) -> torch.Tensor: ...
+    def ending(
+        self, tokens: list[int], budget: int, stops: tuple[str, ...]
+    ) -> tuple[str | None, str]: ...
+    def text(self, tokens: list[int]) -> str: ...
+    def start_sequence(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]: ...
+    def _step_sequence(
+        self, cache: Any, hidden: torch.Tensor, tokens: list[int], live: list[int]
+    ) -> torch.Tensor: ...
+    def reopened(
+        self, session: str | None, sequences: list[list[int]], cause: Exception
+    ) -> tuple[str, torch.Tensor]: ...
+    def _close(self, session: str) -> None: ...
 
 
 @dataclass
@@ -47,7 +77,7 @@ class BeamSearch:
     """Decodes a job's rows by beam search in one server session, writing each row's best
     hypothesis into it (its tokens, text, finish reason and time)."""
 
-    def __init__(self, generator: Generator, job: Job, started: float | None = None) -> None:
+    def __init__(self, generator: Decoder, job: Job, started: float | None = None) -> None:
         """``started``: when the batch began (its rows' ``seconds`` count from there)."""
         self.generator, self.job = generator, job
         self.started = time.perf_counter() if started is None else started
