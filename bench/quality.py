@@ -325,6 +325,9 @@ def kind_ablation_runs() -> list[Run]:
         setting = f"trained on +{count:,} self-labelled sources, then on the pairs alone"
         runs.append(Run(f"sequence-self-{count}-then-pairs", "pema", group, setting, SEQUENCE,
                         decode, init=f"sequence-self-{count}"))  # fmt: skip
+        runs.append(Run(f"sequence-self-{count}-then-pairs-beam-4", "pema", group,
+                        f"{setting}, 4 beams", SEQUENCE, (*decode, *BEAM_4),
+                        init=f"sequence-self-{count}"))  # fmt: skip
     return runs
 
 
@@ -624,12 +627,13 @@ def generation_speed(records: list[dict[str, Any]], batch_size: int = 8) -> dict
 
 
 def load_results(folder: Path) -> Iterator[dict[str, Any]]:
-    """The results of the runs defined now (a renamed or dropped run's file is left out)."""
-    known = {run.name for run in (*main_runs(), *ablation_runs())}
+    """The results of the runs defined now, under their definitions now (a run may have moved to
+    another group); a renamed or dropped run's file is left out."""
+    known = {run.name: run for run in (*main_runs(), *ablation_runs())}
     for path in sorted(folder.glob("*/*.json")):
         result = json.loads(path.read_text())
-        if result["run"]["name"] in known:
-            yield result
+        if (run := known.get(result["run"]["name"])) is not None:
+            yield {**result, "run": asdict(run)}
         else:
             print(f"{path}: no such run any more; left out of the table")
 
