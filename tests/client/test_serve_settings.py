@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,21 @@ def test_no_keys_beyond_loopback_is_refused_unless_asked(tmp_path):
         ServeSettings(host="0.0.0.0").check_exposure()
     ServeSettings(host="0.0.0.0", insecure_no_auth=True).check_exposure()
     ServeSettings(host="0.0.0.0", api_keys_file=tmp_path / "keys.txt").check_exposure()
+
+
+def test_served_adapters_decode_one_hypothesis_whatever_width_they_store(served_client, tmp_path):
+    """serve's choices are greedy or sampled: a sequence adapter's stored 4 beams (for generate
+    and evaluate) do not apply there."""
+    from data_owner_client.adapter import build_adapter, save_adapter
+    from data_owner_client.serve.models import serving_models
+    from tests.client.synthetic import kind_config
+
+    _, client, served = served_client
+    info = served.info
+    config = kind_config("sequence", info.hidden_size, info.vocab_size, width=16, heads=2)
+    config = dataclasses.replace(
+        config, fingerprint=info.fingerprint, num_beams=4, schedule="constant", lambda_max=0.7
+    )
+    save_adapter(tmp_path / "seq", build_adapter(config, served.head), config)
+    models = serving_models(ServeSettings(adapter=[f"seq={tmp_path / 'seq'}"]), client, served)
+    assert [m.generator.mixing.num_beams for m in models] == [1, 1]
