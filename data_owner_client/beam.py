@@ -2,12 +2,12 @@
 
 Each input keeps ``num_beams`` hypotheses, scored by the sum of their tokens' mixed
 log-probabilities (the same λ, repetition guard and minimum length as greedy decoding). Each step
-every live hypothesis proposes its continuations; per input the ``2 · num_beams`` best are
-read in order: one that ends (EOS, a stop string, the token budget) joins the finished
-hypotheses if it ranks among the first ``num_beams``, the others go on until ``num_beams`` do. An
-input is done once it has ``num_beams`` finished hypotheses that no live one can beat at its
-current length (transformers' heuristic); its output is the finished hypothesis with the best
-``score / length^length_penalty``.
+every live hypothesis proposes its continuations; per input the ``max(2, 1 + EOS ids) ·
+num_beams`` best are read in order: one that ends (EOS, a stop string, the token budget) joins
+the finished hypotheses if it ranks among the first ``num_beams``, the others go on until
+``num_beams`` do. An input is done once it has ``num_beams`` finished hypotheses that no live one
+can beat at its current length (transformers' heuristic); its output is the finished hypothesis
+with the best ``score / length^length_penalty``.
 
 The server's session follows the hypotheses with a step's ``parents`` (a row forks or is
 dropped), and so does the sequence adapter's cache (:meth:`AdapterModule.select`): the
@@ -52,7 +52,9 @@ class Decoder(Protocol):
         self, tokens: list[int], budget: int, stops: tuple[str, ...]
     ) -> tuple[str | None, str]: ...
     def text(self, tokens: list[int]) -> str: ...
-    def start_sequence(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]: ...
+    def start_sequence(
+        self, prompts: list[list[int]], lambda_max: float
+    ) -> tuple[torch.Tensor | None, Any]: ...
     def _step_sequence(
         self, cache: Any, hidden: torch.Tensor, tokens: list[int], live: list[int]
     ) -> torch.Tensor: ...
@@ -85,7 +87,8 @@ class BeamSearch:
         self.mixing = job.mixing
         self.finished: list[list[Hypothesis]] = [[] for _ in job.rows]  # per input
         self.endings = generator._endings(job.config.stop)
-        self.eos = generator.eos
+        # As transformers: enough candidates that width go on however many end on an EOS.
+        self.candidates = max(2, 1 + len(generator.eos)) * self.width
 
     def run(self) -> None:
         g, rows = self.generator, self.job.rows
@@ -94,7 +97,8 @@ class BeamSearch:
         )
         live = [Hypothesis(r, [], 0.0) for r in range(len(rows))]
         try:
-            adapted, cache = self._start(hidden, [row.prompt for row in rows])
+            prompts = [row.prompt for row in rows]
+            adapted, cache = g.start_sequence(prompts, self.mixing.lambda_max)
             step = 0
             while live:
                 parents, live = self._advance(live, hidden, adapted, step)
@@ -113,15 +117,6 @@ class BeamSearch:
             best = max(finished, key=self._normalised)
             row.tokens, row.text, row.finish_reason = best.tokens, best.text, best.finish_reason
             row.seconds = time.perf_counter() - self.started
-
-    def _start(
-        self, hidden: torch.Tensor, prompts: list[list[int]]
-    ) -> tuple[torch.Tensor | None, object]:
-        """The sequence adapter's outputs at the prompts' last positions and its cache."""
-        g = self.generator
-        if g.adapter is None or not g.adapter.reads_sequences or self.mixing.lambda_max <= 0:
-            return None, None
-        return g.start_sequence(prompts)
 
     @torch.inference_mode()
     def _advance(
@@ -149,9 +144,7 @@ class BeamSearch:
             if not members:
                 continue
             flat = totals[members].flatten()
-            # As transformers: enough candidates that width go on however many end on an EOS.
-            candidates = max(2, 1 + len(self.eos)) * self.width
-            values, where = flat.topk(min(candidates, flat.numel()))
+            values, where = flat.topk(min(self.candidates, flat.numel()))
             kept: list[tuple[int, Hypothesis]] = []
             ranked = zip(values.tolist(), where.tolist(), strict=True)
             for rank, (value, index) in enumerate(ranked):

@@ -114,6 +114,8 @@ class MixingDefaults(Protocol):
     def length_ratio(self) -> float | None: ...
     @property
     def no_repeat_ngram(self) -> int: ...
+    @property
+    def num_beams(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,6 @@ class Mixing:
                 return value
             return getattr(defaults, name) if defaults is not None else alone
 
-        beams = config.num_beams
-        if beams is None:  # sampling, or a kNN-LM, decodes one hypothesis unless told otherwise
-            beams = 1 if config.sampling else int(getattr(defaults, "num_beams", 1))
         mixing = cls(
             lambda_max=pick("lambda_max", 0.0),
             lambda_min=pick("lambda_min", 0.0),
@@ -171,7 +170,8 @@ class Mixing:
             length_ratio=defaults.length_ratio if defaults is not None else None,
             horizon=config.gu_horizon,
             no_repeat_ngram=pick("no_repeat_ngram", 0),
-            num_beams=beams,
+            # Sampling decodes one hypothesis (the config refuses sampling with more).
+            num_beams=1 if config.sampling else pick("num_beams", 1),
         )
         if mixing.lambda_max > 0 and defaults is None:
             raise ValueError(

@@ -232,7 +232,8 @@ class Generator:
         session, hidden, _ = self.client.open_session(prompts, dtype=self.config.hidden_dtype)
         batch = Batch(jobs, session, hidden, started)
         try:
-            self._start_sequence(batch)
+            weight = max(job.mixing.lambda_max for job in jobs)  # 0: nobody reads the adapter
+            batch.adapted, batch.cache = self.start_sequence(prompts, weight)
         except BaseException:
             self.close(batch)
             raise
@@ -353,19 +354,14 @@ class Generator:
             batch.error, batch.live = exc, []
             self.close(batch)
 
-    def _start_sequence(self, batch: Batch) -> None:
-        """The sequence adapter's cache over the batch's prompts, and its outputs at their last
-        positions; nothing for the other kinds, or when no job gives the adapter weight."""
-        if self.adapter is None or not self.adapter.reads_sequences:
-            return
-        if not any(job.mixing.lambda_max > 0 for job in batch.jobs):
-            return
-        batch.adapted, batch.cache = self.start_sequence([row.prompt for row in batch.rows])
-
-    def start_sequence(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
+    def start_sequence(
+        self, prompts: list[list[int]], lambda_max: float
+    ) -> tuple[torch.Tensor | None, Any]:
         """The sequence adapter's outputs at the last positions of ``prompts`` (read through
-        ``/v1/represent``) and its cache over them, with room for the new tokens."""
-        assert self.adapter is not None
+        ``/v1/represent``) and its cache over them, with room for the new tokens; (None, None)
+        for the other kinds, or when the adapter has no weight (``lambda_max`` 0)."""
+        if self.adapter is None or not self.adapter.reads_sequences or lambda_max <= 0:
+            return None, None
         out = self.client.represent(prompts, [0] * len(prompts), dtype=self.config.hidden_dtype)
         hidden = [h.to(self.device, torch.float32) for h in out.rows()]
         capacity = max(len(p) for p in prompts) + self.max_new_tokens

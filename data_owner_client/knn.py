@@ -79,6 +79,7 @@ class KnnLM:
         return self.config.schedule
 
     no_repeat_ngram = 0  # no repetition guard unless asked for
+    num_beams = 1  # one hypothesis unless asked for
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.normalize(x.float())
