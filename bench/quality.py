@@ -502,7 +502,9 @@ class Bench:
         self.refreshed.add(out)
         # A run names its repetition guard and beam width, or has none and decodes greedily
         # (not with the adapter's stored defaults).
-        unguarded = () if "--no-repeat-ngram" in run.decode else ("--no-repeat-ngram", "0")
+        unguarded: tuple[str, ...] = (
+            () if "--no-repeat-ngram" in run.decode else ("--no-repeat-ngram", "0")
+        )
         unguarded += () if "--num-beams" in run.decode else ("--num-beams", "1")
         self.client(
             "generate", "--data", inputs, *self.fields(task), "--template", task.template,
@@ -629,10 +631,9 @@ def generation_speed(records: list[dict[str, Any]], batch_size: int = 8) -> dict
 def load_results(folder: Path) -> Iterator[dict[str, Any]]:
     """The results of the runs defined now, under their definitions now (a run may have moved to
     another group); a renamed or dropped run's file is left out."""
-    known = {run.name: run for run in (*main_runs(), *ablation_runs())}
     for path in sorted(folder.glob("*/*.json")):
         result = json.loads(path.read_text())
-        if (run := known.get(result["run"]["name"])) is not None:
+        if (run := RUNS.get(result["run"]["name"])) is not None:
             yield {**result, "run": asdict(run)}
         else:
             print(f"{path}: no such run any more; left out of the table")
