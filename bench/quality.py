@@ -79,6 +79,7 @@ BEAMS = (4, 8)  # beam widths tried (--num-beams)
 BEAM_4 = ("--num-beams", "4")
 SELF_TRAINING = (1000,)  # unlabelled sources labelled for self-training by LABELLER
 LABELLER = "sequence-beam-4"  # the best run on the tuning verses
+SCHEDULED_RATES = ("0.25",)  # scheduled sampling: chance a target token is the adapter's choice
 LORA = ("--lr", "5e-4", "--epochs", "1")
 
 
@@ -122,8 +123,9 @@ class Run:
     setting: str  # the value the ablation varies (the label in tables and plots)
     train: tuple[str, ...] = ()  # extra `pema-client train` flags
     decode: tuple[str, ...] = ()  # extra `pema-client generate` flags
-    # all, 25, 50 (% of training examples), generated, or self-N: the training examples and N
-    # unlabelled sources labelled by the best run (LABELLER: self-training)
+    # all, 25, 50 (% of training examples), generated, self-N: the training examples and N
+    # unlabelled sources labelled by the best run (LABELLER: self-training), or scheduled-R:
+    # scheduled sampling from the sequence run's adapter at rate R
     memory: str = "all"
     members: int = 1  # an ensemble of this many adapters, trained with seeds 0, 1, ...
     init: str = ""  # the run whose adapter training starts from (train --init)
@@ -328,6 +330,14 @@ def kind_ablation_runs() -> list[Run]:
         runs.append(Run(f"sequence-self-{count}-then-pairs-beam-4", "pema", group,
                         f"{setting}, 4 beams", SEQUENCE, (*decode, *BEAM_4),
                         init=f"sequence-self-{count}"))  # fmt: skip
+    group = "sequence: scheduled sampling"
+    for rate in SCHEDULED_RATES:
+        setting = f"rate {rate}, from the sequence adapter"
+        memory = f"scheduled-{rate}"
+        runs.append(Run(f"sequence-scheduled-{rate}", "pema", group, setting, SEQUENCE, decode,
+                        memory, init=SEQUENCE_RUN.name))  # fmt: skip
+        runs.append(Run(f"sequence-scheduled-{rate}-beam-4", "pema", group, f"{setting}, 4 beams",
+                        SEQUENCE, (*decode, *BEAM_4), memory, init=SEQUENCE_RUN.name))  # fmt: skip
     return runs
 
 
@@ -394,6 +404,11 @@ class Bench:
             flags += ["--limit", str(self.sizes[task.name].train * int(variant) // 100)]
         if variant == "generated":
             flags += ["--context", "generated"]
+        if variant.startswith("scheduled-"):  # the predicting adapter counts through train --init
+            sampler, _ = self.adapter(task, SEQUENCE_RUN)
+            rate = variant.removeprefix("scheduled-")
+            flags += ["--context", "scheduled", "--sampling-adapter", sampler, "--sampling-rate",
+                      rate]  # fmt: skip
         labelling: dict[str, Any] = {}
         if variant.startswith("self-"):
             data, dev, labelling = self.self_training_data(task, int(variant.removeprefix("self-")))

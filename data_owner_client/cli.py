@@ -23,7 +23,7 @@ import torch.distributed as dist
 from rich.logging import RichHandler
 
 from data_owner_client import options
-from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapters
+from data_owner_client.adapter import KINDS, Adapter, AdapterConfig, load_adapter, load_adapters
 from data_owner_client.client import PemaClient, ServerError
 from data_owner_client.data import (
     TEMPLATES,
@@ -38,6 +38,7 @@ from data_owner_client.evaluate import evaluate, markdown_table
 from data_owner_client.generate import GenerationConfig, Generator
 from data_owner_client.knn import KnnConfig, KnnLM
 from data_owner_client.memory import DTYPES, Memory, build_memory
+from data_owner_client.memory.scheduled import OwnPredictions
 from data_owner_client.options import Flag, flags
 from data_owner_client.outputs import append_outputs, file_digest, resume, run_record
 from data_owner_client.serve.settings import ServeSettings
@@ -145,10 +146,27 @@ def _data_flags() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--context",
-        choices=("teacher", "generated"),
+        choices=("teacher", "generated", "scheduled"),
         default="teacher",
-        help="memory keys from the gold prefix (teacher forcing), or from the model's own greedy "
-        "continuation (the paper's variant; slower)",
+        help="memory keys from the gold prefix (teacher forcing), from the model's own greedy "
+        "continuation (the paper's variant; slower), or from the gold prefix with some tokens "
+        "replaced by --sampling-adapter's predictions (scheduled sampling; two passes)",
+    )
+    group.add_argument(
+        "--sampling-adapter",
+        type=Path,
+        metavar="DIR",
+        help="--context scheduled: the adapter whose predictions replace target tokens (mixed "
+        "with the PLM as it stores; train the new adapter with --init DIR)",
+    )
+    group.add_argument(
+        "--sampling-rate",
+        type=float,
+        default=0.25,
+        help="--context scheduled: the chance that a target token is read as the prediction",
+    )
+    group.add_argument(
+        "--sampling-seed", type=int, default=0, help="--context scheduled: seed of the draws"
     )
     group.add_argument(
         "--memory-dtype", choices=tuple(DTYPES), default="float16", help="dtype of stored keys"
@@ -401,6 +419,8 @@ def build_memories(
         raise DataError("no validation examples: pass --dev-data, or a --dev-fraction above 0")
     log.info("memory: %d train and %d dev examples", len(train_set), len(dev_set))
 
+    resample = _resampler(args, served)
+
     def build(name: str, part: list[Example]) -> Memory:
         return build_memory(
             client,
@@ -415,9 +435,37 @@ def build_memories(
             progress=not args.no_progress,
             overwrite=args.overwrite,
             requests_in_flight=args.requests_in_flight,
+            resample=resample,
         )
 
     return build(TRAIN, train_set), build(DEV, dev_set)
+
+
+def _resampler(args: argparse.Namespace, served: ServedModel) -> OwnPredictions | None:
+    """Scheduled sampling's predictions (``--context scheduled``), or None."""
+    if args.context != "scheduled":
+        if args.sampling_adapter is not None:
+            raise DataError("--sampling-adapter is for --context scheduled; pass that too")
+        return None
+    if args.sampling_adapter is None:
+        raise DataError(
+            "--context scheduled reads some target tokens as an adapter's predictions: pass "
+            "--sampling-adapter DIR (an adapter trained on the teacher-forced memory)"
+        )
+    if not 0.0 < args.sampling_rate <= 1.0:
+        raise DataError(f"--sampling-rate must be in (0, 1], got {args.sampling_rate}")
+    assert served.head is not None  # fetched with need_head for this context
+    adapter, config = load_adapter(
+        args.sampling_adapter, fingerprint=served.info.fingerprint, head=served.head
+    )
+    return OwnPredictions.of(
+        adapter,
+        config,
+        served.head,
+        served.info.eos_token_ids,
+        args.sampling_rate,
+        args.sampling_seed,
+    )
 
 
 def open_memories(folder: Path, fingerprint: str) -> tuple[Memory, Memory]:
@@ -429,7 +477,8 @@ def open_memories(folder: Path, fingerprint: str) -> tuple[Memory, Memory]:
 
 
 def _memory_command(args: argparse.Namespace, client: PemaClient) -> None:
-    served = ServedModel.fetch(client, need_head=False)
+    # Scheduled sampling mixes the PLM's distribution with the adapter's: the head.
+    served = ServedModel.fetch(client, need_head=args.context == "scheduled")
     train_memory, dev_memory = build_memories(args, client, served, args.out)
     log.info(
         "memory %s: %d train pairs, %d dev pairs, target/source length ratio %.3f",

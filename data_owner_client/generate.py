@@ -40,6 +40,7 @@ from data_owner_client.decoding import (
 )
 from data_owner_client.devices import resolve_device
 from data_owner_client.knn import KnnLM
+from data_owner_client.mixture import mixed_log_probs
 from data_owner_client.progress import progress_bar
 from data_owner_client.sampling import ban_repeats, filter_top_k_top_p, stop_index
 from data_owner_client.sampling import repeated_ngram_ends as repeated_ngram_ends  # re-exported
@@ -404,16 +405,7 @@ class Generator:
         if not bool(lam.any()):
             return F.log_softmax(self.head(x), dim=-1)
         if self.adapter is not None:
-            if adapted is None:
-                assert not self.adapter.reads_sequences, "it reads the whole sequence"
-                adapted = self.adapter(x)
-            # One projection over both: the PLM's representation and the adapter's output.
-            if self.adapter.post_norm:
-                both = self.head.project(torch.cat([self.head.normalize(x), adapted]))
-            else:
-                both = self.head(torch.cat([x, adapted]))
-            lp_lm, lp_pema = F.log_softmax(both, dim=-1).chunk(2)
-            return mix_log_probs(lp_lm, lp_pema, lam)
+            return mixed_log_probs(self.head, self.adapter, x, lam, adapted)
         assert self.knn is not None, "λ > 0 needs an adapter or a kNN-LM (Mixing.resolve)"
         lp_lm = F.log_softmax(self.head(x), dim=-1)
         return mix_log_probs(lp_lm, self.knn.log_probs(x), lam)

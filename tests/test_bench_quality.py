@@ -38,9 +38,12 @@ def test_runs_that_change_nothing_share_the_main_adapter_and_outputs():
     read = ablations["sequence-read-lambda-0.5"]
     assert read.predictions_key == ablations["sequence-pointer-read"].predictions_key
     # The PLM run trains nothing (key "all"); three main adapters (residual, sequence, its read
-    # pointer), two residual and eleven other sequence settings, and self-training's two (its
-    # own memory, and the run on the pairs that starts from it).
-    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 11 + 2
+    # pointer), two residual and eleven other sequence settings, self-training's two (its
+    # own memory, and the run on the pairs that starts from it) and scheduled sampling's one
+    # (greedy and 4 beams decode it).
+    assert len({ablations[name].adapter_key for name in kinds}) == 1 + 3 + 2 + 11 + 2 + 1
+    scheduled = ablations["sequence-scheduled-0.25-beam-4"]
+    assert scheduled.init == "sequence" and scheduled.memory == "scheduled-0.25"
     # Ensembles and beams decode adapters trained for other runs: their members, no new one.
     ensemble, beams = ablations["sequence-ensemble-2"], main["sequence-beam-4"]
     assert ensemble.member(0) == ensemble and ensemble.adapter_key == main["sequence"].adapter_key

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import torch
@@ -37,6 +37,7 @@ from data_owner_client.memory.store import (
     Manifest,
     Memory,
     MemoryStoreError,
+    Sampling,
     ShardInfo,
     check_fingerprint,
     read_manifest,
@@ -64,7 +65,9 @@ BUILD_FIELDS = (
     "context",
     "positions",
     "eos_token_id",
+    "sampling",
 )
+Read = tuple[torch.Tensor, list[int]]  # an example's keys, and the tokens read at them
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,22 @@ class Encoded:
     prompt: list[int]
     target: list[int]
     source_tokens: int
+    index: int = 0  # in the dataset
 
     @property
     def sequence(self) -> list[int]:
         """What the server reads: the prompt and every target token but the final EOS."""
         return self.prompt + self.target[:-1]
+
+
+class Resampler(Protocol):
+    """Scheduled sampling: the target tokens an example is read with, from the representations
+    of its gold sequence (:class:`data_owner_client.memory.scheduled.OwnPredictions`)."""
+
+    @property
+    def sampling(self) -> Sampling: ...
+
+    def __call__(self, example: Encoded, hidden: torch.Tensor) -> list[int]: ...
 
 
 @dataclass
@@ -96,6 +110,7 @@ class _Builder:
     batch_size: int
     in_flight: int = 4  # requests at the server at once (1: one after another)
     advance: Callable[[int, int], None] = lambda pairs, tokens: None
+    resample: Resampler | None = None  # context "scheduled"
 
     def encode(self, index: int) -> Encoded:
         """Example ``index`` as ids; a pair the server could not take is a DataError."""
@@ -108,7 +123,7 @@ class _Builder:
             raise DataError(f"example {index}: the prompt encodes to no tokens")
         self._check_length(index, len(prompt), len(target))
         source = count_source_tokens(self.tokenizer, example.source)
-        return Encoded(prompt, target + [self.info.eos_token_ids[0]], source)
+        return Encoded(prompt, target + [self.info.eos_token_ids[0]], source, index)
 
     def _check_length(self, index: int, prompt: int, target: int) -> None:
         limit = min(self.info.max_positions, self.info.limits.max_request_tokens)
@@ -132,55 +147,71 @@ class _Builder:
             for lo in range(0, len(encoded), self.batch_size)
             for part in _requests(encoded[lo : lo + self.batch_size], self.info)
         ]
-        compute = self.teacher if self.context == "teacher" else self.generated
+        compute = {
+            "teacher": self.teacher,
+            "generated": self.generated,
+            "scheduled": self.scheduled,
+        }[self.context]
         # Two of the server's passes in flight: one running, the next one queued behind it.
         window = 2 * (self.info.limits.max_batch_tokens or DEFAULT_PASS_TOKENS)
         calls = self.in_flight
         if self.context == "generated":  # each call holds a session: stay inside the key's cap
             calls = max(1, min(calls, self.info.limits.max_sessions_per_key // 4))
-        keys: list[torch.Tensor] = []
+        reads: list[Read] = []
         with closing(pipelined(compute, parts, _tokens, window, calls)) as answers:
             for part, rows in zip(parts, answers, strict=True):
-                keys.extend(rows)
+                reads.extend(rows)
                 self.advance(sum(len(e.target) for e in part), _tokens(part))
         tokens = sum(e.source_tokens for e in encoded), sum(len(e.target) - 1 for e in encoded)
-        all_keys, span = torch.cat(keys).to(DTYPES[self.dtype]), (first, end)
-        if self.context != "teacher":
+        all_keys, span = torch.cat([k for k, _ in reads]).to(DTYPES[self.dtype]), (first, end)
+        if self.context == "generated":
             values = torch.tensor([t for e in encoded for t in e.target], dtype=torch.int32)
             return write_shard(self.out, index, all_keys, values, span, tokens)
-        # Every position: the token each one reads, the one that follows it, where examples start.
+        # Every position: the token each one reads, the gold one that follows it, where examples
+        # start.
         sequences = {
-            "tokens": torch.tensor([t for e in encoded for t in e.sequence]),
+            "tokens": torch.tensor([t for _, read in reads for t in read]),
             "offsets": torch.tensor([0, *itertools.accumulate(len(e.sequence) for e in encoded)]),
             "starts": torch.tensor([len(e.prompt) - 1 for e in encoded]),
         }
         values = torch.tensor([t for e in encoded for t in (e.prompt + e.target)[1:]])
         return write_shard(self.out, index, all_keys, values, span, tokens, sequences)
 
-    def teacher(self, batch: Sequence[Encoded]) -> list[torch.Tensor]:
+    def teacher(self, batch: Sequence[Encoded]) -> list[Read]:
         """One forward over prompt + target; every position's representation."""
-        starts = [0] * len(batch)
-        out = self.client.represent([e.sequence for e in batch], starts, dtype=self.dtype)
+        sequences = [e.sequence for e in batch]
+        return list(zip(self._represent(sequences), sequences, strict=True))
+
+    def scheduled(self, batch: Sequence[Encoded]) -> list[Read]:
+        """Scheduled sampling in one parallel pass: a forward over prompt + gold target, whose
+        representations the resampler turns into the target tokens read, then a forward over
+        prompt + those."""
+        assert self.resample is not None, "build_memory checks it"
+        gold = self._represent([e.sequence for e in batch])
+        read = [e.prompt + self.resample(e, h)[:-1] for e, h in zip(batch, gold, strict=True)]
+        return list(zip(self._represent(read), read, strict=True))
+
+    def _represent(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Every position's representation of each of ``sequences``."""
+        out = self.client.represent(sequences, [0] * len(sequences), dtype=self.dtype)
         if out.fingerprint != self.info.fingerprint:
             raise FingerprintMismatchError(
                 f"the server switched from model fingerprint {self.info.fingerprint} to "
                 f"{out.fingerprint} during the build; run the build again to continue"
             )
         rows = out.rows()
-        for e, row in zip(batch, rows, strict=True):
-            if row.shape != (len(e.sequence), self.info.hidden_size):
-                raise RuntimeError(
-                    f"server sent {tuple(row.shape)} for {len(e.sequence)} positions"
-                )
+        for sequence, row in zip(sequences, rows, strict=True):
+            if row.shape != (len(sequence), self.info.hidden_size):
+                raise RuntimeError(f"server sent {tuple(row.shape)} for {len(sequence)} positions")
         return rows
 
-    def generated(self, batch: Sequence[Encoded]) -> list[torch.Tensor]:
+    def generated(self, batch: Sequence[Encoded]) -> list[Read]:
         """The model's greedy continuation of each prompt, a step per gold target token."""
         session, hidden, logits = self.client.open_session(
             [e.prompt for e in batch], dtype=self.dtype, logits=1
         )
         try:
-            return self._decode(session, batch, hidden, _top1(logits))
+            return [(keys, []) for keys in self._decode(session, batch, hidden, _top1(logits))]
         finally:
             self._close(session)
 
@@ -247,11 +278,14 @@ def build_memory(
     progress: bool = True,
     overwrite: bool = False,
     requests_in_flight: int = 4,
+    resample: Resampler | None = None,
 ) -> Memory:
     """Build (or finish) the external memory of ``examples`` in ``out_dir`` through the server.
 
     ``context="teacher"`` pairs each target token with the representation of the gold prefix;
-    ``"generated"`` (the paper's variant) with that of the model's own greedy continuation.
+    ``"generated"`` (the paper's variant) with that of the model's own greedy continuation;
+    ``"scheduled"`` reads the target tokens ``resample`` gives (scheduled sampling: some are the
+    adapter's own predictions) and pairs each position with the gold next token.
     Up to ``requests_in_flight`` requests are at the server at once, so it always has the next
     one queued. The server may batch them with each other or with other clients' work, which
     moves float rounding (≤ 1e-5): only a build of one request at a time against an otherwise
@@ -264,6 +298,8 @@ def build_memory(
         raise ValueError("batch_size, shard_examples and requests_in_flight must be at least 1")
     if not examples:
         raise DataError("no examples to build a memory from")
+    if (context == "scheduled") != (resample is not None):
+        raise ValueError("a scheduled-sampling build (and only it) needs a resampler")
     info = client.model_info()
     out = Path(out_dir)
     builder = _Builder(
@@ -277,9 +313,11 @@ def build_memory(
         dtype,
         batch_size,
         requests_in_flight,
+        resample=resample,
     )
     pairs = [len(builder.encode(i).target) for i in range(len(examples))]  # validates all first
-    fresh = _fresh_manifest(info, examples, template, context, dtype, shard_examples)
+    sampling = resample.sampling if resample is not None else None
+    fresh = _fresh_manifest(info, examples, template, context, dtype, shard_examples, sampling)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         manifest = _start(out, fresh, overwrite)
@@ -307,6 +345,7 @@ def _fresh_manifest(
     context: Context,
     dtype: HiddenDType,
     shard_examples: int,
+    sampling: Sampling | None = None,
 ) -> Manifest:
     return Manifest(
         fingerprint=info.fingerprint,
@@ -318,8 +357,9 @@ def _fresh_manifest(
         dataset_hash=dataset_hash(examples, template),
         template=template,
         context=context,
-        positions="all" if context == "teacher" else "targets",
+        positions="targets" if context == "generated" else "all",
         eos_token_id=info.eos_token_ids[0],
+        sampling=sampling,
     )
 
 

@@ -10,6 +10,8 @@ Its ``positions`` say what a shard holds:
   ``offsets`` int64 [E + 1] (example ``e`` is rows ``offsets[e]:offsets[e + 1]``) and ``starts``
   int32 [E] (its first row that predicts a target token). Pair kinds read the target rows only;
   the sequence kind reads whole examples (:meth:`Memory.sequences`).
+  A scheduled-sampling build (context ``"scheduled"``) reads some target tokens as the adapter's
+  own predictions: its ``tokens`` are those read, its ``values`` the gold tokens still.
 - ``"targets"`` (version 1 memories, and the generated-context variant): only the pairs, ``keys``
   [n, d] and ``values`` int32 [n].
 
@@ -38,7 +40,7 @@ FORMAT: Final = "pema-memory"
 VERSION: Final = 2
 MANIFEST = "manifest.json"
 SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
-Context = Literal["teacher", "generated"]
+Context = Literal["teacher", "generated", "scheduled"]
 Positions = Literal["targets", "all"]
 IGNORE: Final = -100  # the label of positions that predict no target token
 DTYPES: dict[str, torch.dtype] = {
@@ -73,6 +75,16 @@ class ShardInfo(BaseModel):
     target_tokens: int  # without EOS
 
 
+class Sampling(BaseModel):
+    """How a scheduled-sampling memory replaced target tokens (context ``"scheduled"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float  # the chance that a target token is read as the adapter's prediction
+    seed: int
+    adapter: str  # sha256 of the predicting adapter's config and weights
+
+
 class Manifest(BaseModel):
     """``manifest.json``: what the memory was built from and which shards are done."""
 
@@ -93,6 +105,7 @@ class Manifest(BaseModel):
     context: Context
     positions: Positions = "targets"  # what the shards hold (see the module docstring)
     eos_token_id: int
+    sampling: Sampling | None = None  # context "scheduled" only
     source_tokens: int = 0  # sums over the recorded shards, for the length ratio
     target_tokens: int = 0
     complete: bool = False

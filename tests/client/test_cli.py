@@ -145,6 +145,32 @@ def test_each_kind_stores_its_own_mixing_defaults_unless_told(run, data, tmp_pat
     assert "--kappa" not in logged
 
 
+def test_scheduled_sampling_from_the_command_line(run, data, tmp_path):
+    flags = (*MEMORY_FLAGS, "--adapter-kind=sequence", "--width=16", "--heads=2",
+             "--stage2-epochs=2")  # fmt: skip
+    first, memory = tmp_path / "first", tmp_path / "scheduled"
+    run("train", "--data", str(data), "--out", str(first), *flags)
+    with pytest.raises(SystemExit, match="pass --sampling-adapter DIR"):
+        run("memory", "build", "--data", str(data), "--out", str(memory), *MEMORY_FLAGS,
+            "--context", "scheduled")  # fmt: skip
+    with pytest.raises(SystemExit, match="--sampling-adapter is for --context scheduled"):
+        run("memory", "build", "--data", str(data), "--out", str(memory), *MEMORY_FLAGS,
+            "--sampling-adapter", str(first))  # fmt: skip
+    run("memory", "build", "--data", str(data), "--out", str(memory), *MEMORY_FLAGS,
+        "--context", "scheduled", "--sampling-adapter", str(first),
+        "--sampling-rate", "1")  # fmt: skip
+    for part in ("train", "dev"):
+        read, gold = Memory.open(memory / part), Memory.open(first / "memory" / part)
+        assert read.manifest.sampling is not None and read.manifest.sampling.rate == 1.0
+        batches = [m.sequences().batches(200, seed=0, epoch=0, shuffle=False) for m in (read, gold)]
+        (_, read_tokens, read_labels), (_, gold_tokens, gold_labels) = (next(b) for b in batches)
+        assert torch.equal(read_labels, gold_labels)  # the gold labels
+        assert not torch.equal(read_tokens, gold_tokens)  # some of the adapter's choices read
+    run("train", "--memory", str(memory), "--out", str(tmp_path / "second"), "--init",
+        str(first), "--stage2-epochs=1")  # fmt: skip
+    assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
+
+
 def test_template_flag_reads_backslash_n_as_a_newline(run, data, tmp_path):
     run("memory", "build", "--data", str(data), "--out", str(tmp_path / "mem"),
         "--source-field=src", "--target-field=tgt", "--template=w3 {source}\\nw4")  # fmt: skip
