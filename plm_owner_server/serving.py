@@ -234,6 +234,7 @@ class SessionService:
             settings.max_sessions_per_key,
             settings.max_kv_cache_bytes,
             on_change=self._observe,
+            reclaim_s=settings.session_reclaim_s,
         )
         work.passes["open"] = self._open_pass
         work.passes["step"] = self._step_pass

@@ -1,11 +1,15 @@
 """Generation sessions: a KV cache per session, with an idle TTL, a cap per API key and a bound
 on the cache memory of all sessions together. Eviction drops the cache; a later use is a 404.
+A key at its cap reclaims its own least recently used session once that one has been idle for
+``reclaim_s``, so sessions left open by a client that died never lock its key out.
 
 Not thread-safe by design: every method runs on the one model thread.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from plm_owner_server.backend import SessionState
 from plm_owner_server.errors import ApiError
 from shared.protocol import HiddenDType
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,8 +45,10 @@ class SessionStore:
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[SessionStore], None] | None = None,
+        reclaim_s: float = 5.0,
     ) -> None:
         self.ttl_s, self.max_per_owner, self.max_bytes = ttl_s, max_per_owner, max_bytes
+        self.reclaim_s = reclaim_s
         self._clock = clock
         self._on_change = on_change
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -54,8 +62,10 @@ class SessionStore:
         return sum(s.nbytes for s in self._sessions.values())
 
     def check_room(self, owner: str, nbytes: int, pending: int = 0) -> None:
-        """Refuse a new session its owner has no slot for (``pending`` more of the owner's are
-        about to be added), or that could never fit."""
+        """Make room for a new session of ``owner`` (``pending`` more of the owner's are about
+        to be added): at the owner's cap, reclaim its least recently used sessions idle for at
+        least ``reclaim_s``; refuse one that has no slot even so (429 with ``Retry-After``), or
+        that could never fit (413)."""
         self.expire()
         if nbytes > self.max_bytes:
             raise ApiError(
@@ -64,13 +74,27 @@ class SessionStore:
                 f"this session needs about {nbytes / 2**20:.1f} MiB of KV cache but the server "
                 f"allows {self.max_bytes / 2**20:.1f} MiB in all; send fewer or shorter prompts",
             )
-        if sum(s.owner == owner for s in self._sessions.values()) + pending >= self.max_per_owner:
+        owned = [s for s in self._sessions.values() if s.owner == owner]  # least recent first
+        excess = len(owned) + pending + 1 - self.max_per_owner
+        if excess <= 0:
+            return
+        # The session whose reclaiming would make room, unless openings of this pass fill it.
+        last = owned[excess - 1] if excess <= len(owned) else None
+        idle = self._clock() - last.last_used if last is not None else 0.0
+        if last is None or idle < self.reclaim_s:
+            retry = max(1, math.ceil(self.reclaim_s - idle))
             raise ApiError(
                 429,
                 "too_many_sessions",
-                f"this key already has {self.max_per_owner} open sessions; close one with "
-                "DELETE /v1/sessions/{id} or wait for idle ones to expire",
+                f"this key already has {self.max_per_owner} open sessions, all used in the last "
+                f"{self.reclaim_s:g} s; close one with DELETE /v1/sessions/{{id}}, or retry in "
+                f"{retry} s: a session idle for {self.reclaim_s:g} s makes room",
+                headers={"Retry-After": str(retry)},
             )
+        for session in owned[:excess]:
+            log.info("key at its cap of %d sessions: reclaimed an idle one", self.max_per_owner)
+            self._drop(session.id, evicted=True)
+        self._changed()
 
     def add(self, session: Session) -> None:
         session.last_used = self._clock()

@@ -1,5 +1,6 @@
 """A real `pema-client` process killed with SIGKILL in the middle of its work, then run again:
-the memory build, and the adapter's training, end byte-identical to an uninterrupted run."""
+the memory build, and the adapter's training, end byte-identical to an uninterrupted run; a
+client killed with its sessions open does not lock its key out."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from data_owner_client.client import PemaClient, ServerError
 from tests.tiny_server import ROOT, TinyServer
 from tests.uvicorn_server import free_port
 from tests.word_cipher import cipher_rows, write_jsonl
@@ -120,3 +122,39 @@ def test_training_killed_resumes_byte_identical(server, tmp_path):
 def safetensors_content(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     with safe_open(str(path), "pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
+
+
+HOLD_SESSIONS = """
+import sys, time
+from data_owner_client.client import PemaClient
+client = PemaClient(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    client.open_session([[5, 6, 7]])
+print("open", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_client_killed_with_its_sessions_open_does_not_lock_its_key_out(tmp_path):
+    """A client that dies holding the key's 16 sessions: the key's next `generate` reclaims
+    idle ones (after `Retry-After`, the server's 5 s) instead of failing until they expire."""
+    server = TinyServer(free_port(), tmp_path / "log")
+    server.start()
+    try:
+        server.wait_ready()
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_SESSIONS, server.url, "16"],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with PemaClient(server.url, retries=0) as pema, pytest.raises(ServerError) as refused:
+            pema.open_session([[5]])  # all 16 are still in the key's cap
+        assert refused.value.status == 429 and refused.value.code == "too_many_sessions"
+        started = time.monotonic()
+        run(client(server, "generate", "--prompt", "w5 w6", "--max-new-tokens", "4",
+                   "--no-progress"), tmp_path / "cache")  # fmt: skip
+        assert time.monotonic() - started < 60  # not the 600 s of the sessions' TTL
+    finally:
+        server.kill()

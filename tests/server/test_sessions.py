@@ -340,6 +340,37 @@ def test_store_caps_sessions_per_owner():
     store.check_room("bob", 10)
 
 
+def test_a_key_at_its_cap_reclaims_its_least_recently_used_idle_session():
+    """Sessions in use are kept (429 with the seconds until one is idle enough); once the least
+    recently used one has been idle for reclaim_s it makes room, and it alone; another key's
+    sessions, however idle, are never touched."""
+    clock = FakeClock()
+    store = SessionStore(1000.0, 2, 1000, clock=clock, reclaim_s=5.0)
+    bobs, old, young = fake_session("bob"), fake_session(), fake_session()
+    for session in (bobs, old, young):
+        store.add(session)
+        clock.now += 1.0  # old last used at 1, young at 2; now 3
+    with pytest.raises(ApiError) as raised:
+        store.check_room("alice", 10)
+    assert (raised.value.status, raised.value.code) == (429, "too_many_sessions")
+    assert raised.value.headers == {"Retry-After": "3"}  # old is idle for 2 s of 5
+    assert "retry in 3 s" in raised.value.message and len(store) == 3
+    clock.now = 5.5
+    store.get(old.id, "alice")  # used again: young is now the least recently used
+    clock.now = 7.0
+    store.check_room("alice", 10)  # young, idle for 5 s, is reclaimed
+    assert store.get(old.id, "alice") is old and store.get(bobs.id, "bob") is bobs
+    with pytest.raises(ApiError, match="does not exist"):
+        store.get(young.id, "alice")
+    assert store.evicted == 1
+    clock.now = 100.0  # old is idle, but two openings of this pass need both slots
+    with pytest.raises(ApiError) as raised:
+        store.check_room("alice", 10, pending=2)
+    assert raised.value.headers == {"Retry-After": "5"} and len(store) == 2
+    store.check_room("alice", 10, pending=1)  # old makes room for the second of a pass
+    assert [s.owner for s in store._sessions.values()] == ["bob"]
+
+
 def test_store_hides_and_keeps_other_owners_sessions():
     """Another owner can neither see nor remove a session."""
     store = make_store(FakeClock())
