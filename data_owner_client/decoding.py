@@ -64,6 +64,8 @@ class GenerationConfig:
         "the adapter's length ratio × source tokens, e.g. 0.8 (0: off)",
     )
     stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
+    # Record each new token's log-probability under the mixture and the N most likely (serve).
+    logprobs: int | None = None
     batch_size: int = option(8, help="inputs decoded together in one server session")
     hidden_dtype: HiddenDType = option("float32", help="representations on the wire")
     reconnect_s: float = option(
@@ -95,6 +97,8 @@ class GenerationConfig:
                 "beam search keeps the most likely hypotheses and samples nothing: "
                 "drop the temperature, or decode with num_beams 1"
             )
+        if self.logprobs is not None and (self.logprobs < 0 or (self.num_beams or 1) > 1):
+            raise ValueError("logprobs: a count of 0 or more, with one hypothesis per input")
 
     @property
     def sampling(self) -> bool:
@@ -204,6 +208,29 @@ class Generation:
         return record
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the mixture, and the most likely tokens' there."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
+
+
+def token_logprobs(log_probs: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row of ``log_probs [n, V]``: ``tokens[i]``'s log-probability and the ``top`` most
+    likely tokens'."""
+    index = torch.tensor(tokens, device=log_probs.device).unsqueeze(1)
+    chosen = log_probs.gather(1, index).squeeze(1).tolist()
+    values, ids = log_probs.topk(top, dim=-1) if top else (log_probs[:, :0], log_probs[:, :0])
+    return [
+        TokenLogprob(token, logprob, tuple(zip(i, v, strict=True)))
+        for token, logprob, i, v in zip(
+            tokens, chosen, ids.long().tolist(), values.tolist(), strict=True
+        )
+    ]
+
+
 @dataclass
 class Row:
     """One prompt being decoded."""
@@ -216,6 +243,7 @@ class Row:
     text: str = ""  # the output so far, once finished (kept up to date with stop strings)
     finish_reason: str | None = None  # "eos", "stop", "length"; or "cancelled", "error"
     seconds: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked for
 
 
 @dataclass(eq=False)

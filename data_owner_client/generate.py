@@ -37,6 +37,8 @@ from data_owner_client.decoding import (
     Mixing,
     MixingDefaults,
     Row,
+    TokenLogprob,
+    token_logprobs,
 )
 from data_owner_client.devices import resolve_device
 from data_owner_client.knn import KnnLM
@@ -305,13 +307,17 @@ class Generator:
                 index = torch.tensor([p for p, _ in members], device=self.device)
                 rows = [batch.rows[b] for _, b in members]
                 try:
-                    tokens = self._choose(log_probs[index], rows, job)
+                    tokens = self._choose(log_probs[index], rows, job)  # on a copy of its rows
                 except Exception as exc:  # this job's settings: it alone ends
                     log.warning("a job failed to pick its tokens: %s", exc)
                     job.error = exc
                     for row in rows:
                         row.finish_reason = "error"
                     continue
+                if job.config.logprobs is not None:  # the mixture's, before guard and sampling
+                    scored = token_logprobs(log_probs[index], tokens, job.config.logprobs)
+                    for row, logprob in zip(rows, scored, strict=True):
+                        row.logprobs.append(logprob)
                 for row, token in zip(rows, tokens, strict=True):
                     self._append(row, token, batch.started, job.config)
 
@@ -396,6 +402,24 @@ class Generator:
         if history is not None:
             ban_repeats(log_probs, history, self.mixing.no_repeat_ngram)
         return _pick(log_probs, self.config, self.sampler).tolist()
+
+    @torch.inference_mode()
+    def score(self, prompt: list[int], mixing: Mixing, top: int = 0) -> list[TokenLogprob]:
+        """Each token of ``prompt`` after the first, scored as the first new token after the
+        tokens before it: its log-probability under the mixture (λ_0 of ``mixing``), and the
+        ``top`` most likely tokens'. One representation pass over the prompt, for every kind:
+        the sequence adapter reads it as it reads a prompt, causally."""
+        if len(prompt) < 2:
+            return []
+        out = self.client.represent([prompt], [0], dtype=self.config.hidden_dtype)
+        x = out.rows()[0].to(self.device, torch.float32)
+        lam = torch.full((len(prompt) - 1,), mixing.lambda_at(0, 0.0), device=self.device)
+        adapted = None
+        if self.adapter is not None and self.adapter.reads_sequences and mixing.lambda_max > 0:
+            ids = torch.tensor([prompt], device=self.device)
+            length = torch.tensor([len(prompt)], device=self.device)
+            adapted = self.adapter(x.unsqueeze(0), ids, length)[0, :-1]
+        return token_logprobs(self._log_probs(x[:-1], lam, adapted), prompt[1:], top)
 
     def _log_probs(
         self, x: torch.Tensor, lam: torch.Tensor, adapted: torch.Tensor | None

@@ -12,10 +12,12 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_owner_client import cli
-from data_owner_client.adapter import ResidualAdapter, build_adapter, save_adapter
+from data_owner_client.adapter import ResidualAdapter, build_adapter, load_adapter, save_adapter
 from data_owner_client.client import PemaClient
+from data_owner_client.schedule import gu_lambda
 from data_owner_client.served_model import ServedModel
 from shared.keys import hash_key
 from tests.client.synthetic import kind_config
@@ -389,3 +391,140 @@ def test_metrics_count_requests_tokens_and_first_tokens(api, service):
     assert samples['pema_serve_time_to_first_token_seconds_count{model="pema"}'] >= 1
     assert samples['pema_serve_decoding_rows{model="pema"}'] == 0
     assert samples['pema_serve_waiting_requests{model="sequence"}'] == 0
+
+
+def reference_log_probs(plm, cache, adapter_dir, ids, lam, prompt_len):
+    """The mixture's log-probabilities ``[len(ids), V]`` after each position of ``ids``, from
+    one full forward in this process: ``log((1 − λ_t)·P_LM + λ_t·P_adapter)``."""
+    with PemaClient(plm) as client:
+        served = ServedModel.fetch(client, cache_dir=cache)
+        x = client.represent([ids], [0]).rows()[0]
+    head = served.head
+    assert head is not None
+    adapter, _ = load_adapter(adapter_dir, head=head)
+    with torch.no_grad():
+        if adapter.reads_sequences:
+            z = adapter(x[None], torch.tensor([ids]), torch.tensor([prompt_len]))[0]
+            adapted = head.project(z)
+        else:
+            adapted = head.project(adapter(x)) if adapter.post_norm else head(adapter(x))
+        lam = torch.tensor(lam).unsqueeze(1)
+        mixed = (1 - lam) * F.softmax(head(x), -1) + lam * F.softmax(adapted, -1)
+    return mixed.log()
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_echo_and_logprobs_are_the_mixtures(api, plm, adapters, cache, name):
+    """Completions' ``echo`` scores each prompt token as the first new token after those before
+    it (λ_0), generated tokens as decoding mixed them (λ_t of the quadratic schedule, the
+    adapter reading the prompt as its prompt): both equal a full forward to 1e-4, with the
+    most likely tokens; ``max_tokens: 0`` scores without decoding, streamed chunks carry the
+    same numbers."""
+    prompt = render(SOURCES[2])
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(prompt)["input_ids"]
+    scored = api.completions.create(model=name, prompt=prompt, max_tokens=0, echo=True,
+                                    logprobs=3, temperature=0)  # fmt: skip
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    want = reference_log_probs(plm, cache, adapters[name], ids, [0.7] * len(ids), len(ids))
+    for i, token in enumerate(ids[1:], 1):
+        assert logprobs.token_logprobs[i] == pytest.approx(float(want[i - 1, token]), abs=1e-4)
+        top = want[i - 1].topk(3)
+        expected = {tokenizer.decode([t]): float(v) for v, t in zip(*top, strict=True)}
+        got = logprobs.top_logprobs[i]
+        assert got.keys() == expected.keys() | {logprobs.tokens[i]}
+        for text, value in expected.items():
+            assert got[text] == pytest.approx(value, abs=1e-4)
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(ids))]
+
+    answer = api.completions.create(model=name, prompt=prompt, max_tokens=4, echo=True,
+                                    logprobs=2, temperature=0)  # fmt: skip
+    new = answer.choices[0].logprobs
+    generated = tokenizer(answer.choices[0].text[len(prompt) :].strip())["input_ids"]
+    assert answer.choices[0].text.startswith(prompt) and new.tokens[: len(ids)] == logprobs.tokens
+    assert new.token_logprobs[: len(ids)] == pytest.approx(logprobs.token_logprobs[: len(ids)])
+    horizon = 1.5 * len(tokenizer(SOURCES[2])["input_ids"])
+    lam = [gu_lambda(t, horizon, 0.7) for t in range(len(generated))]
+    full = reference_log_probs(plm, cache, adapters[name], ids + generated, [0.7] * (len(ids) - 1)
+                               + lam + [0.0], len(ids))  # fmt: skip
+    for t, token in enumerate(generated):
+        got = new.token_logprobs[len(ids) + t]
+        assert got == pytest.approx(float(full[len(ids) - 1 + t, token]), abs=1e-4)
+
+    streamed = api.completions.create(model=name, prompt=prompt, max_tokens=4, echo=True,
+                                      logprobs=2, temperature=0, stream=True)  # fmt: skip
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert "".join(c.text for c in chunks) == answer.choices[0].text
+    assert [x for c in chunks for x in c.logprobs.token_logprobs] == new.token_logprobs
+    assert [x for c in chunks for x in c.logprobs.tokens] == new.tokens
+    assert [x for c in chunks for x in c.logprobs.text_offset] == new.text_offset
+
+
+def test_chat_logprobs_are_the_completions_of_its_prompt(api):
+    """Chat's ``logprobs``/``top_logprobs`` are the same mixture's as completions over the
+    rendered chat (constant λ, so the source's length does not matter), whole and streamed."""
+    messages = [{"role": "user", "content": SOURCES[2]}]
+    constant = {"schedule": "constant"}
+    chat = api.chat.completions.create(model="sequence", messages=messages, max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body=constant)  # fmt: skip
+    rendered = f"w3 {SOURCES[2]} w4 w5"
+    completion = api.completions.create(model="sequence", prompt=rendered, max_tokens=5,
+                                        temperature=0, logprobs=2, extra_body=constant)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    want = completion.choices[0].logprobs
+    assert [c.token for c in content] == want.tokens
+    assert [c.logprob for c in content] == pytest.approx(want.token_logprobs, abs=1e-5)
+    for entry, top in zip(content, want.top_logprobs, strict=True):
+        assert len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert {t.token: t.logprob for t in entry.top_logprobs}.items() <= top.items()
+    stream = api.chat.completions.create(model="sequence", messages=messages, max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=2,
+                                         extra_body=constant, stream=True)  # fmt: skip
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert streamed == content
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("frequency_penalty", 1), ("presence_penalty", 0.5), ("logit_bias", {"5": 1}),
+     ("suffix", "w9"), ("best_of", 2), ("stream_options", {"include_usage": True}),
+     ("max_tokens", 0), ("stop", ["w9"] * 33)],
+)  # fmt: skip
+def test_each_field_refused_alone_is_named(service, field, value):
+    body = {"model": "pema", "prompt": "w5 w6", field: value}
+    answer = httpx.post(f"{service}/v1/completions", json=body,
+                        headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == field, error
+    assert field in error["message"] or "stop strings" in error["message"]
+    assert "Value error" not in error["message"] and "body" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("top_logprobs", 2),
+     ("response_format", {"type": "json_object"})],
+)  # fmt: skip
+def test_each_chat_field_refused_alone_is_named(service, field, value):
+    body = {"model": "pema", "messages": [{"role": "user", "content": "w5"}], field: value}
+    answer = httpx.post(f"{service}/v1/chat/completions", json=body,
+                        headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == field and field in error["message"]
+
+
+def test_more_than_four_stop_strings(api):
+    prompt = render(SOURCES[2])
+    whole = api.completions.create(model="pema", prompt=prompt, max_tokens=8, temperature=0)
+    words = whole.choices[0].text.split()
+    stops = [f"w{90 + i}x" for i in range(7)] + [words[2]]
+    cut = api.completions.create(model="pema", prompt=prompt, max_tokens=8, temperature=0,
+                                 stop=stops)  # fmt: skip
+    assert cut.choices[0].text == " ".join(words[:2]) and cut.choices[0].finish_reason == "stop"

@@ -132,10 +132,17 @@ def invalid(exc: RequestValidationError) -> BadRequestError:
     errors = exc.errors()
     loc = [str(part) for part in errors[0]["loc"] if part != "body"]
     message = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {_reason(e)}"
         for e in errors[:5]
     )
     return BadRequestError(f"invalid request: {message}", param=".".join(loc) or None)
+
+
+def _reason(error: Any) -> str:
+    """A validation error's message; our own checks' without pydantic's "Value error, "."""
+    if error["type"] == "value_error" and "error" in error.get("ctx", {}):
+        return str(error["ctx"]["error"])
+    return str(error["msg"])
 
 
 def install_error_handlers(app: FastAPI) -> None:

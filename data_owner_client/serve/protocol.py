@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_owner_client.schedule import SCHEDULES
 
@@ -15,8 +16,9 @@ if TYPE_CHECKING:
     from data_owner_client.generate import GenerationConfig
 
 FinishReason = Literal["stop", "length"]
-Stop = Annotated[str, Field(min_length=1)]
 UNSUPPORTED = "is not supported by pema-client serve"
+MAX_STOPS = 32  # stop strings per request (OpenAI allows 4; lm-eval sends every one of a task's)
+MAX_LOGPROBS = 20  # most likely tokens returned per position (OpenAI: 5 for completions, 20 chat)
 
 
 class Strict(BaseModel):
@@ -36,7 +38,9 @@ class Sampling(Strict):
     n: int = Field(1, ge=1, le=16, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+    stop: str | list[str] | None = Field(
+        None, description=f"end a choice at any of these strings (at most {MAX_STOPS})"
+    )
     seed: int | None = None
     # OpenAI's fields that ask nothing of decoding: accepted and ignored.
     user: str | None = None
@@ -69,16 +73,26 @@ class Sampling(Strict):
             return {key: value for key, value in data.items() if value is not None}
         return data
 
-    @model_validator(mode="after")
-    def _supported(self) -> Sampling:
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    def refusals(self) -> Iterator[tuple[str, str]]:
+        """(field, why) of each field sent that this service cannot honour, in the order of the
+        request's fields: the first is the answer's ``param``."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise ValueError(f"{name} {UNSUPPORTED}; leave it at 0")
+                yield name, f"{name} {UNSUPPORTED}; leave it at 0"
         if self.logit_bias:
-            raise ValueError(f"logit_bias {UNSUPPORTED}")
+            yield "logit_bias", f"logit_bias {UNSUPPORTED}"
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-        return self
+            yield "stream_options", "stream_options is only allowed with stream: true"
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -89,6 +103,11 @@ class Sampling(Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """The most likely tokens to return per position, or None: no log-probabilities."""
+        return None
 
     def generation_config(self, base: GenerationConfig, max_tokens: int) -> GenerationConfig:
         """``base`` decoding as this request asks, ``max_tokens`` new tokens per choice at most;
@@ -107,6 +126,7 @@ class Sampling(Strict):
             lambda_min=self.lambda_min,
             schedule=self.schedule,
             gu_horizon=self.gu_horizon,
+            logprobs=self.top_logprobs_count,
         )
 
 
@@ -118,21 +138,38 @@ class CompletionRequest(Sampling):
         description="text or token ids, or a list of them; sent as is (the adapter's template "
         "is not applied)"
     )
-    max_tokens: int | None = Field(16, ge=1, description="new tokens per choice")
-    echo: bool = False
-    logprobs: int | None = None
+    max_tokens: int | None = Field(
+        16, ge=0, description="new tokens per choice (0: none, to score the prompt with echo)"
+    )
+    echo: bool = Field(False, description="return the prompt before the completion")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log-probabilities of the tokens returned and of this many most likely ones",
+    )
     best_of: int | None = None
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _completion_supported(self) -> CompletionRequest:
-        if self.echo or self.logprobs is not None or self.suffix is not None:
-            raise ValueError(f"echo, logprobs and suffix {UNSUPPORTED}")
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: Any) -> Any:
+        if prompt == [] or prompt == "":
+            raise ValueError("the prompt must not be empty")
+        return prompt
+
+    def refusals(self) -> Iterator[tuple[str, str]]:
+        yield from super().refusals()
+        if self.max_tokens == 0 and not self.echo:
+            yield "max_tokens", "max_tokens 0 returns nothing: send echo: true to score the prompt"
         if self.best_of not in (None, 1):
-            raise ValueError(f"best_of {UNSUPPORTED}")
-        if self.prompt == [] or self.prompt == "":
-            raise ValueError("prompt must not be empty")
-        return self
+            yield "best_of", f"best_of above 1 {UNSUPPORTED}; send n for several choices"
+        if self.suffix is not None:
+            yield "suffix", f"suffix {UNSUPPORTED} (no fill-in-the-middle)"
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -166,20 +203,27 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="new tokens per choice")
     max_completion_tokens: int | None = Field(None, ge=1, description="max_tokens' new name")
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(False, description="log-probabilities of the tokens returned")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="and of this many most likely ones (logprobs)"
+    )
     tools: list[Any] | None = None
     tool_choice: Literal["none", "auto"] | None = None  # without tools, both mean none
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _chat_supported(self) -> ChatRequest:
-        if self.logprobs or self.top_logprobs or self.tools:
-            raise ValueError(f"logprobs and tools {UNSUPPORTED}")
+    def refusals(self) -> Iterator[tuple[str, str]]:
+        yield from super().refusals()
+        if self.top_logprobs is not None and not self.logprobs:
+            yield "top_logprobs", "top_logprobs needs logprobs: true"
+        if self.tools:
+            yield "tools", f"tools (function calling) {UNSUPPORTED}"
         if self.response_format not in (None, {"type": "text"}):
-            raise ValueError(f"response_format other than text {UNSUPPORTED}")
-        return self
+            yield "response_format", f"response_format other than text {UNSUPPORTED}"
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -200,11 +244,22 @@ class Answer(BaseModel):
     model: str
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' log-probabilities: per token returned, its text, its
+    log-probability (None for the prompt's first), the most likely tokens' (with it) and where its
+    text starts in the choice's text."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Answer):
@@ -218,11 +273,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(Answer):
@@ -240,7 +310,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatChunk(Answer):

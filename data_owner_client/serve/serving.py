@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from data_owner_client.data import PLACEHOLDER, source_length
+from data_owner_client.decoding import Mixing, TokenLogprob
 from data_owner_client.generate import EmptyPrompt, Job, PromptTooLong, Row
 from data_owner_client.serve.engine import EngineClosed
 from data_owner_client.serve.errors import (
@@ -29,9 +30,11 @@ from data_owner_client.serve.errors import (
     UnavailableError,
     as_openai_error,
 )
+from data_owner_client.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from data_owner_client.serve.metrics import ServeMetrics
 from data_owner_client.serve.models import ServedAdapter
 from data_owner_client.serve.protocol import (
+    UNSUPPORTED,
     AssistantMessage,
     ChatChoice,
     ChatChunk,
@@ -40,6 +43,7 @@ from data_owner_client.serve.protocol import (
     ChatRequest,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ErrorResponse,
@@ -73,15 +77,24 @@ class OpenAIServing:
         return ModelList(data=[model.card() for model in self.models.values()])
 
     async def completion(self, body: CompletionRequest, request: Request) -> Any:
-        """The completion of each prompt, whole or streamed."""
+        """The completion of each prompt, whole or streamed; with ``echo``, after the prompt
+        (scored when ``logprobs`` asks: one representation pass over it)."""
         model = self.model(body.model)
+        refuse(body)
         prompts, sources = await asyncio.to_thread(completion_prompts, model, body)
+        echoes = None
+        if body.echo:
+            echoes = await asyncio.to_thread(echoed, model, body, prompts)
+        if body.max_tokens == 0:
+            return echo_only(model, body, echoes or [], sum(map(len, prompts)))
         run = self.submit(model, body, prompts, sources, body.max_tokens, "prompt")
+        run.echoes = echoes
         return await run.respond(request, completion=True)
 
     async def chat(self, body: ChatRequest, request: Request) -> Any:
         """The chat's next assistant message, whole or streamed."""
         model = self.model(body.model)
+        refuse(body)
         prompt, source = await asyncio.to_thread(chat_prompt, model, body)
         run = self.submit(model, body, [prompt], [source], body.max_new_tokens, "messages")
         return await run.respond(request, completion=False)
@@ -117,6 +130,13 @@ class OpenAIServing:
         except EngineClosed as exc:
             raise UnavailableError(str(exc)) from exc
         return run
+
+
+def refuse(body: Sampling) -> None:
+    """Refuse a request with a field this service cannot honour, naming it in ``param``."""
+    for param, message in body.refusals():
+        code = "unsupported_parameter" if UNSUPPORTED in message else "invalid_value"
+        raise BadRequestError(message, param, code)
 
 
 # ---- prompts -----------------------------------------------------------------------------------
@@ -169,6 +189,66 @@ def chat_prompt(model: ServedAdapter, body: ChatRequest) -> tuple[list[int], int
     return prompt, source_length(tokenizer, users[-1] if users else text)
 
 
+@dataclass
+class Echo:
+    """An echoed prompt: its text, its first token and the others' log-probabilities (when
+    asked for)."""
+
+    text: str
+    first: int
+    scored: list[TokenLogprob]
+
+
+def echoed(model: ServedAdapter, body: CompletionRequest, prompts: list[list[int]]) -> list[Echo]:
+    """Each prompt as the answer echoes it, scored by the mixture the request decodes with."""
+    generator = model.generator
+    try:
+        config = body.generation_config(generator.config, generator.max_new_tokens)
+        mixing = Mixing.resolve(config, generator.defaults)
+    except ValueError as exc:  # settings that do not go together
+        raise BadRequestError(str(exc)) from exc
+    echoes = []
+    for given, prompt in zip(body.prompts, prompts, strict=True):
+        text = given if isinstance(given, str) else generator.served.tokenizer.decode(given)
+        try:
+            scored = [] if body.logprobs is None else generator.score(prompt, mixing, body.logprobs)
+        except Exception as exc:  # the PLM owner's server refused or failed
+            raise as_openai_error(exc) from exc
+        echoes.append(Echo(text, prompt[0], scored))
+    return echoes
+
+
+def echo_only(
+    model: ServedAdapter, body: CompletionRequest, echoes: list[Echo], prompt_tokens: int
+) -> Any:
+    """``max_tokens: 0``: the prompts and their log-probabilities, ``n`` choices each."""
+    texts = TokenTexts(model.generator.served.tokenizer)
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=echo.text,
+            finish_reason="length",
+            logprobs=None
+            if body.logprobs is None
+            else completion_logprobs(texts, echo.scored, echo.first),
+        )
+        for i, echo in enumerate(e for e in echoes for _ in range(body.n))
+    ]
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+    answer = Completion(
+        id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.id, choices=choices
+    )
+    if not body.stream:
+        return answer.model_copy(update={"usage": usage})
+
+    async def chunks() -> AsyncIterator[BaseModel]:
+        yield answer
+        if body.include_usage:
+            yield answer.model_copy(update={"choices": [], "usage": usage})
+
+    return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+
+
 # ---- decoding ----------------------------------------------------------------------------------
 
 
@@ -179,6 +259,7 @@ class Snapshot:
     tokens: list[int]  # each row's new tokens so far
     error: Exception | None
     ended: bool
+    logprobs: list[list[TokenLogprob]]  # each row's so far, when asked for (EOS left out)
 
 
 class Run:
@@ -199,6 +280,9 @@ class Run:
         self.latest: Snapshot | None = None
         self.changed = asyncio.Event()
         self.id, self.created = uuid.uuid4().hex, int(time.time())
+        self.echoes: list[Echo] | None = None  # completions' echo: one per prompt
+        self.texts = TokenTexts(model.generator.served.tokenizer)
+        self.logprobs = body.top_logprobs_count is not None
 
     def notify(self, job: Job, error: Exception | None) -> None:
         """On the engine's thread: what the request needs of the job now."""
@@ -211,12 +295,36 @@ class Run:
             [len(row.tokens) for row in job.rows],
             error,
             ended,
+            [self._scored(row) for row in job.rows],
         )
         self.loop.call_soon_threadsafe(self._publish, snapshot)
 
     def _publish(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
         self.changed.set()
+
+    def _scored(self, row: Row) -> list[TokenLogprob]:
+        """The row's new tokens' log-probabilities, when asked for; its EOS, whose text is not
+        returned, left out."""
+        if not self.logprobs:
+            return []
+        eos = self.model.generator.eos
+        return [entry for entry in row.logprobs if entry.token not in eos]
+
+    def _echo(self, row: int) -> Echo | None:
+        """The echoed prompt of choice ``row``, if any (``n`` choices per prompt)."""
+        return None if self.echoes is None else self.echoes[row // self.body.n]
+
+    def _completion_logprobs(
+        self, row: int, scored: list[TokenLogprob], offset: int, echo: bool
+    ) -> CompletionLogprobs | None:
+        """Choice ``row``'s ``scored`` tokens (after its echoed prompt's with ``echo``)."""
+        if not self.logprobs:
+            return None
+        first, prompt = None, self._echo(row) if echo else None
+        if prompt is not None:
+            first, scored = prompt.first, prompt.scored + scored
+        return completion_logprobs(self.texts, scored, first, offset)
 
     def _visible(self, row: Row) -> str:
         """A row's text that later tokens cannot change: all of it once finished; before, without
@@ -296,20 +404,28 @@ class Run:
     def _whole(self, last: Snapshot, completion: bool) -> Completion | ChatCompletion:
         """The finished answer of ``last``, the job's final snapshot."""
         base = self._base(completion)
-        rows = list(zip(last.texts, last.finish, strict=True))
+        rows = list(zip(last.texts, last.finish, last.logprobs, strict=True))
         if completion:
             choices = [
-                CompletionChoice(index=i, text=text, finish_reason=reason)
-                for i, (text, reason) in enumerate(rows)
+                CompletionChoice(
+                    index=i,
+                    text=(echo.text if (echo := self._echo(i)) else "") + text,
+                    finish_reason=reason,
+                    logprobs=self._completion_logprobs(i, scored, 0, echo=True),
+                )
+                for i, (text, reason, scored) in enumerate(rows)
             ]
             return Completion(**base, choices=choices, usage=self.usage(last))
         return ChatCompletion(
             **base,
             choices=[
                 ChatChoice(
-                    index=i, message=AssistantMessage(content=text), finish_reason=reason or "stop"
+                    index=i,
+                    message=AssistantMessage(content=text),
+                    finish_reason=reason or "stop",
+                    logprobs=chat_logprobs(self.texts, scored) if self.logprobs else None,
                 )
-                for i, (text, reason) in enumerate(rows)
+                for i, (text, reason, scored) in enumerate(rows)
             ],
             usage=self.usage(last),
         )
@@ -317,32 +433,58 @@ class Run:
     async def _chunks(
         self, snapshots: AsyncIterator[Snapshot], completion: bool
     ) -> AsyncIterator[BaseModel]:
-        """The stream's chunks: each row's new text as it becomes final, its finish reason with
-        its last text, then the usage when asked for."""
+        """The stream's chunks: an echoed prompt first, then each row's new text as it becomes
+        final (and its new tokens' log-probabilities), its finish reason with its last text, then
+        the usage when asked for."""
         base = self._base(completion)
         chunk: Callable[..., BaseModel] = Completion if completion else ChatChunk
         rows = len(self.job.rows)
+        offsets = [0] * rows  # completions' text offsets: where each row's next token starts
         if not completion:
             roles = [
                 ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                 for i in range(rows)
             ]
             yield ChatChunk(**base, choices=roles)
-        sent, done = [""] * rows, [False] * rows
+        elif self.echoes is not None:
+            echoes = []
+            for i in range(rows):
+                echo = self._echo(i)
+                assert echo is not None
+                logprobs = self._completion_logprobs(i, [], 0, echo=True)
+                offsets[i] = sum(map(len, logprobs.tokens)) if logprobs else 0
+                echoes.append(
+                    CompletionChoice(index=i, text=echo.text, finish_reason=None, logprobs=logprobs)
+                )
+            yield Completion(**base, choices=echoes)
+        sent, done, scored = [""] * rows, [False] * rows, [0] * rows
         last = None
         async for snapshot in snapshots:
             last = snapshot
             choices: list[Any] = []
             for i, (text, reason) in enumerate(zip(snapshot.texts, snapshot.finish, strict=True)):
                 delta = "" if done[i] else _extension(sent[i], text)
-                if done[i] or not (delta or reason):
+                new = [] if done[i] else snapshot.logprobs[i][scored[i] :]
+                if done[i] or not (delta or reason or new):
                     continue
                 sent[i], done[i] = sent[i] + delta, reason is not None
+                scored[i] += len(new)
                 if completion:
-                    choices.append(CompletionChoice(index=i, text=delta, finish_reason=reason))
+                    logprobs = self._completion_logprobs(i, new, offsets[i], echo=False)
+                    offsets[i] += sum(map(len, logprobs.tokens)) if logprobs else 0
+                    choices.append(
+                        CompletionChoice(
+                            index=i, text=delta, finish_reason=reason, logprobs=logprobs
+                        )
+                    )
                 else:
                     choices.append(
-                        ChatChunkChoice(index=i, delta=Delta(content=delta), finish_reason=reason)
+                        ChatChunkChoice(
+                            index=i,
+                            delta=Delta(content=delta),
+                            finish_reason=reason,
+                            logprobs=chat_logprobs(self.texts, new) if self.logprobs else None,
+                        )
                     )
             if choices:
                 yield chunk(**base, choices=choices)
