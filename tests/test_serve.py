@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from data_owner_client import cli
 from data_owner_client.adapter import ResidualAdapter, build_adapter, load_adapter, save_adapter
@@ -528,3 +529,99 @@ def test_more_than_four_stop_strings(api):
     cut = api.completions.create(model="pema", prompt=prompt, max_tokens=8, temperature=0,
                                  stop=stops)  # fmt: skip
     assert cut.choices[0].text == " ".join(words[:2]) and cut.choices[0].finish_reason == "stop"
+
+
+CHOICE_TASK = """
+task: pema_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+UNTIL_TASK = """
+task: pema_until
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{source}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["w99"]
+  max_gen_toks: 6
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+def lm_eval_samples(service, folder, model, tmp_path, monkeypatch) -> dict[str, list[dict]]:
+    """The real lm-evaluation-harness (`local-completions`, the tiny model's tokenizer) over a
+    local multiple-choice task and a generate-until task against `serve`: its logged samples."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"question": s, "choices": ["w20 w21", "w30", "w44 w45 w46"], "answer": i % 3,
+             "source": render(s), "target": "w9"} for i, s in enumerate(SOURCES)]  # fmt: skip
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, task in (("choice", CHOICE_TASK), ("until", UNTIL_TASK)):
+        (tmp_path / f"{name}.yaml").write_text(task.format(data=data))
+    args = (f"model={model},base_url={service}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={folder / 'tiny-llama'},num_concurrent=1,max_retries=1")  # fmt: skip
+    results = simple_evaluate(
+        model="local-completions", model_args=args, tasks=["pema_choice", "pema_until"],
+        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        cache_requests=False,
+    )  # fmt: skip
+    assert results is not None
+    return results["samples"]
+
+
+def test_lm_eval_scores_the_mixture_and_the_plm(
+    api, service, plm, plm_id, adapters, cache, folder, tmp_path, monkeypatch
+):
+    """lm-eval's loglikelihoods of each choice are the mixture's log-probabilities computed in
+    this process (λ_0 = 0.7 at every continuation token); the PLM alone's equal a plain
+    transformers forward; its generate_until outputs are serve's completions."""
+    tokenizer = tiny_tokenizer()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder / "tiny-llama").eval()
+    for name in ("sequence", plm_id):
+        samples = lm_eval_samples(service, folder, name, tmp_path, monkeypatch)
+        checked = 0
+        for sample in samples["pema_choice"]:
+            context = sample["doc"]["question"]
+            for choice, response in zip(sample["doc"]["choices"], sample["resps"], strict=True):
+                ctx = tokenizer(context)["input_ids"]
+                ids = ctx + tokenizer(choice)["input_ids"]
+                if name == plm_id:
+                    with torch.no_grad():
+                        lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+                else:
+                    lp = reference_log_probs(plm, cache, adapters[name], ids, [0.7] * len(ids),
+                                             len(ids))  # fmt: skip
+                want = sum(float(lp[i - 1, ids[i]]) for i in range(len(ctx), len(ids)))
+                loglikelihood, greedy = response[0]
+                assert loglikelihood == pytest.approx(want, abs=1e-4)
+                argmax = all(int(lp[i - 1].argmax()) == ids[i] for i in range(len(ctx), len(ids)))
+                assert greedy == argmax
+                checked += 1
+        assert checked == 3 * len(SOURCES)
+        for sample in samples["pema_until"]:
+            prompt = sample["doc"]["source"]
+            want = api.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0,
+                                          stop=["w99"])  # fmt: skip
+            assert sample["resps"][0][0] == want.choices[0].text

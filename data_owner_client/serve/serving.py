@@ -157,7 +157,8 @@ def source_of(template: str | None, prompt: str) -> str:
 def completion_prompts(
     model: ServedAdapter, body: CompletionRequest
 ) -> tuple[list[list[int]], list[int]]:
-    """Each prompt's token ids and its source's length in tokens."""
+    """Each prompt's token ids and its source's length in tokens (token ids are read as their
+    text: the horizon is the same)."""
     tokenizer, vocab = model.generator.served.tokenizer, model.generator.served.info.vocab_size
     prompts, sources = [], []
     for prompt in body.prompts:
@@ -168,7 +169,8 @@ def completion_prompts(
             if any(token >= vocab for token in prompt):
                 raise BadRequestError(f"token ids must be below {vocab}", param="prompt")
             prompts.append(prompt)
-            sources.append(len(prompt))
+            text = tokenizer.decode(prompt, skip_special_tokens=True)  # as a text prompt would
+            sources.append(source_length(tokenizer, source_of(model.template, text)))
     return prompts, sources
 
 
@@ -259,7 +261,7 @@ class Snapshot:
     tokens: list[int]  # each row's new tokens so far
     error: Exception | None
     ended: bool
-    logprobs: list[list[TokenLogprob]]  # each row's so far, when asked for (EOS left out)
+    logprobs: list[list[TokenLogprob]]  # each row's so far, when asked for
 
 
 class Run:
@@ -304,12 +306,9 @@ class Run:
         self.changed.set()
 
     def _scored(self, row: Row) -> list[TokenLogprob]:
-        """The row's new tokens' log-probabilities, when asked for; its EOS, whose text is not
-        returned, left out."""
-        if not self.logprobs:
-            return []
-        eos = self.model.generator.eos
-        return [entry for entry in row.logprobs if entry.token not in eos]
+        """The row's new tokens' log-probabilities (EOS included, as in its usage), when asked
+        for."""
+        return list(row.logprobs) if self.logprobs else []
 
     def _echo(self, row: int) -> Echo | None:
         """The echoed prompt of choice ``row``, if any (``n`` choices per prompt)."""
