@@ -66,6 +66,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # end a row when its text contains one of these (not kept)
     # Record each new token's log-probability under the mixture and the N most likely (serve).
     logprobs: int | None = None
+    # Outputs follow this llguidance grammar (data_owner_client.constraints.json_grammar).
+    grammar: str | None = None
     batch_size: int = option(8, help="inputs decoded together in one server session")
     hidden_dtype: HiddenDType = option("float32", help="representations on the wire")
     reconnect_s: float = option(
@@ -99,6 +101,8 @@ class GenerationConfig:
             )
         if self.logprobs is not None and (self.logprobs < 0 or (self.num_beams or 1) > 1):
             raise ValueError("logprobs: a count of 0 or more, with one hypothesis per input")
+        if self.grammar is not None and (self.num_beams or 1) > 1:
+            raise ValueError("a grammar constrains one hypothesis per input: decode with 1 beam")
 
     @property
     def sampling(self) -> bool:
@@ -244,6 +248,7 @@ class Row:
     finish_reason: str | None = None  # "eos", "stop", "length"; or "cancelled", "error"
     seconds: float = 0.0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked for
+    matcher: Any = None  # where the row stands in its grammar (an llguidance matcher), if any
 
 
 @dataclass(eq=False)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from data_owner_client.adapter import Adapter, AdapterConfig
 from data_owner_client.beam import BeamSearch
 from data_owner_client.client import PemaClient, ServerError
+from data_owner_client.constraints import Grammars, consume
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.decoding import (
     GREEDY_BELOW,
@@ -134,6 +135,14 @@ class Generator:
         self.batch_size = min(config.batch_size, limits.max_batch_size)
         self._pool: ThreadPoolExecutor | None = None  # steps of several batches at once
         self._ending_ids: dict[tuple[str, ...], torch.Tensor] = {}  # stop strings -> tokens
+        self._grammars: Grammars | None = None  # the tokenizer as grammars read it, once needed
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            info = self.served.info
+            self._grammars = Grammars(self.served.tokenizer, info.vocab_size, info.eos_token_ids)
+        return self._grammars
 
     def generate(
         self, examples: Sequence[Example], progress: bool = False, start: int = 0
@@ -211,6 +220,11 @@ class Generator:
             most = min(budget, room)
             least = min(math.ceil(config.min_length * (mixing.length_ratio or 1.0) * source), most)
             rows += [Row(prompt, horizon, most, least) for _ in range(copies)]
+        if config.grammar is not None:
+            for row, matcher in zip(
+                rows, self.grammars.matchers(config.grammar, len(rows)), strict=True
+            ):
+                row.matcher = matcher
         sampler = torch.Generator(self.device).manual_seed(config.seed if seed is None else seed)
         return Job(rows, config, mixing, sampler)
 
@@ -322,13 +336,25 @@ class Generator:
                     self._append(row, token, batch.started, job.config)
 
     def _choose(self, log_probs: torch.Tensor, rows: list[Row], job: Job) -> list[int]:
-        """The next token of each of a job's ``rows`` from their mixed log-probabilities."""
+        """The next token of each of a job's ``rows`` from their mixed log-probabilities: the
+        repetition guard and the minimum length rule out tokens, then the grammar, which wins
+        where they leave it no token."""
+        allowed = None
+        if job.config.grammar is not None:
+            allowed = self.grammars.mask(log_probs, [row.matcher for row in rows])
         ban_repeats(log_probs, [row.tokens for row in rows], job.mixing.no_repeat_ngram)
         early = [i for i, row in enumerate(rows) if len(row.tokens) < row.min_tokens]
         if early:
             index = torch.tensor(early, device=log_probs.device)[:, None]
             log_probs[index, self._endings(job.config.stop)] = -math.inf
-        return _pick(log_probs, job.config, job.sampler).tolist()
+        if allowed is not None:
+            log_probs = log_probs.masked_fill(allowed == -math.inf, -math.inf)
+            stuck = ~torch.isfinite(log_probs).any(-1)
+            log_probs[stuck] = allowed[stuck]
+        tokens = _pick(log_probs, job.config, job.sampler).tolist()
+        if allowed is not None:
+            consume([row.matcher for row in rows], tokens)
+        return tokens
 
     def _endings(self, stops: tuple[str, ...]) -> torch.Tensor:
         """The tokens that end a row: EOS, and each token whose text holds a stop string."""

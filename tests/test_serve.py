@@ -511,7 +511,7 @@ def test_each_field_refused_alone_is_named(service, field, value):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("tools", [{"type": "function", "function": {"name": "f"}}]), ("top_logprobs", 2),
-     ("response_format", {"type": "json_object"})],
+     ("response_format", {"type": "json_schema"})],
 )  # fmt: skip
 def test_each_chat_field_refused_alone_is_named(service, field, value):
     body = {"model": "pema", "messages": [{"role": "user", "content": "w5"}], field: value}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_owner_client.constraints import json_grammar
 from data_owner_client.schedule import SCHEDULES
 
 if TYPE_CHECKING:
@@ -29,6 +30,30 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchema(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # decoding always follows the schema
+
+
+class ResponseFormat(Strict):
+    """Plain text, any JSON object, or JSON following a schema (constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar decoding follows (None: text)."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema is not None else None
+        return json_grammar(schema if self.type == "json_schema" else None)
+
+
 class Sampling(Strict):
     """What completions and chat completions share: OpenAI's sampling fields and PEMA's."""
 
@@ -42,6 +67,7 @@ class Sampling(Strict):
         None, description=f"end a choice at any of these strings (at most {MAX_STOPS})"
     )
     seed: int | None = None
+    response_format: ResponseFormat | None = None
     # OpenAI's fields that ask nothing of decoding: accepted and ignored.
     user: str | None = None
     store: bool | None = None
@@ -93,6 +119,9 @@ class Sampling(Strict):
             yield "logit_bias", f"logit_bias {UNSUPPORTED}"
         if self.stream_options is not None and not self.stream:
             yield "stream_options", "stream_options is only allowed with stream: true"
+        form = self.response_format
+        if form is not None and form.type == "json_schema" and form.json_schema is None:
+            yield "response_format", "response_format json_schema needs its json_schema"
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -127,6 +156,7 @@ class Sampling(Strict):
             schedule=self.schedule,
             gu_horizon=self.gu_horizon,
             logprobs=self.top_logprobs_count,
+            grammar=self.response_format.grammar if self.response_format else None,
         )
 
 
@@ -210,16 +240,19 @@ class ChatRequest(Sampling):
     tools: list[Any] | None = None
     tool_choice: Literal["none", "auto"] | None = None  # without tools, both mean none
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     def refusals(self) -> Iterator[tuple[str, str]]:
         yield from super().refusals()
         if self.top_logprobs is not None and not self.logprobs:
             yield "top_logprobs", "top_logprobs needs logprobs: true"
         if self.tools:
-            yield "tools", f"tools (function calling) {UNSUPPORTED}"
-        if self.response_format not in (None, {"type": "text"}):
-            yield "response_format", f"response_format other than text {UNSUPPORTED}"
+            yield (
+                "tools",
+                (
+                    f"tools (function calling) {UNSUPPORTED}; for structured answers send "
+                    "response_format json_schema"
+                ),
+            )
 
     @property
     def top_logprobs_count(self) -> int | None:

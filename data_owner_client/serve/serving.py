@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from data_owner_client.constraints import GrammarError
 from data_owner_client.data import PLACEHOLDER, source_length
 from data_owner_client.decoding import Mixing, TokenLogprob
 from data_owner_client.generate import EmptyPrompt, Job, PromptTooLong, Row
@@ -120,6 +121,8 @@ class OpenAIServing:
             raise ContextLengthExceededError(str(exc), param) from exc
         except EmptyPrompt as exc:
             raise EmptyPromptError(str(exc), param) from exc
+        except GrammarError as exc:
+            raise BadRequestError(str(exc), "response_format", "invalid_schema") from exc
         except ValueError as exc:  # settings that do not go together
             raise BadRequestError(str(exc)) from exc
         run = Run(model, body, job, sum(len(p) for p in prompts), self.metrics)
