@@ -415,7 +415,7 @@ def reference_log_probs(plm, cache, adapter_dir, ids, lam, prompt_len):
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
-def test_echo_and_logprobs_are_the_mixtures(api, plm, adapters, cache, name):
+def test_echo_and_logprobs_are_the_mixtures(api, plm, plm_id, adapters, cache, name):
     """Completions' ``echo`` scores each prompt token as the first new token after those before
     it (λ_0), generated tokens as decoding mixed them (λ_t of the quadratic schedule, the
     adapter reading the prompt as its prompt): both equal a full forward to 1e-4, with the
@@ -442,6 +442,12 @@ def test_echo_and_logprobs_are_the_mixtures(api, plm, adapters, cache, name):
         for text, value in expected.items():
             assert got[text] == pytest.approx(value, abs=1e-4)
     assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(ids))]
+    off = {"lambda_max": 0, "no_repeat_ngram": 0}  # λ = 0: the PLM's own, as its model id gives
+    alone = [api.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True,
+                                    logprobs=3, extra_body=extra).choices[0].logprobs
+             for model, extra in ((name, off), (plm_id, {}))]  # fmt: skip
+    assert alone[0].token_logprobs == pytest.approx(alone[1].token_logprobs, abs=1e-6)
+    assert alone[0].token_logprobs != pytest.approx(logprobs.token_logprobs, abs=1e-3)
 
     answer = api.completions.create(model=name, prompt=prompt, max_tokens=4, echo=True,
                                     logprobs=2, temperature=0)  # fmt: skip
