@@ -52,9 +52,9 @@ class Decoder(Protocol):
         self, tokens: list[int], budget: int, stops: tuple[str, ...]
     ) -> tuple[str | None, str]: ...
     def text(self, tokens: list[int]) -> str: ...
-    def start_sequence(
+    def open_session(
         self, prompts: list[list[int]], lambda_max: float
-    ) -> tuple[torch.Tensor | None, Any]: ...
+    ) -> tuple[str, torch.Tensor, torch.Tensor | None, Any]: ...
     def _step_sequence(
         self, cache: Any, hidden: torch.Tensor, tokens: list[int], live: list[int]
     ) -> torch.Tensor: ...
@@ -92,13 +92,10 @@ class BeamSearch:
 
     def run(self) -> None:
         g, rows = self.generator, self.job.rows
-        session, hidden, _ = g.client.open_session(
-            [row.prompt for row in rows], dtype=g.config.hidden_dtype
-        )
+        prompts = [row.prompt for row in rows]
+        session, hidden, adapted, cache = g.open_session(prompts, self.mixing.lambda_max)
         live = [Hypothesis(r, [], 0.0) for r in range(len(rows))]
         try:
-            prompts = [row.prompt for row in rows]
-            adapted, cache = g.start_sequence(prompts, self.mixing.lambda_max)
             step = 0
             while live:
                 parents, live = self._advance(live, hidden, adapted, step)

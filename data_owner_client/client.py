@@ -4,6 +4,7 @@ connection errors, 429 and 503 (never on other 4xx)."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import ssl
 import time
@@ -206,6 +207,20 @@ class PemaClient:
         )
         r = self._call("POST", "/v1/sessions", request, SessionOpenResponse, idempotent=False)
         return r.session_id, decode_tensor(r.hidden), _logits(r.logits)
+
+    def open_reading(
+        self, sequences: Sequence[Sequence[int]], dtype: HiddenDType = "float32"
+    ) -> tuple[str, list[torch.Tensor]]:
+        """Prefill prompts and read every prompt position from the same pass: (session id,
+        each row's representations ``[len, d]``)."""
+        request = SessionOpenRequest(
+            sequences=[list(s) for s in sequences], dtype=dtype, positions="all"
+        )
+        r = self._call("POST", "/v1/sessions", request, SessionOpenResponse, idempotent=False)
+        hidden, offsets = decode_tensor(r.hidden), r.offsets
+        if offsets is None or len(offsets) != len(sequences) + 1 or offsets[-1] != len(hidden):
+            raise RuntimeError(f"the server sent {len(hidden)} positions and offsets {offsets}")
+        return r.session_id, [hidden[a:b] for a, b in itertools.pairwise(offsets)]
 
     def step(
         self,

@@ -136,6 +136,7 @@ class Generator:
         self._pool: ThreadPoolExecutor | None = None  # steps of several batches at once
         self._ending_ids: dict[tuple[str, ...], torch.Tensor] = {}  # stop strings -> tokens
         self._grammars: Grammars | None = None  # the tokenizer as grammars read it, once needed
+        self._opens_all_positions = True  # the server's session openings read every position
 
     @property
     def grammars(self) -> Grammars:
@@ -246,15 +247,9 @@ class Generator:
         sequence adapter's cache over their prompts)."""
         started = time.perf_counter()
         prompts = [row.prompt for job in jobs for row in job.rows]
-        session, hidden, _ = self.client.open_session(prompts, dtype=self.config.hidden_dtype)
-        batch = Batch(jobs, session, hidden, started)
-        try:
-            weight = max(job.mixing.lambda_max for job in jobs)  # 0: nobody reads the adapter
-            batch.adapted, batch.cache = self.start_sequence(prompts, weight)
-        except BaseException:
-            self.close(batch)
-            raise
-        return batch
+        weight = max(job.mixing.lambda_max for job in jobs)  # 0: nobody reads the adapter
+        session, hidden, adapted, cache = self.open_session(prompts, weight)
+        return Batch(jobs, session, hidden, started, cache=cache, adapted=adapted)
 
     def shutdown(self) -> None:
         """Stop the threads that step several batches at once (when there are any)."""
@@ -387,19 +382,46 @@ class Generator:
             batch.error, batch.live = exc, []
             self.close(batch)
 
-    def start_sequence(
+    def open_session(
         self, prompts: list[list[int]], lambda_max: float
-    ) -> tuple[torch.Tensor | None, Any]:
-        """The sequence adapter's outputs at the last positions of ``prompts`` (read through
-        ``/v1/represent``) and its cache over them, with room for the new tokens; (None, None)
-        for the other kinds, or when the adapter has no weight (``lambda_max`` 0)."""
+    ) -> tuple[str, torch.Tensor, torch.Tensor | None, Any]:
+        """A server session over ``prompts``: its id, each row's last representation, and the
+        sequence adapter's outputs there with its cache over the prompts (room for the new
+        tokens); (None, None) for the other kinds, or when the adapter has no weight
+        (``lambda_max`` 0). One prefill reads the prompts for both."""
+        dtype = self.config.hidden_dtype
         if self.adapter is None or not self.adapter.reads_sequences or lambda_max <= 0:
-            return None, None
-        out = self.client.represent(prompts, [0] * len(prompts), dtype=self.config.hidden_dtype)
-        hidden = [h.to(self.device, torch.float32) for h in out.rows()]
-        capacity = max(len(p) for p in prompts) + self.max_new_tokens
-        with torch.inference_mode():
-            return self.adapter.start(hidden, prompts, capacity)
+            session, hidden, _ = self.client.open_session(prompts, dtype=dtype)
+            return session, hidden, None, None
+        session, rows = self._open_reading(prompts)
+        try:
+            rows = [h.to(self.device, torch.float32) for h in rows]
+            capacity = max(len(p) for p in prompts) + self.max_new_tokens
+            with torch.inference_mode():
+                adapted, cache = self.adapter.start(rows, prompts, capacity)
+        except BaseException:
+            self._close(session)
+            raise
+        return session, torch.stack([h[-1] for h in rows]), adapted, cache
+
+    def _open_reading(self, prompts: list[list[int]]) -> tuple[str, list[torch.Tensor]]:
+        """A session over ``prompts`` and every prompt position's representations: from its
+        opening, or, from a server older than that option, through ``/v1/represent``."""
+        dtype = self.config.hidden_dtype
+        if self._opens_all_positions:
+            try:
+                return self.client.open_reading(prompts, dtype=dtype)
+            except ServerError as exc:
+                if exc.status != 422 or "positions" not in exc.message:
+                    raise
+                log.info("the server opens sessions on last positions only: prompts are read again")
+                self._opens_all_positions = False
+        session, _, _ = self.client.open_session(prompts, dtype=dtype)
+        try:
+            return session, self.client.represent(prompts, [0] * len(prompts), dtype=dtype).rows()
+        except BaseException:
+            self._close(session)
+            raise
 
     @torch.inference_mode()
     def _step_sequence(

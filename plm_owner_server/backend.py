@@ -70,8 +70,9 @@ class Backend(Protocol):
 
     def open_sessions(
         self, sessions: Sequence[Sequence[Sequence[int]]]
-    ) -> Sequence[tuple[SessionState, torch.Tensor]]:
-        """Prefill each session's prompts; per session its state and last f(c) per row."""
+    ) -> Sequence[tuple[SessionState, list[torch.Tensor]]]:
+        """Prefill each session's prompts; per session its state and each row's f(c) at every
+        prompt position (``[len, d]`` per row)."""
         ...
 
     def step_sessions(

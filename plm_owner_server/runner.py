@@ -8,6 +8,7 @@ runs without the LM head, and logits are computed only for the positions that as
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -134,29 +135,37 @@ class ModelRunner:
     @torch.inference_mode()
     def open_session(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill left-padded prompts; returns the cache and each row's last representation."""
+        state, hidden = self._prefill(rows)
+        return state, torch.stack([h[-1] for h in hidden])
+
+    def _prefill(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, list[torch.Tensor]]:
+        """Prefill left-padded prompts; the cache and each row's representations ``[len, d]``."""
         ids, mask = self._pad(rows, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         state = KVState(DynamicCache(config=self.config), mask, list(range(len(rows))))
         hidden = self._forward(ids, mask, positions, state.cache)
-        return state, hidden[:, -1]
+        width = hidden.shape[1]
+        return state, [hidden[b, width - len(row) :] for b, row in enumerate(rows)]
 
     @torch.inference_mode()
     def open_sessions(
         self, sessions: Sequence[Sequence[Sequence[int]]]
-    ) -> list[tuple[KVState, torch.Tensor]]:
+    ) -> list[tuple[KVState, list[torch.Tensor]]]:
         """Prefill several sessions' prompts in shared passes (one per group of similar widths);
-        each session gets its own cache."""
+        each session gets its own cache, and each row its representations ``[len, d]``."""
 
-        def prefill(group: list[int]) -> list[tuple[KVState, torch.Tensor]]:
+        def prefill(group: list[int]) -> list[tuple[KVState, list[torch.Tensor]]]:
             prompts = [sessions[i] for i in group]
-            state, hidden = self.open_session([p for ps in prompts for p in ps])
+            state, hidden = self._prefill([p for ps in prompts for p in ps])
             if len(group) == 1:
                 return [(state, hidden)]
             if not stackable([state]):
-                return [self.open_session(ps) for ps in prompts]
+                return [self._prefill(ps) for ps in prompts]
             rows = [(list(range(len(ps))), max(map(len, ps))) for ps in prompts]
             states = split(state, rows, self.config)
-            return list(zip(states, hidden.split([len(ps) for ps in prompts]), strict=True))
+            ends = list(itertools.accumulate(len(ps) for ps in prompts))
+            parts = [hidden[end - len(ps) : end] for ps, end in zip(prompts, ends, strict=True)]
+            return list(zip(states, parts, strict=True))
 
         return _by_width([(max(map(len, p)), len(p)) for p in sessions], prefill)
 

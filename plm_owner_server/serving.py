@@ -275,8 +275,9 @@ class SessionService:
         opened = self.backend.open_sessions(prompts) if admitted else []
         self.metrics.pass_rows.labels("open").observe(sum(map(len, prompts)))
         modes = [jobs[i][1].logits for i in admitted]
-        logits = logits_of(self.backend, [hidden for _, hidden in opened], modes)
-        for i, (state, hidden), lg in zip(admitted, opened, logits, strict=True):
+        last = [torch.stack([row[-1] for row in rows]) for _, rows in opened]
+        logits = logits_of(self.backend, last, modes)
+        for i, (state, rows), hidden, lg in zip(admitted, opened, last, logits, strict=True):
             owner, request = jobs[i]
             width = max(map(len, request.sequences))
             session = Session(owner, state, request.dtype, prompt_len=width)
@@ -286,11 +287,16 @@ class SessionService:
                 results[i] = exc
                 continue
             self.metrics.tokens.inc(sum(map(len, request.sequences)))
+            offsets = None
+            if request.positions == "all":
+                hidden = torch.cat(rows)
+                offsets = [0, *itertools.accumulate(len(row) for row in rows)]
             results[i] = SessionOpenResponse(
                 session_id=session.id,
                 hidden=encode_hidden(hidden, request.dtype),
                 logits=encode_logits(lg, request.dtype),
                 fingerprint=self.backend.fingerprint,
+                offsets=offsets,
             )
         return [results[i] for i in range(len(jobs))]
 

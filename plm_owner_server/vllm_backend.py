@@ -15,6 +15,7 @@ kept. Importing this module imports vLLM: only the vllm extra (``make vllm``) ha
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,14 +150,18 @@ class VllmBackend:
 
     def open_sessions(
         self, sessions: Sequence[Sequence[Sequence[int]]]
-    ) -> list[tuple[TokenSession, torch.Tensor]]:
-        """Prefill every session's prompts in one call; each row's last f(c)."""
+    ) -> list[tuple[TokenSession, list[torch.Tensor]]]:
+        """Prefill every session's prompts in one call; each row's f(c) ``[len, d]``."""
         states = [
             TokenSession([list(p) for p in prompts], self.kv_bytes_per_token)
             for prompts in sessions
         ]
-        hidden = self._last_states([(s, s.tokens) for s in states])
-        return list(zip(states, hidden, strict=True))
+        rows = [row for s in states for row in s.tokens]
+        hidden = self._encode(rows, [s.salt for s in states for _ in s.tokens])
+        if [len(h) for h in hidden] != [len(row) for row in rows]:
+            raise RuntimeError("vLLM returned another number of states than tokens sent")
+        ends = itertools.accumulate(len(s.tokens) for s in states)
+        return [(s, hidden[end - len(s.tokens) : end]) for s, end in zip(states, ends, strict=True)]
 
     def step_sessions(
         self, steps: Sequence[tuple[TokenSession, Sequence[int], Sequence[int]]]

@@ -176,19 +176,23 @@ class RepresentResponse(WireModel):
 
 
 class SessionOpenRequest(WireModel):
-    """Open a decoding session: the server keeps a KV cache of the prompts."""
+    """Open a decoding session: the server keeps a KV cache of the prompts. ``positions: "all"``
+    returns every prompt position's f(c), as ``/v1/represent`` would, from the same prefill."""
 
     sequences: Annotated[list[TokenIds], Field(min_length=1)]
     dtype: HiddenDType = "float32"
-    logits: LogitsMode = "none"
+    logits: LogitsMode = "none"  # of each row's last position
+    positions: Literal["last", "all"] = "last"
 
 
 class SessionOpenResponse(WireModel):
     session_id: str
-    # Each row's last prompt position, [B, d].
+    # Each row's last prompt position, [B, d]; with positions "all", every position of every
+    # row, [N, d], row b being hidden[offsets[b]:offsets[b + 1]].
     hidden: WireTensor
     logits: WireTensor | TopK | None = None
     fingerprint: str
+    offsets: list[int] | None = None  # with positions "all"
 
 
 class SessionStepRequest(WireModel):

@@ -433,3 +433,29 @@ def test_min_length_holds_off_the_end_and_changes_nothing_before(served_client):
         assert output.token_ids[:first_end] == alone.token_ids[:first_end]
     with pytest.raises(ValueError, match="min_length"):
         GenerationConfig(min_length=-1)
+
+
+def test_the_sequence_kind_reads_each_prompt_once(served_client, monkeypatch):
+    """The session's opening returns every prompt position for the sequence adapter: no second
+    read of the prompts; against a server without that option (its 422), they are read through
+    /v1/represent, and the outputs are the same."""
+    _, client, served = served_client
+    adapter, adapter_config = _strong_adapter(served, "sequence")
+    config = GenerationConfig(max_new_tokens=6, lambda_max=0.7, schedule="constant")
+
+    def decode() -> list[list[int]]:
+        generator = Generator(client, served, config, TEMPLATE, adapter, adapter_config)
+        return generated_tokens(generator, PROMPTS)
+
+    read = []
+    represent = client.represent
+    monkeypatch.setattr(client, "represent", lambda *a, **k: read.append(a) or represent(*a, **k))
+    once = decode()
+    assert read == []
+
+    def older_server(*args, **kwargs):
+        message = "positions: Extra inputs are not permitted"
+        raise ServerError(422, "invalid_request", message)
+
+    monkeypatch.setattr(client, "open_reading", older_server)
+    assert decode() == once and len(read) == 1  # one batch: its prompts read once more

@@ -185,6 +185,25 @@ def test_sweeper_frees_idle_sessions_without_requests(runner):
         assert registry.get_sample_value("pema_sessions_evicted_total") == 2
 
 
+def test_an_opening_returns_every_prompt_position_when_asked(client, runner):
+    """``positions: "all"``: each row's f(c) at every prompt position, as /v1/represent gives
+    them (one prefill for the session and the side model), with offsets; the logits stay the
+    last positions', and the session steps as any other."""
+    opened = open_session(client, PROMPTS, positions="all", logits=3)
+    hidden = decode_tensor(opened.hidden)
+    assert opened.offsets == [0, 5, 8, 12] and hidden.shape == (12, HIDDEN)
+    want = runner.represent(PROMPTS, [0] * len(PROMPTS), max_batch_tokens=1024)
+    torch.testing.assert_close(hidden, torch.cat(want), atol=1e-5, rtol=0)
+    last = open_session(client, PROMPTS, logits=3)
+    assert last.offsets is None
+    assert_same_logits(opened.logits, last.logits)
+    stepped = answer(step(client, opened.session_id, [20, 21, 22]), SessionStepResponse)
+    torch.testing.assert_close(
+        decode_tensor(stepped.hidden)[1], last_representation(runner, PROMPTS[1] + [21]),
+        atol=1e-5, rtol=0,
+    )  # fmt: skip
+
+
 def test_sessions_per_key_are_capped(runner):
     """Past max_sessions_per_key an open is a 429; closing one makes room."""
     with serve(runner, max_sessions_per_key=2) as client:
