@@ -182,7 +182,9 @@ class SessionOpenRequest(WireModel):
     sequences: Annotated[list[TokenIds], Field(min_length=1)]
     dtype: HiddenDType = "float32"
     logits: LogitsMode = "none"  # of each row's last position
-    positions: Literal["last", "all"] = "last"
+    # None: "last". Optional fields default to None, which is never sent (shared.codec.pack), so
+    # a request using none of them is one that servers older than them accept.
+    positions: Literal["last", "all"] | None = None
 
 
 class SessionOpenResponse(WireModel):

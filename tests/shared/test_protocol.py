@@ -8,7 +8,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from shared.protocol import RepresentRequest, SessionStepRequest, WireTensor
+from shared.codec import pack, unpack_raw
+from shared.protocol import RepresentRequest, SessionOpenRequest, SessionStepRequest, WireTensor
 
 
 @pytest.mark.parametrize(
@@ -58,3 +59,12 @@ def test_json_bytes_are_standard_base64_and_both_alphabets_are_read() -> None:
     for encoded in (text, base64.urlsafe_b64encode(raw).decode()):
         body = {"dtype": "float16", "shape": [3], "data": encoded}
         assert WireTensor.model_validate_json(json.dumps(body)).data == raw
+
+
+def test_requests_without_the_newer_options_are_what_older_servers_accept():
+    """Options added to the protocol since version 1 (session forks, openings returning every
+    position) are not sent unless used: servers older than them refuse unknown fields."""
+    opening = unpack_raw(pack(SessionOpenRequest(sequences=[[5, 6]])))
+    assert set(opening) == {"sequences", "dtype", "logits"}
+    assert set(unpack_raw(pack(SessionStepRequest(tokens=[5])))) == {"tokens", "logits"}
+    assert unpack_raw(pack(SessionOpenRequest(sequences=[[5]], positions="all")))["positions"]
