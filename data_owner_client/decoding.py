@@ -221,9 +221,15 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
 
 
+LOGPROB_FLOOR = (
+    -9999.0
+)  # an impossible token's log-probability, as vLLM reports it (JSON has no -inf)
+
+
 def token_logprobs(log_probs: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
     """Each row of ``log_probs [n, V]``: ``tokens[i]``'s log-probability and the ``top`` most
-    likely tokens'."""
+    likely tokens' (-inf reported as ``LOGPROB_FLOOR``)."""
+    log_probs = log_probs.clamp(min=LOGPROB_FLOOR)
     index = torch.tensor(tokens, device=log_probs.device).unsqueeze(1)
     chosen = log_probs.gather(1, index).squeeze(1).tolist()
     values, ids = log_probs.topk(top, dim=-1) if top else (log_probs[:, :0], log_probs[:, :0])

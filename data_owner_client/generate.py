@@ -452,15 +452,29 @@ class Generator:
         return _pick(log_probs, self.config, self.sampler).tolist()
 
     @torch.inference_mode()
-    def score(self, prompt: list[int], mixing: Mixing, top: int = 0) -> list[TokenLogprob]:
-        """Each token of ``prompt`` after the first, scored as the first new token after the
+    def score(
+        self, prompts: list[list[int]], mixing: Mixing, top: int = 0
+    ) -> list[list[TokenLogprob]]:
+        """Each token of each prompt after its first, scored as the first new token after the
         tokens before it: its log-probability under the mixture (λ_0 of ``mixing``), and the
-        ``top`` most likely tokens'. One representation pass over the prompt, for every kind:
-        the sequence adapter reads it as it reads a prompt, causally."""
+        ``top`` most likely tokens'. Representation passes over the prompts alone (as many as
+        the server's limits need), for every kind: the sequence adapter reads a prompt as it
+        reads one, causally."""
+        limits = self.served.info.limits
+        rows: list[torch.Tensor] = []
+        for part in _within(prompts, limits.max_batch_size, limits.max_request_tokens):
+            out = self.client.represent(part, [0] * len(part), dtype=self.config.hidden_dtype)
+            rows += out.rows()
+        return [
+            self._scored(prompt, x, mixing, top) for prompt, x in zip(prompts, rows, strict=True)
+        ]
+
+    def _scored(
+        self, prompt: list[int], hidden: torch.Tensor, mixing: Mixing, top: int
+    ) -> list[TokenLogprob]:
         if len(prompt) < 2:
             return []
-        out = self.client.represent([prompt], [0], dtype=self.config.hidden_dtype)
-        x = out.rows()[0].to(self.device, torch.float32)
+        x = hidden.to(self.device, torch.float32)
         lam = torch.full((len(prompt) - 1,), mixing.lambda_at(0, 0.0), device=self.device)
         adapted = None
         if self.adapter is not None and self.adapter.reads_sequences and mixing.lambda_max > 0:
@@ -553,6 +567,19 @@ class Generator:
             self.client.close_session(session)
         except (ServerError, httpx.TransportError) as exc:  # gone, or the server is: no matter
             log.debug("could not close session %s: %s", session, exc)
+
+
+def _within(prompts: list[list[int]], rows: int, tokens: int) -> Iterator[list[list[int]]]:
+    """``prompts`` in order, in parts of at most ``rows`` prompts and ``tokens`` tokens (a longer
+    prompt alone)."""
+    part: list[list[int]] = []
+    for prompt in prompts:
+        if part and (len(part) == rows or sum(map(len, part)) + len(prompt) > tokens):
+            yield part
+            part = []
+        part.append(prompt)
+    if part:
+        yield part
 
 
 def _pick(

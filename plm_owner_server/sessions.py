@@ -45,7 +45,7 @@ class SessionStore:
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[SessionStore], None] | None = None,
-        reclaim_s: float = 5.0,
+        reclaim_s: float = 30.0,
     ) -> None:
         self.ttl_s, self.max_per_owner, self.max_bytes = ttl_s, max_per_owner, max_bytes
         self.reclaim_s = reclaim_s
@@ -86,9 +86,9 @@ class SessionStore:
             raise ApiError(
                 429,
                 "too_many_sessions",
-                f"this key already has {self.max_per_owner} open sessions, all used in the last "
+                f"this key has its {self.max_per_owner} sessions open, none idle for "
                 f"{self.reclaim_s:g} s; close one with DELETE /v1/sessions/{{id}}, or retry in "
-                f"{retry} s: a session idle for {self.reclaim_s:g} s makes room",
+                f"{retry} s: a session idle that long makes room",
                 headers={"Retry-After": str(retry)},
             )
         for session in owned[:excess]:

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_sessions_per_key: int = Field(16, gt=0, description="open sessions per API key")
     session_ttl_s: float = Field(600.0, gt=0, description="idle seconds before a session expires")
     session_reclaim_s: float = Field(
-        5.0,
+        30.0,
         ge=0,
         description="a key at its session cap reclaims its least recently used session once "
         "that one is idle this long (so a crashed client's sessions never lock the key out)",

@@ -137,8 +137,8 @@ time.sleep(600)
 
 def test_a_client_killed_with_its_sessions_open_does_not_lock_its_key_out(tmp_path):
     """A client that dies holding the key's 16 sessions: the key's next `generate` reclaims
-    idle ones (after `Retry-After`, the server's 5 s) instead of failing until they expire."""
-    server = TinyServer(free_port(), tmp_path / "log")
+    idle ones (after `Retry-After`: 10 s here) instead of failing until they expire."""
+    server = TinyServer(free_port(), tmp_path / "log", {"PEMA_SESSION_RECLAIM_S": "10"})
     server.start()
     try:
         server.wait_ready()

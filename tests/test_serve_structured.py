@@ -139,3 +139,17 @@ def test_a_schema_that_cannot_constrain_is_named(service):
     error = answer.json()["error"]
     assert answer.status_code == 400 and error["param"] == "response_format", error
     assert error["code"] == "invalid_schema" and "objectx" in error["message"]
+
+
+def test_an_echoed_prompt_keeps_the_space_before_its_completion(api):
+    """Answers are stripped as `generate`'s are; after an echoed prompt the completion's
+    leading space stays (SmolLM2's tokens carry it), streamed or not."""
+    prompt, plm = "The capital of France is", {"lambda_max": 0}
+    plain = api.completions.create(model="seq", prompt=prompt, max_tokens=3, temperature=0,
+                                   extra_body=plm)  # fmt: skip
+    echoed = api.completions.create(model="seq", prompt=prompt, max_tokens=3, temperature=0,
+                                    echo=True, extra_body=plm)  # fmt: skip
+    assert echoed.choices[0].text == f"{prompt} {plain.choices[0].text}"
+    stream = api.completions.create(model="seq", prompt=prompt, max_tokens=3, temperature=0,
+                                    echo=True, extra_body=plm, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in stream if c.choices) == echoed.choices[0].text

@@ -130,7 +130,7 @@ def error_response(
 def invalid(exc: RequestValidationError) -> BadRequestError:
     """A request that fails its schema, naming its first bad field (and up to five in all)."""
     errors = exc.errors()
-    loc = [str(part) for part in errors[0]["loc"] if part != "body"]
+    loc = [str(part) for part in errors[0]["loc"] if part != "body"][:1]  # the field sent
     message = "; ".join(
         f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {_reason(e)}"
         for e in errors[:5]

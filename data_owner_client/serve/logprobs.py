@@ -47,8 +47,11 @@ def completion_logprobs(
     for entry in scored:
         out.tokens.append(texts(entry.token))
         out.token_logprobs.append(entry.logprob)
-        top = {texts(token): logprob for token, logprob in entry.top}
-        out.top_logprobs.append({**top, texts(entry.token): entry.logprob})
+        top: dict[str, float] = {}
+        for token, logprob in (*entry.top, (entry.token, entry.logprob)):
+            text = texts(token)  # tokens of one text (pieces of a character): the likeliest's
+            top[text] = max(logprob, top.get(text, logprob))
+        out.top_logprobs.append(top)
     for text in out.tokens:
         out.text_offset.append(offset)
         offset += len(text)

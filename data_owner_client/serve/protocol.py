@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length"]
 UNSUPPORTED = "is not supported by pema-client serve"
+UNSUPPORTED_CODE, INVALID_CODE = "unsupported_parameter", "invalid_value"  # refusals' codes
 MAX_STOPS = 32  # stop strings per request (OpenAI allows 4; lm-eval sends every one of a task's)
 MAX_LOGPROBS = 20  # most likely tokens returned per position (OpenAI: 5 for completions, 20 chat)
 
@@ -109,19 +110,23 @@ class Sampling(Strict):
             raise ValueError("stop strings must not be empty")
         return stop
 
-    def refusals(self) -> Iterator[tuple[str, str]]:
-        """(field, why) of each field sent that this service cannot honour, in the order of the
-        request's fields: the first is the answer's ``param``."""
+    def refusals(self) -> Iterator[tuple[str, str, str]]:
+        """(field, why, code) of each field sent that this service cannot honour or that does
+        not go with the others: the first is the answer's ``param``."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                yield name, f"{name} {UNSUPPORTED}; leave it at 0"
+                yield name, f"{name} {UNSUPPORTED}; leave it at 0", UNSUPPORTED_CODE
         if self.logit_bias:
-            yield "logit_bias", f"logit_bias {UNSUPPORTED}"
+            yield "logit_bias", f"logit_bias {UNSUPPORTED}", UNSUPPORTED_CODE
         if self.stream_options is not None and not self.stream:
-            yield "stream_options", "stream_options is only allowed with stream: true"
+            yield "stream_options", "stream_options is only allowed with stream: true", INVALID_CODE
         form = self.response_format
         if form is not None and form.type == "json_schema" and form.json_schema is None:
-            yield "response_format", "response_format json_schema needs its json_schema"
+            yield (
+                "response_format",
+                "response_format json_schema needs its json_schema",
+                INVALID_CODE,
+            )
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -138,6 +143,14 @@ class Sampling(Strict):
         """The most likely tokens to return per position, or None: no log-probabilities."""
         return None
 
+    @property
+    def _guard(self) -> int | None:
+        """The repetition guard asked for; none under a grammar unless asked for (JSON repeats
+        its keys and punctuation)."""
+        if self.no_repeat_ngram is None and self.response_format is not None:
+            return None if self.response_format.type == "text" else 0
+        return self.no_repeat_ngram
+
     def generation_config(self, base: GenerationConfig, max_tokens: int) -> GenerationConfig:
         """``base`` decoding as this request asks, ``max_tokens`` new tokens per choice at most;
         without a seed, a fresh one (OpenAI samples differently each time)."""
@@ -149,7 +162,7 @@ class Sampling(Strict):
             top_k=self.top_k,
             seed=self.seed if self.seed is not None else secrets.randbits(62),
             stop=self.stops,
-            no_repeat_ngram=self.no_repeat_ngram,
+            no_repeat_ngram=self._guard,
             min_length=self.min_length,
             lambda_max=self.lambda_max,
             lambda_min=self.lambda_min,
@@ -186,16 +199,22 @@ class CompletionRequest(Sampling):
     def _prompt(cls, prompt: Any) -> Any:
         if prompt == [] or prompt == "":
             raise ValueError("the prompt must not be empty")
+        if isinstance(prompt, list) and (
+            empty := [i for i, p in enumerate(prompt) if p in ("", [])]
+        ):
+            raise ValueError(f"prompt {empty[0]} is empty")
         return prompt
 
-    def refusals(self) -> Iterator[tuple[str, str]]:
+    def refusals(self) -> Iterator[tuple[str, str, str]]:
         yield from super().refusals()
         if self.max_tokens == 0 and not self.echo:
-            yield "max_tokens", "max_tokens 0 returns nothing: send echo: true to score the prompt"
+            why = "max_tokens 0 returns nothing: send echo: true to score the prompt"
+            yield "max_tokens", why, INVALID_CODE
         if self.best_of not in (None, 1):
-            yield "best_of", f"best_of above 1 {UNSUPPORTED}; send n for several choices"
+            why = f"best_of above 1 {UNSUPPORTED}; send n for several choices"
+            yield "best_of", why, UNSUPPORTED_CODE
         if self.suffix is not None:
-            yield "suffix", f"suffix {UNSUPPORTED} (no fill-in-the-middle)"
+            yield "suffix", f"suffix {UNSUPPORTED} (no fill-in-the-middle)", UNSUPPORTED_CODE
 
     @property
     def top_logprobs_count(self) -> int | None:
@@ -241,18 +260,13 @@ class ChatRequest(Sampling):
     tool_choice: Literal["none", "auto"] | None = None  # without tools, both mean none
     parallel_tool_calls: bool | None = None
 
-    def refusals(self) -> Iterator[tuple[str, str]]:
+    def refusals(self) -> Iterator[tuple[str, str, str]]:
         yield from super().refusals()
         if self.top_logprobs is not None and not self.logprobs:
-            yield "top_logprobs", "top_logprobs needs logprobs: true"
+            yield "top_logprobs", "top_logprobs needs logprobs: true", INVALID_CODE
         if self.tools:
-            yield (
-                "tools",
-                (
-                    f"tools (function calling) {UNSUPPORTED}; for structured answers send "
-                    "response_format json_schema"
-                ),
-            )
+            why = f"tools (function calling) {UNSUPPORTED}; send response_format json_schema"
+            yield "tools", why, UNSUPPORTED_CODE
 
     @property
     def top_logprobs_count(self) -> int | None:
@@ -279,8 +293,8 @@ class Answer(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """The legacy completions' log-probabilities: per token returned, its text, its
-    log-probability (None for the prompt's first), the most likely tokens' (with it) and where its
-    text starts in the choice's text."""
+    log-probability (None for the prompt's first), the most likely tokens' (with it) and its text
+    offset (the running sum of the token texts' lengths, as vLLM reports it)."""
 
     tokens: list[str] = []
     token_logprobs: list[float | None] = []

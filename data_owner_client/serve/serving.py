@@ -35,7 +35,6 @@ from data_owner_client.serve.logprobs import TokenTexts, chat_logprobs, completi
 from data_owner_client.serve.metrics import ServeMetrics
 from data_owner_client.serve.models import ServedAdapter
 from data_owner_client.serve.protocol import (
-    UNSUPPORTED,
     AssistantMessage,
     ChatChoice,
     ChatChunk,
@@ -83,13 +82,13 @@ class OpenAIServing:
         model = self.model(body.model)
         refuse(body)
         prompts, sources = await asyncio.to_thread(completion_prompts, model, body)
-        echoes = None
-        if body.echo:
-            echoes = await asyncio.to_thread(echoed, model, body, prompts)
-        if body.max_tokens == 0:
-            return echo_only(model, body, echoes or [], sum(map(len, prompts)))
-        run = self.submit(model, body, prompts, sources, body.max_tokens, "prompt")
-        run.echoes = echoes
+        if body.max_tokens == 0:  # scoring alone: nothing to decode
+            check_context(model, prompts)
+            scored = await asyncio.to_thread(echoed, model, body, prompts)
+            return echo_only(model, body, scored, sum(map(len, prompts)))
+        job = await asyncio.to_thread(self.job, model, body, prompts, sources, body.max_tokens)
+        echoes = await asyncio.to_thread(echoed, model, body, prompts) if body.echo else None
+        run = self.submit(model, body, job, prompts, echoes)
         return await run.respond(request, completion=True)
 
     async def chat(self, body: ChatRequest, request: Request) -> Any:
@@ -97,26 +96,29 @@ class OpenAIServing:
         model = self.model(body.model)
         refuse(body)
         prompt, source = await asyncio.to_thread(chat_prompt, model, body)
-        run = self.submit(model, body, [prompt], [source], body.max_new_tokens, "messages")
+        job = await asyncio.to_thread(
+            self.job, model, body, [prompt], [source], body.max_new_tokens, "messages"
+        )
+        run = self.submit(model, body, job, [prompt])
         return await run.respond(request, completion=False)
 
-    def submit(
-        self,
+    @staticmethod
+    def job(
         model: ServedAdapter,
         body: Sampling,
         prompts: list[list[int]],
         sources: list[int],
         max_tokens: int | None,
-        param: str,
-    ) -> Run:
-        """The request's job (``n`` rows per prompt), handed to the model's engine; ``param``
-        names the prompts' field in errors."""
+        param: str = "prompt",
+    ) -> Job:
+        """The request's job (``n`` rows per prompt; a grammar's matchers are built here, off
+        the event loop); ``param`` names the prompts' field in errors."""
         generator = model.generator
         try:
             config = body.generation_config(
                 generator.config, max_tokens or generator.max_new_tokens
             )
-            job = generator.job(prompts, sources, config, copies=body.n)
+            return generator.job(prompts, sources, config, copies=body.n)
         except PromptTooLong as exc:
             raise ContextLengthExceededError(str(exc), param) from exc
         except EmptyPrompt as exc:
@@ -125,11 +127,21 @@ class OpenAIServing:
             raise BadRequestError(str(exc), "response_format", "invalid_schema") from exc
         except ValueError as exc:  # settings that do not go together
             raise BadRequestError(str(exc)) from exc
-        run = Run(model, body, job, sum(len(p) for p in prompts), self.metrics)
+
+    def submit(
+        self,
+        model: ServedAdapter,
+        body: Sampling,
+        job: Job,
+        prompts: list[list[int]],
+        echoes: list[Echo] | None = None,
+    ) -> Run:
+        """``job`` handed to the model's engine, and the run that answers it."""
+        run = Run(model, body, job, sum(len(p) for p in prompts), self.metrics, echoes)
         try:
             model.engine.submit(job, run.notify)
         except ValueError as exc:
-            raise BadRequestError(str(exc), param) from exc
+            raise BadRequestError(str(exc), "prompt") from exc
         except EngineClosed as exc:
             raise UnavailableError(str(exc)) from exc
         return run
@@ -137,9 +149,20 @@ class OpenAIServing:
 
 def refuse(body: Sampling) -> None:
     """Refuse a request with a field this service cannot honour, naming it in ``param``."""
-    for param, message in body.refusals():
-        code = "unsupported_parameter" if UNSUPPORTED in message else "invalid_value"
+    for param, message, code in body.refusals():
         raise BadRequestError(message, param, code)
+
+
+def check_context(model: ServedAdapter, prompts: list[list[int]]) -> None:
+    """Refuse a prompt to score that is longer than the model reads."""
+    info = model.generator.served.info
+    limit = min(info.max_positions, info.limits.max_request_tokens)
+    for index, prompt in enumerate(prompts):
+        if len(prompt) > limit:
+            raise ContextLengthExceededError(
+                f"prompt {index} has {len(prompt)} tokens; the model reads at most {limit}",
+                "prompt",
+            )
 
 
 # ---- prompts -----------------------------------------------------------------------------------
@@ -212,15 +235,17 @@ def echoed(model: ServedAdapter, body: CompletionRequest, prompts: list[list[int
         mixing = Mixing.resolve(config, generator.defaults)
     except ValueError as exc:  # settings that do not go together
         raise BadRequestError(str(exc)) from exc
-    echoes = []
-    for given, prompt in zip(body.prompts, prompts, strict=True):
-        text = given if isinstance(given, str) else generator.served.tokenizer.decode(given)
+    scored: list[list[TokenLogprob]] = [[] for _ in prompts]
+    if body.logprobs is not None:
         try:
-            scored = [] if body.logprobs is None else generator.score(prompt, mixing, body.logprobs)
+            scored = generator.score(prompts, mixing, body.logprobs)
         except Exception as exc:  # the PLM owner's server refused or failed
             raise as_openai_error(exc) from exc
-        echoes.append(Echo(text, prompt[0], scored))
-    return echoes
+    tokenizer = generator.served.tokenizer
+    return [
+        Echo(given if isinstance(given, str) else tokenizer.decode(given), prompt[0], logprobs)
+        for given, prompt, logprobs in zip(body.prompts, prompts, scored, strict=True)
+    ]
 
 
 def echo_only(
@@ -265,6 +290,7 @@ class Snapshot:
     error: Exception | None
     ended: bool
     logprobs: list[list[TokenLogprob]]  # each row's so far, when asked for
+    leads: list[str]  # with echo: the whitespace each row's text begins with (it is stripped)
 
 
 class Run:
@@ -278,6 +304,7 @@ class Run:
         job: Job,
         prompt_tokens: int,
         metrics: ServeMetrics,
+        echoes: list[Echo] | None = None,
     ) -> None:
         self.model, self.body, self.job, self.prompt_tokens = model, body, job, prompt_tokens
         self.metrics, self.arrived = metrics, time.perf_counter()
@@ -285,7 +312,7 @@ class Run:
         self.latest: Snapshot | None = None
         self.changed = asyncio.Event()
         self.id, self.created = uuid.uuid4().hex, int(time.time())
-        self.echoes: list[Echo] | None = None  # completions' echo: one per prompt
+        self.echoes = echoes  # completions' echo: one per prompt
         self.texts = TokenTexts(model.generator.served.tokenizer)
         self.logprobs = body.top_logprobs_count is not None
 
@@ -301,6 +328,7 @@ class Run:
             error,
             ended,
             [self._scored(row) for row in job.rows],
+            [self._lead(row) for row in job.rows] if self.echoes is not None else [],
         )
         self.loop.call_soon_threadsafe(self._publish, snapshot)
 
@@ -312,6 +340,12 @@ class Run:
         """The row's new tokens' log-probabilities (EOS included, as in its usage), when asked
         for."""
         return list(row.logprobs) if self.logprobs else []
+
+    def _lead(self, row: Row) -> str:
+        """The whitespace the row's output begins with: stripped from its text, it stays between
+        an echoed prompt and the completion."""
+        text = self.model.generator.served.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        return text[: len(text) - len(text.lstrip())] if text.strip() else ""
 
     def _echo(self, row: int) -> Echo | None:
         """The echoed prompt of choice ``row``, if any (``n`` choices per prompt)."""
@@ -411,7 +445,7 @@ class Run:
             choices = [
                 CompletionChoice(
                     index=i,
-                    text=(echo.text if (echo := self._echo(i)) else "") + text,
+                    text=(echo.text + last.leads[i] if (echo := self._echo(i)) else "") + text,
                     finish_reason=reason,
                     logprobs=self._completion_logprobs(i, scored, 0, echo=True),
                 )
@@ -469,7 +503,9 @@ class Run:
                 new = [] if done[i] else snapshot.logprobs[i][scored[i] :]
                 if done[i] or not (delta or reason or new):
                     continue
+                lead = snapshot.leads[i] if snapshot.leads and delta and not sent[i] else ""
                 sent[i], done[i] = sent[i] + delta, reason is not None
+                delta = lead + delta  # after an echoed prompt, the output's leading space
                 scored[i] += len(new)
                 if completion:
                     logprobs = self._completion_logprobs(i, new, offsets[i], echo=False)
