@@ -167,7 +167,8 @@ def test_scheduled_sampling_from_the_command_line(run, data, tmp_path):
         assert torch.equal(read_labels, gold_labels)  # the gold labels
         assert not torch.equal(read_tokens, gold_tokens)  # some of the adapter's choices read
     run("train", "--memory", str(memory), "--out", str(tmp_path / "second"), "--init",
-        str(first), "--stage2-epochs=1")  # fmt: skip
+        str(first), "--adapter-kind=sequence", "--width=16", "--heads=2",
+        "--stage2-epochs=1")  # fmt: skip
     assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
 
 
