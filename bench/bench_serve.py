@@ -57,6 +57,7 @@ def adapter_dir(served: ServedModel, folder: Path) -> Path:
         lambda_max=0.5,
         schedule="constant",
         no_repeat_ngram=0,  # as the runs before kinds had their own defaults
+        num_beams=1,  # serve decodes one hypothesis: the batch must decode the same tokens
     )
     adapter = build_adapter(config, served.head, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
