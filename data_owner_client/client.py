@@ -10,7 +10,7 @@ import ssl
 import time
 import zipfile
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from shared.protocol import (
     MSGPACK,
     ErrorResponse,
     HiddenDType,
+    Limits,
     LogitsMode,
     ModelInfo,
     RepresentRequest,
@@ -264,6 +265,22 @@ def _raise_for_error(response: httpx.Response) -> None:
     except ValueError:
         code, message = f"http_{response.status_code}", response.text[:500]
     raise ServerError(response.status_code, code, message)
+
+
+def within_limits(
+    items: Sequence[T], tokens: Callable[[T], int], limits: Limits
+) -> Iterator[list[T]]:
+    """``items`` in order, in requests of at most the server's ``max_batch_size`` items and
+    ``max_request_tokens`` tokens (``tokens``: an item's; a larger item goes alone)."""
+    part: list[T] = []
+    for item in items:
+        spent = sum(map(tokens, part)) + tokens(item)
+        if part and (len(part) == limits.max_batch_size or spent > limits.max_request_tokens):
+            yield part
+            part = []
+        part.append(item)
+    if part:
+        yield part
 
 
 def pipelined(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from data_owner_client.adapter import Adapter, AdapterConfig
 from data_owner_client.beam import BeamSearch
-from data_owner_client.client import PemaClient, ServerError
+from data_owner_client.client import PemaClient, ServerError, within_limits
 from data_owner_client.constraints import Grammars, consume
 from data_owner_client.data import DataError, Example, encode_prompt, source_length
 from data_owner_client.decoding import (
@@ -460,9 +460,8 @@ class Generator:
         ``top`` most likely tokens'. Representation passes over the prompts alone (as many as
         the server's limits need), for every kind: the sequence adapter reads a prompt as it
         reads one, causally."""
-        limits = self.served.info.limits
         rows: list[torch.Tensor] = []
-        for part in _within(prompts, limits.max_batch_size, limits.max_request_tokens):
+        for part in within_limits(prompts, len, self.served.info.limits):
             out = self.client.represent(part, [0] * len(part), dtype=self.config.hidden_dtype)
             rows += out.rows()
         return [
@@ -567,19 +566,6 @@ class Generator:
             self.client.close_session(session)
         except (ServerError, httpx.TransportError) as exc:  # gone, or the server is: no matter
             log.debug("could not close session %s: %s", session, exc)
-
-
-def _within(prompts: list[list[int]], rows: int, tokens: int) -> Iterator[list[list[int]]]:
-    """``prompts`` in order, in parts of at most ``rows`` prompts and ``tokens`` tokens (a longer
-    prompt alone)."""
-    part: list[list[int]] = []
-    for prompt in prompts:
-        if part and (len(part) == rows or sum(map(len, part)) + len(prompt) > tokens):
-            yield part
-            part = []
-        part.append(prompt)
-    if part:
-        yield part
 
 
 def _pick(

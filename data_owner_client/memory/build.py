@@ -24,7 +24,7 @@ import httpx
 import torch
 from filelock import FileLock, Timeout
 
-from data_owner_client.client import PemaClient, ServerError, pipelined
+from data_owner_client.client import PemaClient, ServerError, pipelined, within_limits
 from data_owner_client.data import DataError, Example, dataset_hash, encode_prompt, encode_target
 from data_owner_client.data import source_length as count_source_tokens
 from data_owner_client.files import TMP_PREFIX
@@ -145,7 +145,9 @@ class _Builder:
         parts = [
             part
             for lo in range(0, len(encoded), self.batch_size)
-            for part in _requests(encoded[lo : lo + self.batch_size], self.info)
+            for part in within_limits(
+                encoded[lo : lo + self.batch_size], lambda e: len(e.sequence), self.info.limits
+            )
         ]
         compute = {
             "teacher": self.teacher,
@@ -247,21 +249,6 @@ def _top1(logits: Any) -> list[int]:
     if not isinstance(logits, tuple):
         raise RuntimeError("the server sent no top-1 logits")
     return [int(i) for i in logits[1][:, 0]]
-
-
-def _requests(batch: Sequence[Encoded], info: ModelInfo) -> Iterator[list[Encoded]]:
-    """Split a batch so no request exceeds the server's batch-size and token limits."""
-    part: list[Encoded] = []
-    for e in batch:
-        tokens = sum(len(x.sequence) for x in part) + len(e.sequence)
-        if part and (
-            len(part) == info.limits.max_batch_size or tokens > info.limits.max_request_tokens
-        ):
-            yield part
-            part = []
-        part.append(e)
-    if part:
-        yield part
 
 
 def build_memory(

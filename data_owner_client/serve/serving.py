@@ -286,11 +286,9 @@ def echo_only(
 class Snapshot:
     texts: list[str]  # each row's text so far that will stay (all of it once finished)
     finish: list[FinishReason | None]  # each row's OpenAI finish reason, once finished
-    tokens: list[int]  # each row's new tokens so far
+    tokens: list[int]  # each row's new tokens so far (and log-probabilities, when asked for)
     error: Exception | None
     ended: bool
-    logprobs: list[list[TokenLogprob]]  # each row's so far, when asked for
-    leads: list[str]  # with echo: the whitespace each row's text begins with (it is stripped)
 
 
 class Run:
@@ -327,8 +325,6 @@ class Run:
             [len(row.tokens) for row in job.rows],
             error,
             ended,
-            [self._scored(row) for row in job.rows],
-            [self._lead(row) for row in job.rows] if self.echoes is not None else [],
         )
         self.loop.call_soon_threadsafe(self._publish, snapshot)
 
@@ -336,15 +332,16 @@ class Run:
         self.latest = snapshot
         self.changed.set()
 
-    def _scored(self, row: Row) -> list[TokenLogprob]:
-        """The row's new tokens' log-probabilities (EOS included, as in its usage), when asked
-        for."""
-        return list(row.logprobs) if self.logprobs else []
+    def _scored(self, row: int, start: int, end: int) -> list[TokenLogprob]:
+        """Choice ``row``'s new tokens ``[start, end)``' log-probabilities (EOS included, as its
+        usage counts it; the engine only appends to them), when asked for."""
+        return self.job.rows[row].logprobs[start:end] if self.logprobs else []
 
-    def _lead(self, row: Row) -> str:
-        """The whitespace the row's output begins with: stripped from its text, it stays between
-        an echoed prompt and the completion."""
-        text = self.model.generator.served.tokenizer.decode(row.tokens, skip_special_tokens=True)
+    def _lead(self, row: int, tokens: int) -> str:
+        """The whitespace choice ``row``'s first ``tokens`` begin with: stripped from its text,
+        it stays between an echoed prompt and the completion."""
+        new = self.job.rows[row].tokens[:tokens]
+        text = self.model.generator.served.tokenizer.decode(new, skip_special_tokens=True)
         return text[: len(text) - len(text.lstrip())] if text.strip() else ""
 
     def _echo(self, row: int) -> Echo | None:
@@ -440,16 +437,16 @@ class Run:
     def _whole(self, last: Snapshot, completion: bool) -> Completion | ChatCompletion:
         """The finished answer of ``last``, the job's final snapshot."""
         base = self._base(completion)
-        rows = list(zip(last.texts, last.finish, last.logprobs, strict=True))
+        rows = list(zip(last.texts, last.finish, last.tokens, strict=True))
         if completion:
             choices = [
                 CompletionChoice(
                     index=i,
-                    text=(echo.text + last.leads[i] if (echo := self._echo(i)) else "") + text,
+                    text=(echo.text + self._lead(i, n) if (echo := self._echo(i)) else "") + text,
                     finish_reason=reason,
-                    logprobs=self._completion_logprobs(i, scored, 0, echo=True),
+                    logprobs=self._completion_logprobs(i, self._scored(i, 0, n), 0, echo=True),
                 )
-                for i, (text, reason, scored) in enumerate(rows)
+                for i, (text, reason, n) in enumerate(rows)
             ]
             return Completion(**base, choices=choices, usage=self.usage(last))
         return ChatCompletion(
@@ -459,9 +456,11 @@ class Run:
                     index=i,
                     message=AssistantMessage(content=text),
                     finish_reason=reason or "stop",
-                    logprobs=chat_logprobs(self.texts, scored) if self.logprobs else None,
+                    logprobs=chat_logprobs(self.texts, self._scored(i, 0, n))
+                    if self.logprobs
+                    else None,
                 )
-                for i, (text, reason, scored) in enumerate(rows)
+                for i, (text, reason, n) in enumerate(rows)
             ],
             usage=self.usage(last),
         )
@@ -500,10 +499,11 @@ class Run:
             choices: list[Any] = []
             for i, (text, reason) in enumerate(zip(snapshot.texts, snapshot.finish, strict=True)):
                 delta = "" if done[i] else _extension(sent[i], text)
-                new = [] if done[i] else snapshot.logprobs[i][scored[i] :]
+                new = [] if done[i] else self._scored(i, scored[i], snapshot.tokens[i])
                 if done[i] or not (delta or reason or new):
                     continue
-                lead = snapshot.leads[i] if snapshot.leads and delta and not sent[i] else ""
+                first = self.echoes is not None and delta and not sent[i]
+                lead = self._lead(i, snapshot.tokens[i]) if first else ""
                 sent[i], done[i] = sent[i] + delta, reason is not None
                 delta = lead + delta  # after an echoed prompt, the output's leading space
                 scored[i] += len(new)
