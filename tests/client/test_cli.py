@@ -153,6 +153,10 @@ def test_scheduled_sampling_from_the_command_line(run, data, tmp_path):
     with pytest.raises(SystemExit, match="pass --sampling-adapter DIR"):
         run("memory", "build", "--data", str(data), "--out", str(memory), *MEMORY_FLAGS,
             "--context", "scheduled")  # fmt: skip
+    with pytest.raises(SystemExit, match=r"--sampling-rate must be in \(0, 1\], got 0.0"):
+        run("memory", "build", "--data", str(data), "--out", str(memory), *MEMORY_FLAGS,
+            "--context", "scheduled", "--sampling-adapter", str(first),
+            "--sampling-rate", "0")  # fmt: skip
     with pytest.raises(SystemExit, match="--sampling-adapter is for --context scheduled"):
         run("memory", "build", "--data", str(data), "--out", str(memory), *MEMORY_FLAGS,
             "--sampling-adapter", str(first))  # fmt: skip
