@@ -18,7 +18,7 @@ from plm_owner_server.architectures import Logits, ModelHead
 from plm_owner_server.settings import Settings
 from shared.protocol import LogitsMode
 
-__all__ = ["Backend", "Logits", "SessionState", "load_backend"]
+__all__ = ["Backend", "Logits", "SessionState", "load_backend", "open_sessions"]
 
 
 class SessionState(Protocol):
@@ -68,11 +68,16 @@ class Backend(Protocol):
         """The head applied to representations: all logits or the top-k."""
         ...
 
-    def open_sessions(
-        self, sessions: Sequence[Sequence[Sequence[int]]]
-    ) -> Sequence[tuple[SessionState, list[torch.Tensor]]]:
-        """Prefill each session's prompts; per session its state and each row's f(c) at every
-        prompt position (``[len, d]`` per row)."""
+    def start_sessions(self, sessions: Sequence[Sequence[Sequence[int]]]) -> list[Any]:
+        """Per session (its rows' prompts) a state with nothing read yet; cheap: the reading is
+        :meth:`prefill_sessions`'s, in one go or in chunks."""
+        ...
+
+    def prefill_sessions(self, chunks: Sequence[tuple[Any, int]]) -> list[list[torch.Tensor]]:
+        """Per (state, end): read the session's prompts up to column ``end`` of their
+        right-aligned layout (a row of length L holds its token j at column W - L + j, W the
+        session's longest prompt); each row's f(c) at the positions read now (``[n, d]``,
+        n ≥ 0). A session's chunks come in order and end at W; then it can step."""
         ...
 
     def step_sessions(
@@ -102,3 +107,14 @@ def load_backend(settings: Settings) -> Backend:
     from plm_owner_server.runner import ModelRunner
 
     return ModelRunner.load(settings)
+
+
+def open_sessions(
+    backend: Backend, sessions: Sequence[Sequence[Sequence[int]]]
+) -> list[tuple[Any, list[torch.Tensor]]]:
+    """Prefill each session's prompts whole; per session its state and each row's f(c) at every
+    prompt position (``[len, d]`` per row)."""
+    states = backend.start_sessions(sessions)
+    ends = [max(map(len, prompts)) for prompts in sessions]
+    hidden = backend.prefill_sessions(list(zip(states, ends, strict=True)))
+    return list(zip(states, hidden, strict=True))

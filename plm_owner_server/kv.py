@@ -30,6 +30,9 @@ class KVState:
     cache: DynamicCache
     mask: torch.Tensor  # [B, T], 1 where a real token is cached (prompts are left-padded)
     rows: list[int]  # the caller's row ids of the cache's batch entries
+    # While the prompts are read in chunks: their left-padded ids and mask [B, W]; the first
+    # ``width`` columns are cached.
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def width(self) -> int:

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from plm_owner_server import embedded
 from plm_owner_server.architectures import Logits, ModelHead
+from plm_owner_server.backend import open_sessions
 from plm_owner_server.kv import KVState, split, stack, stackable, width_groups
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
 from shared.codec import hash_tensors
@@ -135,39 +137,71 @@ class ModelRunner:
     @torch.inference_mode()
     def open_session(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill left-padded prompts; returns the cache and each row's last representation."""
-        state, hidden = self._prefill(rows)
+        ((state, hidden),) = open_sessions(self, [rows])
         return state, torch.stack([h[-1] for h in hidden])
 
-    def _prefill(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, list[torch.Tensor]]:
-        """Prefill left-padded prompts; the cache and each row's representations ``[len, d]``."""
-        ids, mask = self._pad(rows, left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        state = KVState(DynamicCache(config=self.config), mask, list(range(len(rows))))
-        hidden = self._forward(ids, mask, positions, state.cache)
-        width = hidden.shape[1]
-        return state, [hidden[b, width - len(row) :] for b, row in enumerate(rows)]
+    def start_sessions(self, sessions: Sequence[Sequence[Sequence[int]]]) -> list[KVState]:
+        """Per session an empty cache and its prompts left-padded, for :meth:`prefill_sessions`."""
+        states = []
+        for rows in sessions:
+            ids, mask = self._pad(rows, left=True)
+            cache = DynamicCache(config=self.config)
+            states.append(KVState(cache, mask[:, :0], list(range(len(rows))), (ids, mask)))
+        return states
 
     @torch.inference_mode()
-    def open_sessions(
-        self, sessions: Sequence[Sequence[Sequence[int]]]
-    ) -> list[tuple[KVState, list[torch.Tensor]]]:
-        """Prefill several sessions' prompts in shared passes (one per group of similar widths);
-        each session gets its own cache, and each row its representations ``[len, d]``."""
+    def prefill_sessions(self, chunks: Sequence[tuple[KVState, int]]) -> list[list[torch.Tensor]]:
+        """Read each session's prompts up to column ``end`` of their left-padded layout; per
+        session, each row's f(c) at its positions read now (``[n, d]``, n ≥ 0). Sessions read
+        whole at once share passes (one per group of similar widths); chunks run one by one."""
 
-        def prefill(group: list[int]) -> list[tuple[KVState, list[torch.Tensor]]]:
-            prompts = [sessions[i] for i in group]
-            state, hidden = self._prefill([p for ps in prompts for p in ps])
-            if len(group) == 1:
-                return [(state, hidden)]
-            if not stackable([state]):
-                return [self._prefill(ps) for ps in prompts]
-            rows = [(list(range(len(ps))), max(map(len, ps))) for ps in prompts]
-            states = split(state, rows, self.config)
-            ends = list(itertools.accumulate(len(ps) for ps in prompts))
-            parts = [hidden[end - len(ps) : end] for ps, end in zip(prompts, ends, strict=True)]
-            return list(zip(states, parts, strict=True))
+        def whole(state: KVState, end: int) -> bool:
+            return state.width == 0 and state.prompt is not None and end == state.prompt[0].shape[1]
 
-        return _by_width([(max(map(len, p)), len(p)) for p in sessions], prefill)
+        out: dict[int, list[torch.Tensor]] = {}
+        starts = [i for i, (state, end) in enumerate(chunks) if whole(state, end)]
+        sizes = [(end, len(state.rows)) for state, end in (chunks[i] for i in starts)]
+        grouped = _by_width(sizes, lambda g: self._prefill([chunks[starts[j]][0] for j in g]))
+        out.update(zip(starts, grouped, strict=True))
+        for i, (state, end) in enumerate(chunks):
+            if i not in out:
+                out[i] = self._extend(state, end)
+        return [out[i] for i in range(len(chunks))]
+
+    def _prefill(self, states: list[KVState]) -> list[list[torch.Tensor]]:
+        """Read several sessions' whole prompts in one pass, their rows stacked (left-padded to
+        the widest) and their caches split back; one by one where caches cannot be split."""
+        if len(states) == 1:
+            return [self._extend(states[0], states[0].prompt[0].shape[1])]  # type: ignore[index]
+        prompts = [s.prompt for s in states if s.prompt is not None]
+        width = max(ids.shape[1] for ids, _ in prompts)
+        ids = torch.cat([F.pad(ids, (width - ids.shape[1], 0)) for ids, _ in prompts])
+        mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for _, mask in prompts])
+        joined = KVState(DynamicCache(config=self.config), mask[:, :0], [], (ids, mask))
+        hidden = self._extend(joined, width)
+        if not stackable([joined]):
+            return [self._extend(s, s.prompt[0].shape[1]) for s in states]  # type: ignore[index]
+        widths = [(s.rows, ids.shape[1]) for s, (ids, _) in zip(states, prompts, strict=True)]
+        parts = split(joined, widths, self.config)
+        for state, part in zip(states, parts, strict=True):
+            state.cache, state.mask, state.prompt = part.cache, part.mask, None
+        ends = list(itertools.accumulate(len(s.rows) for s in states))
+        return [hidden[end - len(s.rows) : end] for s, end in zip(states, ends, strict=True)]
+
+    def _extend(self, state: KVState, end: int) -> list[torch.Tensor]:
+        """Read columns ``width .. end - 1`` of the state's prompt into its cache; each row's
+        f(c) of its real tokens among them (a suffix of the chunk: the prompt is left-padded)."""
+        if state.prompt is None:
+            raise ValueError("this session's prompts are read already")
+        ids, full = state.prompt
+        start = state.width
+        positions = (full.cumsum(-1) - 1).clamp(min=0)[:, start:end]
+        hidden = self._forward(ids[:, start:end], full[:, :end], positions, state.cache)
+        state.mask = full[:, :end]  # only once the pass succeeded
+        if end == full.shape[1]:
+            state.prompt = None
+        real = full[:, start:end].sum(-1).tolist()
+        return [hidden[b, end - start - n :] for b, n in enumerate(real)]
 
     @torch.inference_mode()
     def step_session(

@@ -1,15 +1,25 @@
 """One scheduler for all model work of all API keys.
 
-Requests queue per key. Each iteration takes work round-robin across keys (one job per key per
-round, starting with a different key each iteration) until the padded-token budget is spent, then
-runs it grouped by kind: every session step of every key in one pass, every session opening in one
-pass, every ``/v1/represent`` row in as few passes as the budget allows. Steps run first, so a
-decoding client never waits behind a long prefill of the same iteration. A job costlier than the
-budget runs alone; a session steps at most once per iteration; work whose caller went away is
-dropped. An iteration is whatever queued while the last one ran, with one exception: the sessions
-of the last step pass are given a moment (a quarter of that pass's time, at most ``LINGER_MAX_S``)
-to send their next step, because their clients answer a few milliseconds apart. Without it,
-decoding clients that share one pass drift into several ragged passes, each reading all weights.
+Requests queue per key, in two lanes: session steps, and prefills (session openings and
+``/v1/represent``). Each iteration takes work round-robin across keys (one job per key per round,
+starting with a different key each iteration) and runs it grouped by kind: every session step of
+every key in one pass, then the openings' pass, then the represents'. Steps run first, so a
+decoding client never waits behind a prefill of the same iteration, and a session steps at most
+once per iteration.
+
+Prefills are chunked (as vLLM's chunked prefill): an iteration grants its prefills at most a token
+budget, the prefills begun and not finished first, oldest first; a new prefill is taken whole
+if it fits in what is left, and the first prefill of an iteration takes what is left if it does
+not. A pass may advance a job by its grant and answer :class:`Partial`: the job goes on in the next
+iteration. While sessions are decoding (steps in this iteration or the last) the budget is the
+chunk size, so their steps wait behind at most one chunk; otherwise it is the whole batch budget,
+since nobody is waiting and a few large passes are cheaper than many small ones. Work whose caller
+went away is dropped.
+
+An iteration is whatever queued while the last one ran, with one exception: the sessions of the
+last step pass are given a moment (a quarter of that pass's time, at most ``LINGER_MAX_S``) to send
+their next step, because their clients answer a few milliseconds apart. Without it, decoding
+clients that share one pass drift into several ragged passes, each reading all weights.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,8 +40,17 @@ log = logging.getLogger(__name__)
 LINGER_SHARE = 0.25  # of the last step pass's time, waited for its sessions' next steps
 LINGER_MAX_S = 0.05
 
-# Runs one kind's jobs on the model; one result (or the exception to raise) per job.
-Execute = Callable[[Kind, Sequence[Any]], Awaitable[Sequence[Any]]]
+
+@dataclass(frozen=True)
+class Partial:
+    """A pass's answer for a job it advanced but did not finish: ``cost`` tokens remain."""
+
+    cost: int
+
+
+# Runs one kind's jobs on the model, each within its grant of tokens; per job its result, the
+# exception to raise, or Partial.
+Execute = Callable[[Kind, Sequence[Any], Sequence[int]], Awaitable[Sequence[Any]]]
 
 
 @dataclass
@@ -39,9 +58,18 @@ class Work:
     owner: str
     kind: Kind
     job: Any
-    cost: int  # padded tokens the job adds to a pass
+    cost: int  # padded tokens the job adds to a pass (what remains of it, once begun)
     session: str | None = None  # a step's session: one step per session per iteration
     future: asyncio.Future[Any] = field(default_factory=asyncio.Future)
+    grant: int = 0  # tokens it may use in the pass it is taken for
+
+    @property
+    def gone(self) -> bool:
+        """Its caller went away (disconnect or timeout), or it was answered."""
+        return self.future.done()
+
+
+Lane = OrderedDict[str, deque[Work]]  # queued work per key, the next key to serve first
 
 
 class Scheduler:
@@ -50,9 +78,13 @@ class Scheduler:
         execute: Execute,
         budget: int,
         observe: Callable[[Kind, Sequence[Work]], None] = lambda kind, works: None,
+        chunk: int | None = None,
     ) -> None:
         self._execute, self._budget, self._observe = execute, budget, observe
-        self._queues: OrderedDict[str, deque[Work]] = OrderedDict()
+        self._chunk = min(chunk or budget, budget)  # prefill tokens per iteration while decoding
+        self._steps: Lane = OrderedDict()
+        self._prefills: Lane = OrderedDict()
+        self._running: deque[Work] = deque()  # prefills begun and not finished, oldest first
         self._stepped: set[str] = set()  # the sessions of the last step pass
         self._linger = 0.0  # seconds to wait for them, from that pass's time
         self._wakeup = asyncio.Event()
@@ -66,71 +98,69 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for queue in self._queues.values():  # nobody will run these any more
-            for work in queue:
-                if not work.future.done():
-                    work.future.set_exception(RuntimeError("the server is shutting down"))
-        self._queues.clear()
+        for work in self._all():  # nobody will run these any more
+            if not work.gone:
+                work.future.set_exception(RuntimeError("the server is shutting down"))
+        self._steps.clear()
+        self._prefills.clear()
+        self._running.clear()
+
+    def _all(self) -> Iterable[Work]:
+        yield from self._running
+        for lane in (self._steps, self._prefills):
+            for queue in lane.values():
+                yield from queue
 
     def depth(self) -> dict[Kind, int]:
-        """Queued jobs by kind."""
+        """Queued or unfinished jobs by kind."""
         counts = dict.fromkeys(KINDS, 0)
-        for queue in self._queues.values():
-            for work in queue:
-                counts[work.kind] += 1
+        for work in self._all():
+            counts[work.kind] += 1
         return counts
 
     async def submit(
         self, owner: str, kind: Kind, job: Any, cost: int, session: str | None = None
     ) -> Any:
         work = Work(owner, kind, job, cost, session)
-        self._queues.setdefault(owner, deque()).append(work)
+        lane = self._steps if kind == "step" else self._prefills
+        lane.setdefault(owner, deque()).append(work)
         self._wakeup.set()
         return await work.future
 
-    def take(self) -> list[Work]:
-        """The next iteration's work: round-robin across keys, within the budget."""
-        batch: list[Work] = []
-        spent, sessions, blocked = 0, set[str | None](), set[str]()
-        while True:
-            taken = False
-            for owner, queue in self._queues.items():
-                if owner in blocked or not queue:
-                    continue
-                work = queue[0]
-                fits = not batch or spent + work.cost <= self._budget
-                if not fits or (work.session is not None and work.session in sessions):
-                    blocked.add(owner)  # the key's later jobs keep their order: none this time
-                    continue
-                queue.popleft()
-                if work.future.done():  # the caller went away (disconnect or timeout)
-                    taken = True
-                    continue
-                batch.append(work)
-                spent += work.cost
-                sessions.add(work.session)
-                taken = True
-            if not taken:
-                break
-        for owner in [o for o, q in self._queues.items() if not q]:
-            del self._queues[owner]
-        if self._queues:  # the next iteration starts with the next key
-            self._queues.move_to_end(next(iter(self._queues)))
-        return batch
+    def take(self, decoding: bool = False) -> list[Work]:
+        """The next iteration's work: steps round-robin across keys within the budget, then
+        prefills within the chunk size if sessions are ``decoding`` or step now, else within
+        the budget."""
+        steps = _round_robin(self._steps, self._budget, split=False, taken=[])
+        budget = self._chunk if decoding or steps else self._budget
+        prefills: list[Work] = []
+        for work in list(self._running):
+            left = budget - sum(w.grant for w in prefills)
+            if work.gone:
+                self._running.remove(work)
+            elif left > 0:
+                self._running.remove(work)
+                work.grant = min(work.cost, left)
+                prefills.append(work)
+        left = budget - sum(w.grant for w in prefills)
+        if left > 0:
+            prefills += _round_robin(self._prefills, left, split=True, taken=prefills)
+        return steps + prefills
 
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queues:
+            while self._running or any(self._steps.values()) or any(self._prefills.values()):
                 try:
                     await self._iteration()
                 except Exception:  # a bug here must not leave every later request waiting
                     log.exception("scheduler iteration failed; continuing")
 
     async def _iteration(self) -> None:
+        decoding = bool(self._stepped)
         await self._linger_for_stepped()
-        batch = self.take()
+        batch = self.take(decoding)
         for kind in KINDS:
             works = [w for w in batch if w.kind == kind]
             if works:
@@ -139,7 +169,7 @@ class Scheduler:
     async def _linger_for_stepped(self) -> None:
         """Wait (briefly) until every session of the last step pass has its next step queued."""
         deadline = time.monotonic() + self._linger
-        while self._stepped - {w.session for q in self._queues.values() for w in q}:
+        while self._stepped - {w.session for q in self._steps.values() for w in q}:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -155,16 +185,55 @@ class Scheduler:
         except Exception:
             log.exception("observing a pass failed")
         try:
-            results = await self._execute(kind, [w.job for w in works])
+            results = await self._execute(kind, [w.job for w in works], [w.grant for w in works])
         except Exception as exc:  # delivered to every waiting caller, who maps it to a response
             results = [exc] * len(works)
         if kind == "step":
             self._stepped = {w.session for w in works if w.session is not None}
             self._linger = min(LINGER_SHARE * (time.monotonic() - started), LINGER_MAX_S)
         for work, result in zip(works, results, strict=True):
-            if work.future.done():
+            if work.gone:
                 continue
-            if isinstance(result, Exception):
+            if isinstance(result, Partial):
+                work.cost = result.cost
+                self._running.append(work)
+            elif isinstance(result, Exception):
                 work.future.set_exception(result)
             else:
                 work.future.set_result(result)
+
+
+def _round_robin(lane: Lane, budget: int, split: bool, taken: Sequence[Work]) -> list[Work]:
+    """Work of ``lane`` round-robin across keys (each key's jobs in their order) within
+    ``budget``; a job over what is left waits, unless nothing is ``taken`` yet: then it runs
+    alone, whole or (``split``) granted what is left. The next call starts with the next key."""
+    batch: list[Work] = []
+    spent, sessions, blocked = 0, set[str | None](), set[str]()
+    while True:
+        progressed = False
+        for owner, queue in lane.items():
+            if owner in blocked or not queue:
+                continue
+            work = queue[0]
+            if work.gone:
+                queue.popleft()
+                progressed = True
+                continue
+            first = not batch and not taken
+            fits = first or spent + work.cost <= budget
+            if not fits or (work.session is not None and work.session in sessions):
+                blocked.add(owner)  # the key's later jobs keep their order: none this time
+                continue
+            queue.popleft()
+            work.grant = min(work.cost, budget - spent) if split else work.cost
+            batch.append(work)
+            spent += work.grant
+            sessions.add(work.session)
+            progressed = True
+        if not progressed:
+            break
+    for owner in [o for o, q in lane.items() if not q]:
+        del lane[owner]
+    if lane:  # the next iteration starts with the next key
+        lane.move_to_end(next(iter(lane)))
+    return batch

@@ -9,6 +9,7 @@ import functools
 import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -17,7 +18,8 @@ from plm_owner_server.backend import Backend, Logits
 from plm_owner_server.errors import ApiError
 from plm_owner_server.metrics import Metrics
 from plm_owner_server.quota import Quotas
-from plm_owner_server.scheduler import Kind, Scheduler
+from plm_owner_server.runner import resolve_device
+from plm_owner_server.scheduler import Kind, Partial, Scheduler
 from plm_owner_server.sessions import Session, SessionStore
 from plm_owner_server.settings import Settings
 from shared.codec import TORCH_DTYPES, encode_tensor
@@ -58,8 +60,11 @@ class ModelWork:
     def __init__(self, settings: Settings, metrics: Metrics, quotas: Quotas) -> None:
         self.thread = ModelThread()
         self.metrics, self.quotas = metrics, quotas
-        self.scheduler = Scheduler(self._execute, settings.max_batch_tokens, self._observe)
-        self.passes: dict[Kind, Callable[[Sequence[Any]], list[Any]]] = {}
+        self.scheduler = Scheduler(
+            self._execute, settings.max_batch_tokens, self._observe, prefill_chunk(settings)
+        )
+        # Per kind: run a pass of jobs, each within its grant of tokens.
+        self.passes: dict[Kind, Callable[[Sequence[Any], Sequence[int]], list[Any]]] = {}
 
     async def submit(
         self, owner: str, kind: Kind, job: Any, cost: int, tokens: int, session: str | None = None
@@ -74,12 +79,19 @@ class ModelWork:
         self.metrics.key_tokens.labels(owner).inc(tokens)
         return result
 
-    async def _execute(self, kind: Kind, jobs: Sequence[Any]) -> list[Any]:
-        return await self.thread.run(self.passes[kind], jobs)
+    async def _execute(self, kind: Kind, jobs: Sequence[Any], grants: Sequence[int]) -> list[Any]:
+        return await self.thread.run(self.passes[kind], jobs, grants)
 
     def _observe(self, kind: Kind, works: Sequence[Any]) -> None:
         self.metrics.pass_jobs.labels(kind).observe(len(works))
         self.metrics.pass_keys.labels(kind).observe(len({w.owner for w in works}))
+
+
+def prefill_chunk(settings: Settings) -> int:
+    """Prefill tokens per iteration while sessions decode: the setting, or by device."""
+    if settings.prefill_chunk_tokens is not None:
+        return settings.prefill_chunk_tokens
+    return 32 if resolve_device(settings.device).type == "cpu" else 512
 
 
 def check_sequences(
@@ -193,31 +205,93 @@ class Representer:
         check_logits(request.logits, positions, self.backend, self.settings)
         tokens = sum(map(len, request.sequences))
         response: RepresentResponse = await self.work.submit(
-            owner, "represent", request, tokens, tokens
+            owner, "represent", Reading(request), tokens, tokens
         )
         return response
 
-    def _forward(self, requests: Sequence[RepresentRequest]) -> list[RepresentResponse]:
-        rows = [seq for r in requests for seq in r.sequences]
-        starts = [s for r in requests for s in r.starts()]
-        hidden = self.backend.represent(rows, starts, self.settings.max_batch_tokens)
+    def _forward(
+        self, jobs: Sequence[Reading], grants: Sequence[int]
+    ) -> list[RepresentResponse | Partial]:
+        """Each request's next rows within its grant (at least one), all in one call."""
+        taken = [job.next_rows(grant) for job, grant in zip(jobs, grants, strict=True)]
+        rows = [seq for job, n in zip(jobs, taken, strict=True) for seq in job.rows[:n]]
+        starts = [b for job, n in zip(jobs, taken, strict=True) for b in job.starts[:n]]
+        hidden = iter(self.backend.represent(rows, starts, self.settings.max_batch_tokens))
         self.metrics.pass_rows.labels("represent").observe(len(rows))
         self.metrics.tokens.inc(sum(map(len, rows)))
-        per_request, first = [], 0
-        for r in requests:
-            per_request.append(hidden[first : first + len(r.sequences)])
-            first += len(r.sequences)
-        joined = [torch.cat(parts) for parts in per_request]
-        logits = logits_of(self.backend, joined, [r.logits for r in requests])
+        for job, n in zip(jobs, taken, strict=True):
+            job.read(list(itertools.islice(hidden, n)))
+        done = [i for i, job in enumerate(jobs) if not job.rows]
+        joined = {i: torch.cat(jobs[i].parts) for i in done}
+        modes = [jobs[i].request.logits for i in done]
+        logits = dict(zip(done, logits_of(self.backend, list(joined.values()), modes), strict=True))
         return [
-            RepresentResponse(
-                hidden=encode_hidden(h, r.dtype),
-                offsets=[0, *itertools.accumulate(len(part) for part in parts)],
-                logits=encode_logits(lg, r.dtype),
-                fingerprint=self.backend.fingerprint,
-            )
-            for r, parts, h, lg in zip(requests, per_request, joined, logits, strict=True)
+            self._answer(job, joined[i], logits[i]) if i in joined else Partial(job.remaining)
+            for i, job in enumerate(jobs)
         ]
+
+    def _answer(
+        self, job: Reading, hidden: torch.Tensor, logits: Logits | None
+    ) -> RepresentResponse:
+        request = job.request
+        return RepresentResponse(
+            hidden=encode_hidden(hidden, request.dtype),
+            offsets=[0, *itertools.accumulate(len(part) for part in job.parts)],
+            logits=encode_logits(logits, request.dtype),
+            fingerprint=self.backend.fingerprint,
+        )
+
+
+@dataclass(eq=False)
+class Reading:
+    """A ``/v1/represent`` request being read, a few rows per pass when the scheduler chunks."""
+
+    request: RepresentRequest
+    rows: list[list[int]] = field(init=False)  # still to read
+    starts: list[int] = field(init=False)
+    parts: list[torch.Tensor] = field(default_factory=list)  # per row read, f(c) from its start
+
+    def __post_init__(self) -> None:
+        self.rows, self.starts = list(self.request.sequences), list(self.request.starts())
+
+    def next_rows(self, grant: int) -> int:
+        """How many of the next rows fit in ``grant`` tokens (at least one)."""
+        spent = itertools.accumulate(map(len, self.rows))
+        return max(1, sum(1 for total in spent if total <= grant))
+
+    @property
+    def remaining(self) -> int:
+        return sum(map(len, self.rows))
+
+    def read(self, hidden: list[torch.Tensor]) -> None:
+        self.parts += hidden
+        del self.rows[: len(hidden)], self.starts[: len(hidden)]
+
+
+@dataclass(eq=False)
+class Opening:
+    """A session being opened: its prompts read a few columns per pass when the scheduler
+    chunks (columns of the right-aligned prompts: every row's token at a column is read
+    together, as in one left-padded prefill)."""
+
+    owner: str
+    request: SessionOpenRequest
+    session: Session | None = None  # from the first chunk
+    read: int = 0  # columns read
+    parts: list[list[torch.Tensor]] = field(default_factory=list)  # per chunk, per row f(c)
+
+    @property
+    def width(self) -> int:
+        return max(map(len, self.request.sequences))
+
+    @property
+    def height(self) -> int:
+        return len(self.request.sequences)
+
+    @property
+    def remaining(self) -> int:
+        """Padded tokens still to read."""
+        return self.height * (self.width - self.read)
 
 
 class SessionService:
@@ -248,57 +322,87 @@ class SessionService:
     async def open(self, owner: str, request: SessionOpenRequest) -> SessionOpenResponse:
         check_sequences(request.sequences, self.backend, self.settings)
         check_logits(request.logits, len(request.sequences), self.backend, self.settings)
-        cost = len(request.sequences) * max(map(len, request.sequences))
+        opening = Opening(owner, request)
         tokens = sum(map(len, request.sequences))
         response: SessionOpenResponse = await self.work.submit(
-            owner, "open", (owner, request), cost, tokens
+            owner, "open", opening, opening.remaining, tokens
         )
         return response
 
     def _open_pass(
-        self, jobs: Sequence[tuple[str, SessionOpenRequest]]
-    ) -> list[SessionOpenResponse | ApiError]:
-        """Prefill every admitted opening in one pass; each gets its own session."""
-        results: dict[int, SessionOpenResponse | ApiError] = {}
-        pending: dict[str, int] = {}  # openings admitted in this pass, by key
-        for i, (owner, request) in enumerate(jobs):
-            width = max(map(len, request.sequences))
-            nbytes = self.backend.kv_bytes_per_token * width * len(request.sequences)
+        self, jobs: Sequence[Opening], grants: Sequence[int]
+    ) -> list[SessionOpenResponse | ApiError | Partial]:
+        """Read the next columns of every opening's prompts within its grant (at least one), in
+        one call; an opening's session is in the store from its first chunk (counted in its
+        key's cap and the cache bound) and answered after its last."""
+        results: dict[int, SessionOpenResponse | ApiError | Partial] = {}
+        chunks: list[tuple[int, Opening, Session, int]] = []
+        for i, (job, grant) in enumerate(zip(jobs, grants, strict=True)):
             try:
-                self.store.check_room(owner, nbytes, pending.get(owner, 0))
+                session = self._admit(job)
             except ApiError as exc:
                 results[i] = exc
                 continue
-            pending[owner] = pending.get(owner, 0) + 1
-        admitted = [i for i in range(len(jobs)) if i not in results]
-        prompts = [jobs[i][1].sequences for i in admitted]
-        opened = self.backend.open_sessions(prompts) if admitted else []
-        self.metrics.pass_rows.labels("open").observe(sum(map(len, prompts)))
-        modes = [jobs[i][1].logits for i in admitted]
-        last = [torch.stack([row[-1] for row in rows]) for _, rows in opened]
-        logits = logits_of(self.backend, last, modes)
-        for i, (state, rows), hidden, lg in zip(admitted, opened, last, logits, strict=True):
-            owner, request = jobs[i]
-            width = max(map(len, request.sequences))
-            session = Session(owner, state, request.dtype, prompt_len=width)
+            end = min(job.width, job.read + max(1, grant // job.height))
+            chunks.append((i, job, session, end))
+        try:
+            hidden = self.backend.prefill_sessions([(s.state, end) for _, _, s, end in chunks])
+        except Exception:  # as for a failed step: those caches are half-grown, drop them
+            for _, _, session, _ in chunks:
+                self.store.discard(session.id)
+            raise
+        self.metrics.pass_rows.labels("open").observe(sum(j.height for _, j, _, _ in chunks))
+        finished: list[tuple[int, Opening, Session]] = []
+        for (i, job, session, end), part in zip(chunks, hidden, strict=True):
+            job.read, job.parts = end, [*job.parts, part]
+            self.metrics.tokens.inc(sum(map(len, part)))
             try:
-                self.store.add(session)
+                self.store.update(session)  # may evict others to fit, or this one
             except ApiError as exc:
                 results[i] = exc
                 continue
-            self.metrics.tokens.inc(sum(map(len, request.sequences)))
-            offsets = None
+            if end < job.width:
+                results[i] = Partial(job.remaining)
+            else:
+                finished.append((i, job, session))
+        read = [[torch.cat(row) for row in zip(*job.parts, strict=True)] for _, job, _ in finished]
+        last = [torch.stack([row[-1] for row in rows]) for rows in read]
+        logits = logits_of(self.backend, last, [job.request.logits for _, job, _ in finished])
+        for (i, job, session), rows, h, lg in zip(finished, read, last, logits, strict=True):
+            request, offsets = job.request, None
             if request.positions == "all":
-                hidden = torch.cat(rows)
+                h = torch.cat(rows)
                 offsets = [0, *itertools.accumulate(len(row) for row in rows)]
             results[i] = SessionOpenResponse(
                 session_id=session.id,
-                hidden=encode_hidden(hidden, request.dtype),
+                hidden=encode_hidden(h, request.dtype),
                 logits=encode_logits(lg, request.dtype),
                 fingerprint=self.backend.fingerprint,
                 offsets=offsets,
             )
         return [results[i] for i in range(len(jobs))]
+
+    def _admit(self, job: Opening) -> Session:
+        """Give an opening its session at its first chunk (room made in its key's cap and the
+        cache bound); at a later chunk, check the session is still there."""
+        if job.session is not None:
+            try:
+                self.store.get(job.session.id, job.owner)  # now the most recently used
+            except ApiError:
+                raise ApiError(
+                    503,
+                    "session_evicted",
+                    "the server's KV cache filled while this session was opening and it was "
+                    "evicted; retry",
+                    headers={"Retry-After": "1"},
+                ) from None
+            return job.session
+        nbytes = self.backend.kv_bytes_per_token * job.width * job.height
+        self.store.check_room(job.owner, nbytes)
+        (state,) = self.backend.start_sessions([job.request.sequences])
+        job.session = Session(job.owner, state, job.request.dtype, prompt_len=job.width)
+        self.store.add(job.session)
+        return job.session
 
     async def step(
         self, owner: str, session_id: str, request: SessionStepRequest
@@ -312,7 +416,7 @@ class SessionService:
         return response
 
     def _step_pass(
-        self, jobs: Sequence[tuple[str, str, SessionStepRequest]]
+        self, jobs: Sequence[tuple[str, str, SessionStepRequest]], grants: Sequence[int]
     ) -> list[SessionStepResponse | ApiError]:
         """Step the session of every valid job, all in one pass."""
         results: dict[int, SessionStepResponse | ApiError] = {}

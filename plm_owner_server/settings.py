@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16384, gt=0, description="padded tokens of all keys' work per scheduled iteration"
     )
+    prefill_chunk_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="prefill tokens (openings, /v1/represent) per scheduled iteration while "
+        "sessions decode, so their steps wait behind at most one chunk; none: 512 on a GPU, 32 "
+        "on a CPU (where a forward pass is compute-bound: 32 tokens cost about one decoding step)",
+    )
     max_batch_size: int = Field(256, gt=0, description="sequences per request")
     max_request_tokens: int = Field(65536, gt=0, description="tokens per request")
     max_body_bytes: int = Field(64 * 2**20, gt=0, description="request body size")

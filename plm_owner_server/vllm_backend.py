@@ -15,7 +15,6 @@ kept. Importing this module imports vLLM: only the vllm extra (``make vllm``) ha
 
 from __future__ import annotations
 
-import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ class TokenSession:
     token_bytes: int  # the engine's KV-cache bytes per token: what the session costs it
     rows: list[int] = field(default_factory=list)  # the caller's ids of the live rows
     salt: str = field(default_factory=_salt)
+    read: int = 0  # prompt columns read (right-aligned), while the prompts are read in chunks
 
     def __post_init__(self) -> None:
         self.rows = self.rows or list(range(len(self.tokens)))
@@ -118,6 +118,13 @@ class VllmBackend:
         """Each row's states of the positions vLLM computed. Without salts: all of them, the
         cache unread; with one per row, those after the prefix cached under the row's salt."""
         read = salts is not None
+        if salts is not None:  # rows alike in a session (samples of one prompt) computed once
+            unique: dict[tuple[str, tuple[int, ...]], int] = {}
+            keys = [(salt, tuple(row)) for row, salt in zip(rows, salts, strict=True)]
+            index = [unique.setdefault(key, len(unique)) for key in keys]
+            if len(unique) < len(rows):
+                states = self._encode([list(r) for _, r in unique], [s for s, _ in unique])
+                return [states[i] for i in index]
         params = PoolingParams(use_activation=False, skip_reading_prefix_cache=not read)
         prompts = [
             TokensPrompt(prompt_token_ids=list(row), cache_salt=salt)
@@ -148,20 +155,40 @@ class VllmBackend:
         """``H(hidden)`` with the model's own head, as the transformers backend computes it."""
         return self.head.logits(hidden, mode)
 
-    def open_sessions(
-        self, sessions: Sequence[Sequence[Sequence[int]]]
-    ) -> list[tuple[TokenSession, list[torch.Tensor]]]:
-        """Prefill every session's prompts in one call; each row's f(c) ``[len, d]``."""
-        states = [
+    def start_sessions(self, sessions: Sequence[Sequence[Sequence[int]]]) -> list[TokenSession]:
+        """A session per prompts, nothing read yet."""
+        return [
             TokenSession([list(p) for p in prompts], self.kv_bytes_per_token)
             for prompts in sessions
         ]
-        rows = [row for s in states for row in s.tokens]
-        hidden = self._encode(rows, [s.salt for s in states for _ in s.tokens])
-        if [len(h) for h in hidden] != [len(row) for row in rows]:
-            raise RuntimeError("vLLM returned another number of states than tokens sent")
-        ends = itertools.accumulate(len(s.tokens) for s in states)
-        return [(s, hidden[end - len(s.tokens) : end]) for s, end in zip(states, ends, strict=True)]
+
+    def prefill_sessions(
+        self, chunks: Sequence[tuple[TokenSession, int]]
+    ) -> list[list[torch.Tensor]]:
+        """Each session's rows read up to column ``end`` of their right-aligned layout, all in
+        one call to the engine; each row reads what earlier chunks cached under its session's
+        salt, so only the new positions are computed (from the last block boundary)."""
+        wanted: list[tuple[int, int, list[int], str]] = []  # (session, row, tokens, salt)
+        new: list[list[int]] = []  # per session, per row, positions read now
+        for k, (state, end) in enumerate(chunks):
+            width = max(map(len, state.tokens))
+            counts = []
+            for b, row in enumerate(state.tokens):
+                before, after = (max(0, c - width + len(row)) for c in (state.read, end))
+                counts.append(after - before)
+                if after > before:
+                    wanted.append((k, b, row[:after], state.salt))
+            new.append(counts)
+        hidden = self._encode([w[2] for w in wanted], [w[3] for w in wanted]) if wanted else []
+        empty = torch.empty(0, self.hidden_size, dtype=self.dtype)
+        out = [[empty] * len(counts) for counts in new]
+        for (k, b, _, _), h in zip(wanted, hidden, strict=True):
+            if len(h) < new[k][b]:
+                raise RuntimeError("vLLM returned fewer states than the tokens it was sent")
+            out[k][b] = h[len(h) - new[k][b] :]
+        for state, end in chunks:
+            state.read = end
+        return out
 
     def step_sessions(
         self, steps: Sequence[tuple[TokenSession, Sequence[int], Sequence[int]]]

@@ -15,6 +15,7 @@ import torch
 
 from plm_owner_server.app import create_app
 from plm_owner_server.auth import hash_key
+from plm_owner_server.backend import open_sessions
 from plm_owner_server.errors import ApiError
 from plm_owner_server.kv import MAX_PADDING, KVState, width_groups
 from plm_owner_server.quota import Quotas
@@ -52,7 +53,7 @@ def test_stacked_sessions_equal_each_session_alone(make_runner, arch):
     cache it would have alone, also when rows finish at different steps."""
     runner: ModelRunner = make_runner(arch)
     alone = [runner.open_session(prompts) for prompts in SESSIONS]
-    together = runner.open_sessions(SESSIONS)
+    together = open_sessions(runner, SESSIONS)
     for prompts, (a, ha), (b, hb) in zip(SESSIONS, alone, together, strict=True):
         torch.testing.assert_close(torch.stack([h[-1] for h in hb]), ha, rtol=0, atol=1e-5)
         want = runner.represent(prompts, [0] * len(prompts), 4096)
@@ -195,7 +196,7 @@ def test_eviction_in_the_middle_of_a_shared_pass(runner):
             ("anonymous", old, SessionStepRequest(tokens=[6] * rows)),
             ("anonymous", new, SessionStepRequest(tokens=[6] * rows)),
         ]
-        results = client.portal.call(work.thread.run, work.passes["step"], jobs)
+        results = client.portal.call(work.thread.run, work.passes["step"], jobs, [rows] * 2)
         assert all(isinstance(r, SessionStepResponse) for r in results)
         assert_error(
             post(client, f"/v1/sessions/{old}/step", SessionStepRequest(tokens=[7] * rows)),

@@ -15,7 +15,7 @@ import torch
 from fastapi import FastAPI
 
 from plm_owner_server.app import create_app
-from plm_owner_server.scheduler import Kind, Scheduler
+from plm_owner_server.scheduler import Kind, Partial, Scheduler
 from plm_owner_server.settings import Settings
 from shared.codec import decode_tensor, pack, unpack
 from shared.protocol import MSGPACK, RepresentRequest, RepresentResponse
@@ -84,7 +84,7 @@ async def post_behind_a_slow_pass(app: FastAPI, gated: GatedRunner) -> Run:
         submitted, submit = [], scheduler.submit
 
         async def counting_submit(owner: str, kind: Kind, job: Any, *args: Any) -> Any:
-            submitted.append(job)
+            submitted.append(job.request)
             return await submit(owner, kind, job, *args)
 
         scheduler.submit = counting_submit
@@ -160,7 +160,9 @@ class Passes:
         self.seen: list[list[str]] = []
         self.release = asyncio.Event()
 
-    async def __call__(self, kind: Kind, jobs: Sequence[str]) -> list[str | Exception]:
+    async def __call__(
+        self, kind: Kind, jobs: Sequence[str], grants: Sequence[int]
+    ) -> list[str | Exception]:
         self.seen.append(list(jobs))
         if len(self.seen) == 1:
             await self.release.wait()
@@ -332,7 +334,7 @@ def test_sessions_of_the_last_step_pass_get_a_moment_to_join_the_next():
     late one, so their steps keep sharing passes instead of drifting apart."""
     seen: list[list[str]] = []
 
-    async def execute(kind: Kind, jobs: Sequence[str]) -> list[str]:
+    async def execute(kind: Kind, jobs: Sequence[str], grants: Sequence[int]) -> list[str]:
         seen.append(list(jobs))
         await asyncio.sleep(0.08)  # a step pass of 80 ms: the linger is 20 ms
         return list(jobs)
@@ -352,3 +354,123 @@ def test_sessions_of_the_last_step_pass_get_a_moment_to_join_the_next():
 
     asyncio.run(scenario())
     assert seen == [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]
+
+
+# Chunked prefill.
+
+
+class Chunked:
+    """An ``execute`` whose prefill jobs ("name:tokens") take as many passes as their grants
+    need (each answering Partial with what remains); records passes as (job, grant) pairs and
+    holds the first until released."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[tuple[str, int]]] = []
+        self.left: dict[str, int] = {}
+        self.release = asyncio.Event()
+
+    async def __call__(
+        self, kind: Kind, jobs: Sequence[str], grants: Sequence[int]
+    ) -> list[str | Partial]:
+        self.seen.append(list(zip(jobs, grants, strict=True)))
+        if len(self.seen) == 1:
+            await self.release.wait()
+        out: list[str | Partial] = []
+        for job, grant in zip(jobs, grants, strict=True):
+            name, _, tokens = job.partition(":")
+            left = self.left.setdefault(job, int(tokens or 1)) - grant
+            self.left[job] = left
+            out.append(Partial(left) if left > 0 else name.upper())
+        return out
+
+
+async def chunked_scheduler(
+    budget: int, chunk: int | None, scenario: Callable[[Scheduler, Chunked], Awaitable[None]]
+) -> list[list[tuple[str, int]]]:
+    passes = Chunked()
+    scheduler = Scheduler(passes, budget, chunk=chunk)
+    scheduler.start()
+    try:
+        await scenario(scheduler, passes)
+    finally:
+        await scheduler.stop()
+    return passes.seen
+
+
+def test_a_prefill_over_the_budget_runs_in_chunks_and_new_ones_fill_what_is_left():
+    """With nobody decoding, prefills get the whole budget: one over it runs in passes of the
+    budget, begun ones first; a new one joins a pass whole if it fits in what is left."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        first = asyncio.create_task(scheduler.submit("k", "represent", "first", 1))
+        await until(lambda: len(passes.seen) == 1)
+        jobs = [("a", "big:25", 25), ("b", "small:4", 4), ("b", "fits:5", 5)]
+        tasks = [asyncio.create_task(scheduler.submit(k, "open", n, c)) for k, n, c in jobs]
+        await asyncio.sleep(0)
+        passes.release.set()
+        assert await asyncio.gather(first, *tasks) == ["FIRST", "BIG", "SMALL", "FITS"]
+
+    seen = asyncio.run(chunked_scheduler(10, None, scenario))
+    assert seen[1:] == [
+        [("big:25", 10)],  # over the budget: the first prefill takes it all
+        [("big:25", 10)],  # begun first; small (4) does not fit in what is left (0)
+        [("big:25", 5), ("small:4", 4)],  # 1 left: fits (5) waits
+        [("fits:5", 5)],
+    ]
+
+
+def test_while_sessions_decode_prefills_get_a_chunk_per_step_pass():
+    """A session stepping meanwhile: each iteration runs its step, then one chunk of the long
+    opening; the step never waits behind more than one chunk."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        first = asyncio.create_task(scheduler.submit("k", "represent", "first", 1))
+        await until(lambda: len(passes.seen) == 1)
+        opening = asyncio.create_task(scheduler.submit("a", "open", "long:12", 12))
+
+        async def decode() -> None:
+            for step in range(4):
+                await scheduler.submit("b", "step", f"s{step}", 1, "sb")
+
+        steps = asyncio.create_task(decode())
+        await asyncio.sleep(0)
+        passes.release.set()
+        await asyncio.gather(first, opening, steps)
+
+    seen = asyncio.run(chunked_scheduler(100, 4, scenario))
+    assert seen[1:7] == [
+        [("s0", 1)],
+        [("long:12", 4)],
+        [("s1", 1)],
+        [("long:12", 4)],
+        [("s2", 1)],
+        [("long:12", 4)],
+    ]
+    assert seen[7:] == [[("s3", 1)]]
+
+
+def test_without_decoding_the_chunk_size_does_not_apply():
+    """No session stepping: a long prefill takes the whole budget, not the chunk size."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        passes.release.set()
+        assert await scheduler.submit("a", "represent", "long:12", 12) == "LONG"
+
+    assert asyncio.run(chunked_scheduler(100, 4, scenario)) == [[("long:12", 12)]]
+
+
+def test_a_begun_prefill_whose_caller_went_away_is_dropped():
+    """A caller that leaves between two chunks of its prefill: the rest is never run."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        gone = asyncio.create_task(scheduler.submit("a", "open", "gone:30", 30))
+        await until(lambda: len(passes.seen) == 1)
+        other = asyncio.create_task(scheduler.submit("b", "open", "other:3", 3))
+        await asyncio.sleep(0)
+        gone.cancel()
+        passes.release.set()
+        assert await other == "OTHER"
+        assert scheduler.depth() == {"step": 0, "open": 0, "represent": 0}
+
+    seen = asyncio.run(chunked_scheduler(10, None, scenario))
+    assert seen == [[("gone:30", 10)], [("other:3", 3)]]

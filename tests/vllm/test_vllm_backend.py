@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from plm_owner_server.architectures import UnsupportedArchitecture
+from plm_owner_server.backend import open_sessions
 from plm_owner_server.runner import ModelRunner
 from plm_owner_server.settings import Settings
 from plm_owner_server.vllm_backend import VllmBackend
@@ -73,7 +74,7 @@ def test_session_steps_equal_the_full_forward(backends):
     backend, runner = backends
     prompts = rows([3, BLOCK - 2, BLOCK, 2 * BLOCK - 1], seed=1)
     new = rows([6, 6, 6, 6], seed=2)
-    ((state, hidden),) = backend.open_sessions([prompts])
+    ((state, hidden),) = open_sessions(backend, [prompts])
     want = runner.represent(prompts, [0] * len(prompts), 4096)  # every prompt position
     assert_states_equal(torch.cat(hidden), torch.cat(want))
     live = [0, 1, 2, 3]
@@ -94,7 +95,7 @@ def test_forked_rows_continue_as_their_parents_would(backends):
     the full forward, and the forks read their parent's cached blocks."""
     backend, runner = backends
     prompts = rows([BLOCK + 3, 5], seed=5)
-    ((state, _),) = backend.open_sessions([prompts])
+    ((state, _),) = open_sessions(backend, [prompts])
     cached = backend.cached_tokens
     state.select([0, 1, 2], parents=[0, 0, 1])  # row 0 goes on twice, row 1 once
     (hidden,) = backend.step_sessions([(state, [0, 1, 2], [7, 8, 9])])
@@ -109,16 +110,16 @@ def test_a_session_never_reads_another_sessions_cache(backends):
     (another data owner's, say) is computed again, and nothing tells one about the other."""
     backend, _ = backends
     prompt = rows([3 * BLOCK], seed=7)
-    backend.open_sessions([prompt])
+    open_sessions(backend, [prompt])
     cached = backend.cached_tokens
-    backend.open_sessions([prompt])
+    open_sessions(backend, [prompt])
     assert backend.cached_tokens == cached
 
 
 def test_several_sessions_step_together(backends):
     backend, runner = backends
     a, b = rows([4, 9], seed=3), rows([20], seed=4)
-    (sa, _), (sb, _) = backend.open_sessions([a, b])
+    (sa, _), (sb, _) = open_sessions(backend, [a, b])
     ha, hb = backend.step_sessions([(sa, [0, 1], [7, 8]), (sb, [0], [9])])
     want = runner.represent([a[0] + [7], a[1] + [8], b[0] + [9]], [4, 9, 20], 4096)
     assert_states_equal(torch.cat([ha, hb]), torch.cat(want))
@@ -157,9 +158,31 @@ def test_tensor_parallel_states_equal_one_process(tmp_path, monkeypatch):
             strict=True,
         ):
             assert_states_equal(got, want)
-        ((state, _),) = backend.open_sessions([sequences])
+        ((state, _),) = open_sessions(backend, [sequences])
         (hidden,) = backend.step_sessions([(state, [0, 1], [5, 6])])
         want = runner.represent([sequences[0] + [5], sequences[1] + [6]], [7, 33], 4096)
         assert_states_equal(hidden, torch.cat(want))
     finally:
         backend.close()
+
+
+def test_a_prefill_in_chunks_equals_the_transformers_runner(backends):
+    """Prompts read in chunks (columns of their right-aligned layout; chunk ends inside and on
+    block boundaries, rows that start late, two alike rows) give every position's f(c), and the
+    session steps on as after a whole prefill; the later chunks read the earlier ones' blocks."""
+    backend, runner = backends
+    prompts = rows([2 * BLOCK + 5, 7, BLOCK + 1], seed=8)
+    prompts.append(list(prompts[1]))
+    (state,) = backend.start_sessions([prompts])
+    cached = backend.cached_tokens
+    parts = [
+        backend.prefill_sessions([(state, end)])[0] for end in (BLOCK, BLOCK + 3, 2 * BLOCK + 5)
+    ]
+    assert [len(p) for p in parts[0]] == [BLOCK, 0, 0, 0]
+    want = runner.represent(prompts, [0] * len(prompts), 4096)
+    for got, expected in zip(zip(*parts, strict=True), want, strict=True):
+        assert_states_equal(torch.cat(got), expected)
+    assert backend.cached_tokens > cached  # later chunks read the earlier ones' blocks
+    (hidden,) = backend.step_sessions([(state, [0, 1, 2, 3], [7, 8, 9, 9])])
+    full = [p + [t] for p, t in zip(prompts, [7, 8, 9, 9], strict=True)]
+    assert_states_equal(hidden, torch.cat(runner.represent(full, [len(f) - 1 for f in full], 4096)))

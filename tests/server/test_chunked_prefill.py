@@ -1,0 +1,135 @@
+"""Chunked prefill: a session's prompts read a few columns per pass equal one whole prefill (the
+transformers runner, every tiny architecture, sliding windows included), and through the server a
+chunked opening or ``/v1/represent`` answers as an unchunked one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plm_owner_server.backend import open_sessions
+from plm_owner_server.errors import ApiError
+from plm_owner_server.runner import ModelRunner
+from plm_owner_server.scheduler import Partial
+from plm_owner_server.serving import Opening
+from shared.codec import decode_tensor
+from shared.protocol import (
+    RepresentRequest,
+    RepresentResponse,
+    SessionOpenRequest,
+    SessionOpenResponse,
+    SessionStepRequest,
+    SessionStepResponse,
+)
+from tests.server.helpers import answer, assert_same_logits, post, serve
+from tests.tiny_models import ARCHITECTURES
+
+# Rows of different lengths (longer and shorter than the sliding windows of 4): the first chunk
+# holds only the longest row's tokens, and the one-token row is read in the last chunk.
+PROMPTS = [[5, 9, 17, 33, 8, 41, 60, 12, 7], [4, 70, 3], list(range(20, 32)), [11]]
+ENDS = [2, 5, 6, 11, 12]  # chunk boundaries (columns of the right-aligned prompts)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_prefill_in_chunks_equals_one_whole_prefill(make_runner, arch):
+    """Every row's f(c) at every position, the cache's shape and the steps after it."""
+    runner: ModelRunner = make_runner(arch)
+    ((whole, want),) = open_sessions(runner, [PROMPTS])
+    (state,) = runner.start_sessions([PROMPTS])
+    parts = [runner.prefill_sessions([(state, end)])[0] for end in ENDS]
+    assert [len(p) for p in parts[0]] == [0, 0, 2, 0]  # only the longest row starts that early
+    for row, (got, expected) in enumerate(zip(zip(*parts, strict=True), want, strict=True)):
+        assert got[-1].shape[0] >= 1, f"row {row} ends in the last chunk"
+        close(torch.cat(got), expected)
+    assert (state.width, state.rows, state.prompt) == (whole.width, whole.rows, None)
+    torch.testing.assert_close(state.mask, whole.mask, rtol=0, atol=0)
+    for step in range(3):
+        rows = [0, 1, 2, 3] if step < 2 else [0, 2]
+        tokens = [(7 * step + r) % 90 + 3 for r in rows]
+        close(runner.step_session(state, rows, tokens), runner.step_session(whole, rows, tokens))
+
+
+def test_sessions_read_whole_share_a_pass_while_chunks_run_apart(runner, monkeypatch):
+    """Sessions read whole at once are stacked into one forward; a chunk runs on its own."""
+    calls: list[int] = []
+    forward = runner._forward
+
+    def counted(ids, *args, **kwargs):
+        calls.append(ids.shape[0])
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_forward", counted)
+    a, b, c = runner.start_sessions([PROMPTS[:2], PROMPTS[2:], PROMPTS])
+    runner.prefill_sessions([(a, 9), (b, 12), (c, 5)])
+    assert calls == [4, 4]  # a and b together (2 + 2 rows), then c's chunk
+
+
+def open_and_step(runner: ModelRunner, **settings: object) -> tuple[list, float]:
+    """A session opened (every position, top-3 logits) and stepped twice: its answers, and how
+    many open passes the server ran."""
+    request = SessionOpenRequest(sequences=PROMPTS, positions="all", logits=3)
+    with serve(runner, **settings) as client:
+        opened = answer(post(client, "/v1/sessions", request), SessionOpenResponse, 201)
+        path = f"/v1/sessions/{opened.session_id}/step"
+        steps = [
+            answer(
+                post(client, path, SessionStepRequest(tokens=[6 + k] * 4, logits=3)),
+                SessionStepResponse,
+            )
+            for k in range(2)
+        ]
+        registry = client.app.state.pema.metrics.registry
+        passes = registry.get_sample_value("pema_pass_requests_count", {"kind": "open"})
+    return [opened, *steps], passes
+
+
+def test_a_chunked_opening_answers_as_a_whole_one(runner):
+    """A 4 × 12 opening over a budget of 8 tokens is read 2 columns a pass (6 passes): its
+    positions, offsets, logits and the steps after it equal an unchunked server's."""
+    chunked, passes = open_and_step(runner, max_batch_tokens=8)
+    whole, one = open_and_step(runner)
+    assert (passes, one) == (6, 1)
+    assert chunked[0].offsets == whole[0].offsets
+    for got, want in zip(chunked, whole, strict=True):
+        close(decode_tensor(got.hidden), decode_tensor(want.hidden))
+        assert_same_logits(got.logits, want.logits)
+
+
+def test_a_chunked_represent_answers_as_a_whole_one(runner):
+    """Rows of a /v1/represent request over the budget are read a few per pass (one over the
+    budget alone): the answer equals an unchunked server's."""
+    request = RepresentRequest(sequences=PROMPTS, start=[3, 0, 11, 0], logits=2)
+    answers, passes = [], []
+    for settings in ({"max_batch_tokens": 10}, {}):
+        with serve(runner, **settings) as client:
+            answers.append(answer(post(client, "/v1/represent", request), RepresentResponse))
+            registry = client.app.state.pema.metrics.registry
+            passes.append(
+                registry.get_sample_value("pema_pass_requests_count", {"kind": "represent"})
+            )
+    assert passes == [4, 1]  # rows of 9 | 3 | 12 (over the budget: alone) | 1 token
+    got, want = answers
+    assert got.offsets == want.offsets
+    close(decode_tensor(got.hidden), decode_tensor(want.hidden))
+    assert_same_logits(got.logits, want.logits)
+
+
+def test_a_session_evicted_while_opening_is_a_503_to_retry(runner):
+    """If the cache bound evicts a session between two chunks of its opening, the opening
+    fails with 503 and Retry-After (the client retries), not with a step's 404."""
+    with serve(runner) as client:
+        service, work = client.app.state.pema.sessions, client.app.state.pema.work
+        opening = Opening("anonymous", SessionOpenRequest(sequences=PROMPTS))
+        (first,) = client.portal.call(work.thread.run, service._open_pass, [opening], [8])
+        assert first == Partial(4 * 10)
+        service.store.discard(opening.session.id)
+        (second,) = client.portal.call(work.thread.run, service._open_pass, [opening], [8])
+        assert isinstance(second, ApiError) and (second.status, second.code) == (
+            503,
+            "session_evicted",
+        )
+        assert second.headers == {"Retry-After": "1"}
