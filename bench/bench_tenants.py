@@ -8,7 +8,9 @@
    steps of all sessions into shared passes; goal: ≥ 0.8× at N = 16.
 2. Step latency (p50, p99) of a 1-row client while another key's 64-row session steps (opened
    before the measurement), against the same client alone; goal: ≤ 2×.
-3. Memory build: tokens/s of `build_memory` (teacher-forced, float16, the CLI's defaults) through
+3. The same client's step latency while another key opens 64-row sessions of 64-token prompts
+   one after another (chunked prefill), against the client alone; goal: p99 ≤ 2×.
+4. Memory build: tokens/s of `build_memory` (teacher-forced, float16, the CLI's defaults) through
    the server, against `ModelRunner.represent` of the same sequences in the same batches in this
    process, answers cast to float16; goal: ≥ 0.8×.
 
@@ -48,7 +50,7 @@ BUILD_BATCH = 32  # examples per request: build_memory's default
 AGGREGATE_GOAL = 0.8
 LATENCY_GOAL = 2.0
 BUILD_GOAL = 0.8
-PARTS = ("aggregate", "latency", "build")
+PARTS = ("aggregate", "latency", "prefill", "build")
 
 
 def decode(url: str, key: str, prompts: Sequence[list[int]], steps: int, ready: Any) -> list[float]:
@@ -139,7 +141,43 @@ def bench_latency(
             loaded += decode(url, keys[0], prompts[:1], steps, lambda: None)
             stop.set()
             background.result()
+    return _percentiles(alone, loaded)
 
+
+def opener(url: str, key: str, prompts: list[list[int]], stop: threading.Event) -> int:
+    """Open and close sessions of all ``prompts`` until ``stop``; how many it opened."""
+    opened = 0
+    with PemaClient(url, api_key=key) as client:
+        while not stop.is_set():
+            session, _, _ = client.open_session(prompts, dtype="float16")
+            client.close_session(session)
+            opened += 1
+    return opened
+
+
+def bench_prefill(
+    url: str, keys: list[str], prompts: list[list[int]], steps: int, repeats: int
+) -> dict[str, Any]:
+    """The 1-row client's step latencies alone and while another key opens 64-row sessions of
+    64-token prompts, one after another (each a prefill of 4,096 tokens)."""
+    alone: list[float] = []
+    loaded: list[float] = []
+    openings = 0
+    for _ in range(repeats):
+        alone += decode(url, keys[0], prompts[:1], steps, lambda: None)
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            background = pool.submit(opener, url, keys[1], prompts[:BIG_SESSION_ROWS], stop)
+            time.sleep(0.5)  # the first opening is under way
+            loaded += decode(url, keys[0], prompts[:1], steps, lambda: None)
+            stop.set()
+            openings += background.result()
+    result = {**_percentiles(alone, loaded), "openings": openings}
+    print(f"  steps during openings: {result}", flush=True)
+    return result
+
+
+def _percentiles(alone: list[float], loaded: list[float]) -> dict[str, Any]:
     def pct(samples: list[float], q: int) -> float:
         return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
@@ -207,7 +245,14 @@ def table(results: dict[str, Any]) -> str:
     if "aggregate" in results:
         lines += _aggregate_table(results["aggregate"])
     if "latency" in results:
-        lines += _latency_table(results["latency"])
+        lines += _latency_table(
+            results["latency"], f"next to a {BIG_SESSION_ROWS}-row session of another key"
+        )
+    if "prefill" in results:
+        lines += _latency_table(
+            results["prefill"],
+            f"while another key opens {BIG_SESSION_ROWS} × {PROMPT_LEN}-token sessions",
+        )
     if "build" in results:
         lines += _build_table(results["build"])
     return "\n".join(lines)
@@ -227,10 +272,9 @@ def _aggregate_table(aggregate: dict[int, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def _latency_table(lat: dict[str, Any]) -> list[str]:
+def _latency_table(lat: dict[str, Any], loaded: str) -> list[str]:
     lines = [
-        f"| 1-row client's step | alone | next to a {BIG_SESSION_ROWS}-row session of another key "
-        "| ratio | goal |",
+        f"| 1-row client's step | alone | {loaded} | ratio | goal |",
         "|---|---:|---:|---:|---|",
     ]
     for q in ("p50", "p99"):
@@ -284,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                 results["aggregate"] = bench_aggregate(url, keys, prompts, args.steps, args.repeats)
             if "latency" in args.only:
                 results["latency"] = bench_latency(url, keys, prompts, 2 * args.steps, args.repeats)
+            if "prefill" in args.only:
+                results["prefill"] = bench_prefill(url, keys, prompts, 2 * args.steps, args.repeats)
             if "build" in args.only:
                 torch.set_num_threads(args.threads)
                 runner = ModelRunner.load(Settings())

@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from plm_owner_server import embedded
 from plm_owner_server.architectures import Logits, ModelHead
-from plm_owner_server.backend import open_sessions
 from plm_owner_server.kv import KVState, split, stack, stackable, width_groups
 from plm_owner_server.settings import EMBEDDED_MODEL, Settings
 from shared.codec import hash_tensors
@@ -137,7 +136,8 @@ class ModelRunner:
     @torch.inference_mode()
     def open_session(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill left-padded prompts; returns the cache and each row's last representation."""
-        ((state, hidden),) = open_sessions(self, [rows])
+        (state,) = self.start_sessions([rows])
+        (hidden,) = self.prefill_sessions([(state, max(map(len, rows)))])
         return state, torch.stack([h[-1] for h in hidden])
 
     def start_sessions(self, sessions: Sequence[Sequence[Sequence[int]]]) -> list[KVState]:
