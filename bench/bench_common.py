@@ -50,18 +50,28 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 @contextlib.contextmanager
 def running_server(
-    threads: int, log: Path, model: str | None = None, flags: Sequence[str] = ()
+    threads: int,
+    log: Path,
+    model: str | None = None,
+    flags: Sequence[str] = (),
+    cpus: set[int] | None = None,
 ) -> Iterator[str]:
-    """A `pema-server` subprocess with ``threads`` torch threads, serving ``model`` (default: its
-    own setting, the embedded SmolLM2 unless PEMA_MODEL says otherwise) with extra ``flags``;
-    yields its base URL."""
+    """A `pema-server` subprocess with ``threads`` torch threads (on ``cpus`` only, if given),
+    serving ``model`` (default: its own setting, the embedded SmolLM2 unless PEMA_MODEL says
+    otherwise) with extra ``flags``; yields its base URL."""
     port = free_port()
     argv = [sys.executable, "-c", *SERVER_CMD, "--port", str(port), "--log-level", "warning"]
     argv += ["--model", model] if model else []
     argv += list(flags)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with log.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            argv,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url, log)
@@ -112,11 +122,16 @@ def run_and_report(
     """Load the model here and in a server subprocess (``args.threads`` torch threads each), run
     ``measure(runner, url, tmp)``, print the machine, ``settings`` and the table; ``args.json``."""
     torch.set_num_threads(args.threads)
+    server_cpus = None
+    if getattr(args, "split_cores", False):  # the server on one core, this process on the rest
+        cores = sorted(os.sched_getaffinity(0))
+        server_cpus = {cores[0]}
+        os.sched_setaffinity(0, cores[1:])
     started = time.perf_counter()
     runner = ModelRunner.load(Settings())
     with (
         tempfile.TemporaryDirectory() as tmp,
-        running_server(args.threads, Path(tmp) / "log") as url,
+        running_server(args.threads, Path(tmp) / "log", cpus=server_cpus) as url,
     ):
         results = measure(runner, url, Path(tmp))
     results["machine"] = m = machine(args.threads)

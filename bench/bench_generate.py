@@ -271,6 +271,12 @@ def run(args: argparse.Namespace, runner: ModelRunner, url: str, tmp: Path) -> d
 def main(argv: list[str] | None = None) -> None:
     parser = decoding_parser(__doc__, 32, "tokens decoded per row")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="the server on the first core, this process (the client and the in-process sides) "
+        "on the others, as on two machines (use with --threads 1 on a 2-core machine)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.new_tokens = 1, 8
