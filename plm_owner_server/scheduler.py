@@ -8,13 +8,14 @@ decoding client never waits behind a prefill of the same iteration, and a sessio
 once per iteration.
 
 Prefills are chunked (as vLLM's chunked prefill): an iteration grants its prefills at most a token
-budget, the prefills begun and not finished first, oldest first; a new prefill is taken whole
-if it fits in what is left, and the first prefill of an iteration takes what is left if it does
-not. A pass may advance a job by its grant and answer :class:`Partial`: the job goes on in the next
-iteration. While sessions are decoding (steps in this iteration or the last) the budget is the
-chunk size, so their steps wait behind at most one chunk; otherwise it is the whole batch budget,
-since nobody is waiting and a few large passes are cheaper than many small ones. Work whose caller
-went away is dropped.
+budget, round-robin across keys like the rest; a prefill is taken whole if it fits in what is left,
+and the first prefill of an iteration is granted the whole budget if it does not. A pass may
+advance a job by its grant and answer :class:`Partial`: the job goes back to the head of its key's
+queue and goes on in a later iteration, so a long prefill of one key takes turns with other keys'
+prefills. While sessions are decoding (steps in this iteration or the last) the budget is the chunk
+size, so their steps wait behind at most one chunk; otherwise it is the whole batch budget, since
+nobody is waiting and a few large passes are cheaper than many small ones. Work whose caller went
+away is dropped.
 
 An iteration is whatever queued while the last one ran, with one exception: the sessions of the
 last step pass are given a moment (a quarter of that pass's time, at most ``LINGER_MAX_S``) to send
@@ -84,7 +85,6 @@ class Scheduler:
         self._chunk = min(chunk or budget, budget)  # prefill tokens per iteration while decoding
         self._steps: Lane = OrderedDict()
         self._prefills: Lane = OrderedDict()
-        self._running: deque[Work] = deque()  # prefills begun and not finished, oldest first
         self._stepped: set[str] = set()  # the sessions of the last step pass
         self._linger = 0.0  # seconds to wait for them, from that pass's time
         self._wakeup = asyncio.Event()
@@ -103,10 +103,8 @@ class Scheduler:
                 work.future.set_exception(RuntimeError("the server is shutting down"))
         self._steps.clear()
         self._prefills.clear()
-        self._running.clear()
 
     def _all(self) -> Iterable[Work]:
-        yield from self._running
         for lane in (self._steps, self._prefills):
             for queue in lane.values():
                 yield from queue
@@ -131,27 +129,15 @@ class Scheduler:
         """The next iteration's work: steps round-robin across keys within the budget, then
         prefills within the chunk size if sessions are ``decoding`` or step now, else within
         the budget."""
-        steps = _round_robin(self._steps, self._budget, split=False, taken=[])
+        steps = _round_robin(self._steps, self._budget, split=False)
         budget = self._chunk if decoding or steps else self._budget
-        prefills: list[Work] = []
-        for work in list(self._running):
-            left = budget - sum(w.grant for w in prefills)
-            if work.gone:
-                self._running.remove(work)
-            elif left > 0:
-                self._running.remove(work)
-                work.grant = min(work.cost, left)
-                prefills.append(work)
-        left = budget - sum(w.grant for w in prefills)
-        if left > 0:
-            prefills += _round_robin(self._prefills, left, split=True, taken=prefills)
-        return steps + prefills
+        return steps + _round_robin(self._prefills, budget, split=True)
 
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._running or any(self._steps.values()) or any(self._prefills.values()):
+            while any(self._steps.values()) or any(self._prefills.values()):
                 try:
                     await self._iteration()
                 except Exception:  # a bug here must not leave every later request waiting
@@ -194,19 +180,19 @@ class Scheduler:
         for work, result in zip(works, results, strict=True):
             if work.gone:
                 continue
-            if isinstance(result, Partial):
+            if isinstance(result, Partial):  # its key's next prefill, in a later iteration
                 work.cost = result.cost
-                self._running.append(work)
+                self._prefills.setdefault(work.owner, deque()).appendleft(work)
             elif isinstance(result, Exception):
                 work.future.set_exception(result)
             else:
                 work.future.set_result(result)
 
 
-def _round_robin(lane: Lane, budget: int, split: bool, taken: Sequence[Work]) -> list[Work]:
+def _round_robin(lane: Lane, budget: int, split: bool) -> list[Work]:
     """Work of ``lane`` round-robin across keys (each key's jobs in their order) within
-    ``budget``; a job over what is left waits, unless nothing is ``taken`` yet: then it runs
-    alone, whole or (``split``) granted what is left. The next call starts with the next key."""
+    ``budget``; a job over what is left waits, unless it would be the first: then it runs
+    alone, whole or (``split``) granted the budget. The next call starts with the next key."""
     batch: list[Work] = []
     spent, sessions, blocked = 0, set[str | None](), set[str]()
     while True:
@@ -219,8 +205,7 @@ def _round_robin(lane: Lane, budget: int, split: bool, taken: Sequence[Work]) ->
                 queue.popleft()
                 progressed = True
                 continue
-            first = not batch and not taken
-            fits = first or spent + work.cost <= budget
+            fits = not batch or spent + work.cost <= budget
             if not fits or (work.session is not None and work.session in sessions):
                 blocked.add(owner)  # the key's later jobs keep their order: none this time
                 continue

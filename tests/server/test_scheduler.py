@@ -397,25 +397,26 @@ async def chunked_scheduler(
     return passes.seen
 
 
-def test_a_prefill_over_the_budget_runs_in_chunks_and_new_ones_fill_what_is_left():
+def test_a_prefill_over_the_budget_runs_in_chunks_taking_turns_with_other_keys():
     """With nobody decoding, prefills get the whole budget: one over it runs in passes of the
-    budget, begun ones first; a new one joins a pass whole if it fits in what is left."""
+    budget, back at the head of its key's queue in between, so other keys' prefills take turns
+    with it (a job joins a pass whole if it fits in what is left)."""
 
     async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
         first = asyncio.create_task(scheduler.submit("k", "represent", "first", 1))
         await until(lambda: len(passes.seen) == 1)
-        jobs = [("a", "big:25", 25), ("b", "small:4", 4), ("b", "fits:5", 5)]
+        jobs = [("a", "big:25", 25), ("b", "small:4", 4), ("b", "fits:5", 5), ("a", "next:1", 1)]
         tasks = [asyncio.create_task(scheduler.submit(k, "open", n, c)) for k, n, c in jobs]
         await asyncio.sleep(0)
         passes.release.set()
-        assert await asyncio.gather(first, *tasks) == ["FIRST", "BIG", "SMALL", "FITS"]
+        assert await asyncio.gather(first, *tasks) == ["FIRST", "BIG", "SMALL", "FITS", "NEXT"]
 
     seen = asyncio.run(chunked_scheduler(10, None, scenario))
     assert seen[1:] == [
-        [("big:25", 10)],  # over the budget: the first prefill takes it all
-        [("big:25", 10)],  # begun first; small (4) does not fit in what is left (0)
-        [("big:25", 5), ("small:4", 4)],  # 1 left: fits (5) waits
-        [("fits:5", 5)],
+        [("big:25", 10)],  # over the budget: the first prefill takes it all; small waits
+        [("small:4", 4), ("fits:5", 5)],  # key b's turn; big (15) does not fit in 6
+        [("big:25", 10)],  # key a's turn: its next job waits behind big
+        [("big:25", 5), ("next:1", 1)],
     ]
 
 
