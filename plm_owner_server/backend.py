@@ -52,6 +52,7 @@ class Backend(Protocol):
     bos_token_id: int | None
     tokenizer: Any  # saved with ``save_pretrained`` for GET /v1/tokenizer
     head: ModelHead  # exported for GET /v1/head
+    prefill_columns: int  # a chunk of a session's prompts ends on a multiple of these columns
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -76,8 +77,10 @@ class Backend(Protocol):
     def prefill_sessions(self, chunks: Sequence[tuple[Any, int]]) -> list[list[torch.Tensor]]:
         """Per (state, end): read the session's prompts up to column ``end`` of their
         right-aligned layout (a row of length L holds its token j at column W - L + j, W the
-        session's longest prompt); each row's f(c) at the positions read now (``[n, d]``,
-        n ≥ 0). A session's chunks come in order and end at W; then it can step."""
+        session's longest prompt; before W a backend may stop a row short of it, as the vLLM
+        backend does at a cache-block boundary); each row's f(c) at the positions read now
+        (``[n, d]``, n ≥ 0), in order. A session's chunks come in order and end at W, when every
+        position is read; then it can step."""
         ...
 
     def step_sessions(

@@ -58,6 +58,7 @@ class ModelRunner:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.fingerprint = fingerprint(model)
+        self.prefill_columns = 1
         self._kv_bytes_per_token: int | None = None
 
     @classmethod

@@ -343,7 +343,8 @@ class SessionService:
             except ApiError as exc:
                 results[i] = exc
                 continue
-            end = min(job.width, job.read + max(1, grant // job.height))
+            unit = self.backend.prefill_columns
+            end = min(job.width, job.read + max(unit, grant // job.height // unit * unit))
             chunks.append((i, job, session, end))
         try:
             hidden = self.backend.prefill_sessions([(s.state, end) for _, _, s, end in chunks])

@@ -72,8 +72,11 @@ class TokenSession:
 class VllmBackend:
     """A causal LM on vLLM that answers with f(c), as the transformers runner does."""
 
-    def __init__(self, llm: LLM, reference: ModelRunner) -> None:
+    def __init__(self, llm: LLM, reference: ModelRunner, block_size: int = 16) -> None:
         self.llm = llm
+        # Chunks of a prompt end on block boundaries: each reads the blocks cached before it
+        # whole, instead of recomputing the part of a block the last chunk left.
+        self.prefill_columns = block_size
         self.model_id, self.architecture = reference.model_id, reference.architecture
         self.hidden_size, self.vocab_size = reference.hidden_size, reference.vocab_size
         self.max_positions, self.dtype = reference.max_positions, reference.dtype
@@ -110,7 +113,7 @@ class VllmBackend:
             enforce_eager=device.type == "cpu",  # graphs and compilation pay off on GPUs
             seed=0,
         )
-        return cls(llm, reference)
+        return cls(llm, reference, settings.vllm_block_size)
 
     def _encode(
         self, rows: Sequence[Sequence[int]], salts: Sequence[str] | None = None
@@ -166,15 +169,23 @@ class VllmBackend:
         self, chunks: Sequence[tuple[TokenSession, int]]
     ) -> list[list[torch.Tensor]]:
         """Each session's rows read up to column ``end`` of their right-aligned layout, all in
-        one call to the engine; each row reads what earlier chunks cached under its session's
-        salt, so only the new positions are computed (from the last block boundary)."""
+        one call to the engine. Before the last chunk a row stops at the block boundary below
+        it, so that the next chunk reads the blocks cached under the session's salt whole and
+        computes only new positions."""
         wanted: list[tuple[int, int, list[int], str]] = []  # (session, row, tokens, salt)
         new: list[list[int]] = []  # per session, per row, positions read now
         for k, (state, end) in enumerate(chunks):
             width = max(map(len, state.tokens))
+
+            def upto(column: int, length: int, width: int = width) -> int:
+                if column >= width:
+                    return length
+                block = self.prefill_columns
+                return max(0, column - width + length) // block * block
+
             counts = []
             for b, row in enumerate(state.tokens):
-                before, after = (max(0, c - width + len(row)) for c in (state.read, end))
+                before, after = upto(state.read, len(row)), upto(end, len(row))
                 counts.append(after - before)
                 if after > before:
                     wanted.append((k, b, row[:after], state.salt))

@@ -168,8 +168,9 @@ def test_tensor_parallel_states_equal_one_process(tmp_path, monkeypatch):
 
 def test_a_prefill_in_chunks_equals_the_transformers_runner(backends):
     """Prompts read in chunks (columns of their right-aligned layout; chunk ends inside and on
-    block boundaries, rows that start late, two alike rows) give every position's f(c), and the
-    session steps on as after a whole prefill; the later chunks read the earlier ones' blocks."""
+    block boundaries, where rows stop before the last chunk; rows that start late, two alike
+    rows) give every position's f(c), and the session steps on as after a whole prefill; the
+    later chunks read the earlier ones' blocks."""
     backend, runner = backends
     prompts = rows([2 * BLOCK + 5, 7, BLOCK + 1], seed=8)
     prompts.append(list(prompts[1]))
@@ -179,6 +180,7 @@ def test_a_prefill_in_chunks_equals_the_transformers_runner(backends):
         backend.prefill_sessions([(state, end)])[0] for end in (BLOCK, BLOCK + 3, 2 * BLOCK + 5)
     ]
     assert [len(p) for p in parts[0]] == [BLOCK, 0, 0, 0]
+    assert [len(p) for p in parts[1]] == [0, 0, 0, 0]  # rows stop on a block boundary
     want = runner.represent(prompts, [0] * len(prompts), 4096)
     for got, expected in zip(zip(*parts, strict=True), want, strict=True):
         assert_states_equal(torch.cat(got), expected)
