@@ -12,7 +12,7 @@ budget, round-robin across keys like the rest; a prefill is taken whole if it fi
 and the first prefill of an iteration is granted the whole budget if it does not. A pass may
 advance a job by its grant and answer :class:`Partial`: the job goes back to the head of its key's
 queue and goes on in a later iteration, so a long prefill of one key takes turns with other keys'
-prefills. While sessions are decoding (steps in this iteration or the last) the budget is the chunk
+prefills. While sessions are decoding (a step now or within the last second) the budget is the chunk
 size, so their steps wait behind at most one chunk; otherwise it is the whole batch budget, since
 nobody is waiting and a few large passes are cheaper than many small ones. Work whose caller went
 away is dropped.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ KINDS: tuple[Kind, ...] = ("step", "open", "represent")  # the order passes run 
 log = logging.getLogger(__name__)
 LINGER_SHARE = 0.25  # of the last step pass's time, waited for its sessions' next steps
 LINGER_MAX_S = 0.05
+DECODING_S = 1.0  # sessions count as decoding this long after a step pass: prefills are chunked
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Scheduler:
         self._steps: Lane = OrderedDict()
         self._prefills: Lane = OrderedDict()
         self._stepped: set[str] = set()  # the sessions of the last step pass
+        self._last_step = -math.inf  # when it ended (monotonic seconds)
         self._linger = 0.0  # seconds to wait for them, from that pass's time
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +147,7 @@ class Scheduler:
                     log.exception("scheduler iteration failed; continuing")
 
     async def _iteration(self) -> None:
-        decoding = bool(self._stepped)
+        decoding = time.monotonic() - self._last_step < DECODING_S
         await self._linger_for_stepped()
         batch = self.take(decoding)
         for kind in KINDS:
@@ -176,7 +179,8 @@ class Scheduler:
             results = [exc] * len(works)
         if kind == "step":
             self._stepped = {w.session for w in works if w.session is not None}
-            self._linger = min(LINGER_SHARE * (time.monotonic() - started), LINGER_MAX_S)
+            self._last_step = time.monotonic()
+            self._linger = min(LINGER_SHARE * (self._last_step - started), LINGER_MAX_S)
         for work, result in zip(works, results, strict=True):
             if work.gone:
                 continue

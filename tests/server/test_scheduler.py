@@ -450,6 +450,19 @@ def test_while_sessions_decode_prefills_get_a_chunk_per_step_pass():
     assert seen[7:] == [[("s3", 1)]]
 
 
+def test_sessions_count_as_decoding_for_a_second_after_a_step():
+    """A prefill that starts just after a step pass, with no step queued, is chunked too: the
+    next step would otherwise wait behind all of it."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        passes.release.set()
+        await scheduler.submit("b", "step", "s0", 1, "sb")
+        assert await scheduler.submit("a", "open", "long:12", 12) == "LONG"
+
+    seen = asyncio.run(chunked_scheduler(100, 4, scenario))
+    assert seen == [[("s0", 1)], [("long:12", 4)], [("long:12", 4)], [("long:12", 4)]]
+
+
 def test_without_decoding_the_chunk_size_does_not_apply():
     """No session stepping: a long prefill takes the whole budget, not the chunk size."""
 
