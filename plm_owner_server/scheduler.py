@@ -12,10 +12,10 @@ budget, round-robin across keys like the rest; a prefill is taken whole if it fi
 and the first prefill of an iteration is granted the whole budget if it does not. A pass may
 advance a job by its grant and answer :class:`Partial`: the job goes back to the head of its key's
 queue and goes on in a later iteration, so a long prefill of one key takes turns with other keys'
-prefills. While sessions are decoding (a step now or within the last second) the budget is the chunk
-size, so their steps wait behind at most one chunk; otherwise it is the whole batch budget, since
-nobody is waiting and a few large passes are cheaper than many small ones. Work whose caller went
-away is dropped.
+prefills. While sessions are decoding (a session not closed stepped within the last second) the
+budget is the chunk size, so their steps wait behind at most one chunk; otherwise it is the whole
+batch budget, since nobody is waiting and a few large passes are cheaper than many small ones.
+Work whose caller went away is dropped.
 
 An iteration is whatever queued while the last one ran, with one exception: the sessions of the
 last step pass are given a moment (a quarter of that pass's time, at most ``LINGER_MAX_S``) to send
@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -41,7 +40,7 @@ KINDS: tuple[Kind, ...] = ("step", "open", "represent")  # the order passes run 
 log = logging.getLogger(__name__)
 LINGER_SHARE = 0.25  # of the last step pass's time, waited for its sessions' next steps
 LINGER_MAX_S = 0.05
-DECODING_S = 1.0  # sessions count as decoding this long after a step pass: prefills are chunked
+DECODING_S = 1.0  # a session not closed counts as decoding this long after its last step
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class Scheduler:
         self._steps: Lane = OrderedDict()
         self._prefills: Lane = OrderedDict()
         self._stepped: set[str] = set()  # the sessions of the last step pass
-        self._last_step = -math.inf  # when it ended (monotonic seconds)
+        self._decoding: dict[str, float] = {}  # sessions not closed: when they last stepped
         self._linger = 0.0  # seconds to wait for them, from that pass's time
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +112,7 @@ class Scheduler:
                 yield from queue
 
     def depth(self) -> dict[Kind, int]:
-        """Queued or unfinished jobs by kind."""
+        """Queued jobs by kind (an unfinished prefill is queued between its passes)."""
         counts = dict.fromkeys(KINDS, 0)
         for work in self._all():
             counts[work.kind] += 1
@@ -147,13 +146,23 @@ class Scheduler:
                     log.exception("scheduler iteration failed; continuing")
 
     async def _iteration(self) -> None:
-        decoding = time.monotonic() - self._last_step < DECODING_S
         await self._linger_for_stepped()
-        batch = self.take(decoding)
+        batch = self.take(self._sessions_decoding())
         for kind in KINDS:
             works = [w for w in batch if w.kind == kind]
             if works:
                 await self._run(kind, works)
+
+    def closed(self, session: str) -> None:
+        """The session ended: it no longer counts as decoding."""
+        self._decoding.pop(session, None)
+
+    def _sessions_decoding(self) -> bool:
+        """Whether a session not closed stepped within ``DECODING_S``."""
+        now = time.monotonic()
+        for session in [s for s, t in self._decoding.items() if now - t >= DECODING_S]:
+            del self._decoding[session]
+        return bool(self._decoding)
 
     async def _linger_for_stepped(self) -> None:
         """Wait (briefly) until every session of the last step pass has its next step queued."""
@@ -179,9 +188,11 @@ class Scheduler:
             results = [exc] * len(works)
         if kind == "step":
             self._stepped = {w.session for w in works if w.session is not None}
-            self._last_step = time.monotonic()
-            self._linger = min(LINGER_SHARE * (self._last_step - started), LINGER_MAX_S)
-        for work, result in zip(works, results, strict=True):
+            ended = time.monotonic()
+            self._decoding.update(dict.fromkeys(self._stepped, ended))
+            self._linger = min(LINGER_SHARE * (ended - started), LINGER_MAX_S)
+        # Last first: a key's unfinished prefills go back to the head of its queue in order.
+        for work, result in reversed(list(zip(works, results, strict=True))):
             if work.gone:
                 continue
             if isinstance(result, Partial):  # its key's next prefill, in a later iteration
@@ -221,8 +232,8 @@ def _round_robin(lane: Lane, budget: int, split: bool) -> list[Work]:
             progressed = True
         if not progressed:
             break
-    for owner in [o for o, q in lane.items() if not q]:
-        del lane[owner]
     if lane:  # the next iteration starts with the next key
         lane.move_to_end(next(iter(lane)))
+    for owner in [o for o, q in lane.items() if not q]:
+        del lane[owner]
     return batch

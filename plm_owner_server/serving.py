@@ -5,6 +5,7 @@ passes on one dedicated model thread, off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Sequence
@@ -49,13 +50,20 @@ class ModelThread:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    def post(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn`` there after the work already queued, without waiting for it (nothing once
+        the thread is shut down)."""
+        with contextlib.suppress(RuntimeError):
+            self._executor.submit(fn, *args)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class ModelWork:
     """The model thread and the scheduler in front of it; services register how to run a pass
-    of each kind of work (a list of jobs in, one result or exception per job out)."""
+    of each kind of work (jobs and each one's grant of tokens in; per job its result, an
+    exception, or :class:`~plm_owner_server.scheduler.Partial` for a prefill to go on)."""
 
     def __init__(self, settings: Settings, metrics: Metrics, quotas: Quotas) -> None:
         self.thread = ModelThread()
@@ -294,6 +302,15 @@ class Opening:
         return self.height * (self.width - self.read)
 
 
+def evicted_while_opening() -> ApiError:
+    return ApiError(
+        503,
+        "session_evicted",
+        "the server's KV cache filled while this session was opening and it was evicted; retry",
+        headers={"Retry-After": "1"},
+    )
+
+
 class SessionService:
     """``/v1/sessions``: open, step and close KV-cached decoding sessions. Openings of all keys
     share a prefill pass, and steps of all sessions of all keys share a decoding pass."""
@@ -324,35 +341,52 @@ class SessionService:
         check_logits(request.logits, len(request.sequences), self.backend, self.settings)
         opening = Opening(owner, request)
         tokens = sum(map(len, request.sequences))
-        response: SessionOpenResponse = await self.work.submit(
-            owner, "open", opening, opening.remaining, tokens
-        )
+        try:
+            response: SessionOpenResponse = await self.work.submit(
+                owner, "open", opening, opening.remaining, tokens
+            )
+        except BaseException:  # its caller left, or it failed: drop what it began (no id out)
+            self.work.thread.post(self._abandon, opening)
+            raise
         return response
+
+    def _abandon(self, opening: Opening) -> None:
+        """Drop the session of an opening nobody will be answered for (on the model thread,
+        after any pass that holds it)."""
+        if opening.session is not None:
+            self.store.discard(opening.session.id)
 
     def _open_pass(
         self, jobs: Sequence[Opening], grants: Sequence[int]
     ) -> list[SessionOpenResponse | ApiError | Partial]:
-        """Read the next columns of every opening's prompts within its grant (at least one), in
-        one call; an opening's session is in the store from its first chunk (counted in its
-        key's cap and the cache bound) and answered after its last."""
+        """Read the next columns of every opening's prompts within its grant, in one call; an
+        opening's session is in the store from its first chunk (counted in its key's cap and,
+        at its full size, in the cache bound) and answered after its last. If the pass fails,
+        every opening of it fails, and :meth:`open` drops their half-read sessions."""
         results: dict[int, SessionOpenResponse | ApiError | Partial] = {}
         chunks: list[tuple[int, Opening, Session, int]] = []
         for i, (job, grant) in enumerate(zip(jobs, grants, strict=True)):
             try:
-                session = self._admit(job)
+                chunks.append((i, job, self._admit(job), self._chunk_end(job, grant)))
             except ApiError as exc:
                 results[i] = exc
-                continue
-            unit = self.backend.prefill_columns
-            end = min(job.width, job.read + max(unit, grant // job.height // unit * unit))
-            chunks.append((i, job, session, end))
-        try:
-            hidden = self.backend.prefill_sessions([(s.state, end) for _, _, s, end in chunks])
-        except Exception:  # as for a failed step: those caches are half-grown, drop them
-            for _, _, session, _ in chunks:
-                self.store.discard(session.id)
-            raise
+        results.update(self._read(chunks))
+        return [results[i] for i in range(len(jobs))]
+
+    def _chunk_end(self, job: Opening, grant: int) -> int:
+        """The column an opening reads up to in a pass granted ``grant`` tokens: all it has left
+        if that fits, else whole multiples of the backend's ``prefill_columns`` (at least one)."""
+        columns, unit = grant // job.height, self.backend.prefill_columns
+        if job.read + columns >= job.width:
+            return job.width
+        return min(job.width, job.read + max(unit, columns // unit * unit))
+
+    def _read(
+        self, chunks: list[tuple[int, Opening, Session, int]]
+    ) -> dict[int, SessionOpenResponse | ApiError | Partial]:
+        hidden = self.backend.prefill_sessions([(s.state, end) for _, _, s, end in chunks])
         self.metrics.pass_rows.labels("open").observe(sum(j.height for _, j, _, _ in chunks))
+        results: dict[int, SessionOpenResponse | ApiError | Partial] = {}
         finished: list[tuple[int, Opening, Session]] = []
         for (i, job, session, end), part in zip(chunks, hidden, strict=True):
             job.read, job.parts = end, [*job.parts, part]
@@ -370,6 +404,9 @@ class SessionService:
         last = [torch.stack([row[-1] for row in rows]) for rows in read]
         logits = logits_of(self.backend, last, [job.request.logits for _, job, _ in finished])
         for (i, job, session), rows, h, lg in zip(finished, read, last, logits, strict=True):
+            if session.id not in self.store:  # evicted by a later opening of this pass
+                results[i] = evicted_while_opening()
+                continue
             request, offsets = job.request, None
             if request.positions == "all":
                 h = torch.cat(rows)
@@ -381,7 +418,7 @@ class SessionService:
                 fingerprint=self.backend.fingerprint,
                 offsets=offsets,
             )
-        return [results[i] for i in range(len(jobs))]
+        return results
 
     def _admit(self, job: Opening) -> Session:
         """Give an opening its session at its first chunk (room made in its key's cap and the
@@ -390,18 +427,13 @@ class SessionService:
             try:
                 self.store.get(job.session.id, job.owner)  # now the most recently used
             except ApiError:
-                raise ApiError(
-                    503,
-                    "session_evicted",
-                    "the server's KV cache filled while this session was opening and it was "
-                    "evicted; retry",
-                    headers={"Retry-After": "1"},
-                ) from None
+                raise evicted_while_opening() from None
             return job.session
         nbytes = self.backend.kv_bytes_per_token * job.width * job.height
         self.store.check_room(job.owner, nbytes)
         (state,) = self.backend.start_sessions([job.request.sequences])
         job.session = Session(job.owner, state, job.request.dtype, prompt_len=job.width)
+        job.session.reserved = nbytes  # its full size from the start: no opening evicts another
         self.store.add(job.session)
         return job.session
 
@@ -520,6 +552,7 @@ class SessionService:
 
     async def close(self, owner: str, session_id: str) -> None:
         await self.work.thread.run(self.store.remove, session_id, owner)
+        self.work.scheduler.closed(session_id)
 
     async def expire(self) -> int:
         return await self.work.thread.run(self.store.expire)

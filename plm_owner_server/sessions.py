@@ -33,6 +33,7 @@ class Session:
     steps: int = 0
     nbytes: int = 0
     last_used: float = 0.0
+    reserved: int = 0  # bytes counted at least, while its prompts are read in chunks
 
 
 class SessionStore:
@@ -57,15 +58,17 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._sessions.values())
 
-    def check_room(self, owner: str, nbytes: int, pending: int = 0) -> None:
-        """Make room for a new session of ``owner`` (``pending`` more of the owner's are about
-        to be added): at the owner's cap, reclaim its least recently used sessions idle for at
-        least ``reclaim_s``; refuse one that has no slot even so (429 with ``Retry-After``), or
-        that could never fit (413)."""
+    def check_room(self, owner: str, nbytes: int) -> None:
+        """Make room for a new session of ``owner``: at the owner's cap, reclaim its least
+        recently used session once idle for at least ``reclaim_s``; refuse one that has no slot
+        even so (429 with ``Retry-After``), or that could never fit (413)."""
         self.expire()
         if nbytes > self.max_bytes:
             raise ApiError(
@@ -75,13 +78,12 @@ class SessionStore:
                 f"allows {self.max_bytes / 2**20:.1f} MiB in all; send fewer or shorter prompts",
             )
         owned = [s for s in self._sessions.values() if s.owner == owner]  # least recent first
-        excess = len(owned) + pending + 1 - self.max_per_owner
+        excess = len(owned) + 1 - self.max_per_owner
         if excess <= 0:
             return
-        # The session whose reclaiming would make room, unless openings of this pass fill it.
-        last = owned[excess - 1] if excess <= len(owned) else None
-        idle = self._clock() - last.last_used if last is not None else 0.0
-        if last is None or idle < self.reclaim_s:
+        last = owned[excess - 1]  # the session whose reclaiming would make room
+        idle = self._clock() - last.last_used
+        if idle < self.reclaim_s:
             retry = max(1, math.ceil(self.reclaim_s - idle))
             raise ApiError(
                 429,
@@ -118,7 +120,7 @@ class SessionStore:
 
     def update(self, session: Session) -> None:
         """Re-measure a session's cache and evict the least recently used others to fit."""
-        session.nbytes = session.state.nbytes
+        session.nbytes = max(session.state.nbytes, session.reserved)
         for other in list(self._sessions.values()):
             if self.nbytes <= self.max_bytes:
                 break

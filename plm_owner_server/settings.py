@@ -52,7 +52,10 @@ class Settings(BaseSettings):
     share_head: bool = Field(True, description="serve the output head on /v1/head")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="embedded-model cache")
     max_batch_tokens: int = Field(
-        16384, gt=0, description="padded tokens of all keys' work per scheduled iteration"
+        16384,
+        gt=0,
+        description="padded tokens per scheduled iteration: of all keys' steps, and of their "
+        "prefills while no session decodes",
     )
     prefill_chunk_tokens: int | None = Field(
         None,

@@ -72,7 +72,7 @@ class TokenSession:
 class VllmBackend:
     """A causal LM on vLLM that answers with f(c), as the transformers runner does."""
 
-    def __init__(self, llm: LLM, reference: ModelRunner, block_size: int = 16) -> None:
+    def __init__(self, llm: LLM, reference: ModelRunner, block_size: int) -> None:
         self.llm = llm
         # Chunks of a prompt end on block boundaries: each reads the blocks cached before it
         # whole, instead of recomputing the part of a block the last chunk left.
@@ -121,13 +121,6 @@ class VllmBackend:
         """Each row's states of the positions vLLM computed. Without salts: all of them, the
         cache unread; with one per row, those after the prefix cached under the row's salt."""
         read = salts is not None
-        if salts is not None:  # rows alike in a session (samples of one prompt) computed once
-            unique: dict[tuple[str, tuple[int, ...]], int] = {}
-            keys = [(salt, tuple(row)) for row, salt in zip(rows, salts, strict=True)]
-            index = [unique.setdefault(key, len(unique)) for key in keys]
-            if len(unique) < len(rows):
-                states = self._encode([list(r) for _, r in unique], [s for s, _ in unique])
-                return [states[i] for i in index]
         params = PoolingParams(use_activation=False, skip_reading_prefix_cache=not read)
         prompts = [
             TokensPrompt(prompt_token_ids=list(row), cache_salt=salt)
@@ -190,13 +183,25 @@ class VllmBackend:
                 if after > before:
                     wanted.append((k, b, row[:after], state.salt))
             new.append(counts)
-        hidden = self._encode([w[2] for w in wanted], [w[3] for w in wanted]) if wanted else []
+        # Rows alike in a session (samples of one prompt) are computed once.
+        unique: dict[tuple[str, tuple[int, ...]], int] = {}
+        index = [unique.setdefault((salt, tuple(row)), len(unique)) for *_, row, salt in wanted]
+        rows, salts = [list(row) for _, row in unique], [salt for salt, _ in unique]
+        states = self._encode(rows, salts) if rows else []
+        # A row that shares a prefix with a longer one of its session may find more of it
+        # cached than it has read: those are read again without the cache, for every state.
+        need = [0] * len(rows)
+        for (k, b, _, _), u in zip(wanted, index, strict=True):
+            need[u] = new[k][b]
+        short = [u for u, h in enumerate(states) if len(h) < need[u]]
+        if short:
+            again = self._encode([rows[u] for u in short])
+            for u, h in zip(short, again, strict=True):
+                states[u] = h
         empty = torch.empty(0, self.hidden_size, dtype=self.dtype)
         out = [[empty] * len(counts) for counts in new]
-        for (k, b, _, _), h in zip(wanted, hidden, strict=True):
-            if len(h) < new[k][b]:
-                raise RuntimeError("vLLM returned fewer states than the tokens it was sent")
-            out[k][b] = h[len(h) - new[k][b] :]
+        for (k, b, _, _), u in zip(wanted, index, strict=True):
+            out[k][b] = states[u][len(states[u]) - new[k][b] :]
         for state, end in chunks:
             state.read = end
         return out

@@ -4,6 +4,9 @@ chunked opening or ``/v1/represent`` answers as an unchunked one."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 import torch
 
@@ -22,6 +25,7 @@ from shared.protocol import (
     SessionStepResponse,
 )
 from tests.server.helpers import answer, assert_same_logits, post, serve
+from tests.server.test_scheduler import until
 from tests.tiny_models import ARCHITECTURES
 
 # Rows of different lengths (longer and shorter than the sliding windows of 4): the first chunk
@@ -87,11 +91,12 @@ def open_and_step(runner: ModelRunner, **settings: object) -> tuple[list, float]
     return [opened, *steps], passes
 
 
-@pytest.mark.parametrize(("columns", "passes"), [(1, 6), (4, 3)])
+@pytest.mark.parametrize(("columns", "passes"), [(1, 6), (4, 3), (5, 3)])
 def test_a_chunked_opening_answers_as_a_whole_one(runner, monkeypatch, columns, passes):
-    """A 4 × 12 opening over a budget of 8 tokens is read 2 columns a pass (6 passes), or 4
-    where the backend reads multiples of 4 (as vLLM reads whole blocks): its positions,
-    offsets, logits and the steps after it equal an unchunked server's."""
+    """A 4 × 12 opening over a budget of 8 tokens is read 2 columns a pass (6 passes), or in
+    multiples of the backend's columns (as vLLM reads whole blocks: 4 | 4 | 4, 5 | 5 | 2), and in
+    one pass without chunking (12 is no multiple of 5): its positions, offsets, logits and the
+    steps after it equal an unchunked server's."""
     monkeypatch.setattr(runner, "prefill_columns", columns)
     chunked, ran = open_and_step(runner, max_batch_tokens=8)
     whole, one = open_and_step(runner)
@@ -136,3 +141,37 @@ def test_a_session_evicted_while_opening_is_a_503_to_retry(runner):
             "session_evicted",
         )
         assert second.headers == {"Retry-After": "1"}
+
+
+def test_a_failed_chunk_or_a_caller_gone_mid_opening_leaves_no_session(runner, monkeypatch):
+    """A session is in the store from its opening's first chunk: if the caller goes away
+    between chunks, or a later chunk's pass fails, it is dropped (nobody could close it)."""
+    gate, calls = threading.Event(), []
+    prefill = runner.prefill_sessions
+
+    def gated(chunks):
+        calls.append(len(chunks))
+        if len(calls) == 2:  # the first opening's second chunk waits
+            assert gate.wait(10)
+        if len(calls) == 4:  # the second opening's second chunk fails
+            raise RuntimeError("the model failed")
+        return prefill(chunks)
+
+    monkeypatch.setattr(runner, "prefill_sessions", gated)
+    request = SessionOpenRequest(sequences=PROMPTS)
+    with serve(runner, max_batch_tokens=8) as client:
+        service = client.app.state.pema.sessions
+
+        async def leave_mid_opening() -> None:
+            opening = asyncio.create_task(service.open("anonymous", request))
+            await until(lambda: len(calls) == 2)  # its first chunk ran; the second is held
+            assert len(service.store) == 1
+            opening.cancel()
+            gate.set()
+            await until(lambda: len(service.store) == 0)
+
+        client.portal.call(leave_mid_opening)
+        assert len(calls) == 2  # the rest of it never ran
+        with pytest.raises(RuntimeError, match="the model failed"):
+            post(client, "/v1/sessions", request)
+        assert len(calls) == 4 and len(service.store) == 0

@@ -420,6 +420,22 @@ def test_a_prefill_over_the_budget_runs_in_chunks_taking_turns_with_other_keys()
     ]
 
 
+def test_three_keys_long_prefills_take_turns():
+    """Each key's turn comes round: no key's unfinished prefill waits for two others'."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        first = asyncio.create_task(scheduler.submit("k", "represent", "first", 1))
+        await until(lambda: len(passes.seen) == 1)
+        jobs = [(key, f"{key}:30", 30) for key in "abc"]
+        tasks = [asyncio.create_task(scheduler.submit(k, "open", n, c)) for k, n, c in jobs]
+        await asyncio.sleep(0)
+        passes.release.set()
+        await asyncio.gather(first, *tasks)
+
+    seen = asyncio.run(chunked_scheduler(10, None, scenario))
+    assert [name for ((name, _),) in seen[1:]] == ["a:30", "b:30", "c:30"] * 3
+
+
 def test_while_sessions_decode_prefills_get_a_chunk_per_step_pass():
     """A session stepping meanwhile: each iteration runs its step, then one chunk of the long
     opening; the step never waits behind more than one chunk."""
@@ -451,8 +467,8 @@ def test_while_sessions_decode_prefills_get_a_chunk_per_step_pass():
 
 
 def test_sessions_count_as_decoding_for_a_second_after_a_step():
-    """A prefill that starts just after a step pass, with no step queued, is chunked too: the
-    next step would otherwise wait behind all of it."""
+    """A prefill that starts just after a step pass, with no step queued, is chunked too (the
+    session is still open): its next step would otherwise wait behind all of it."""
 
     async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
         passes.release.set()
@@ -461,6 +477,18 @@ def test_sessions_count_as_decoding_for_a_second_after_a_step():
 
     seen = asyncio.run(chunked_scheduler(100, 4, scenario))
     assert seen == [[("s0", 1)], [("long:12", 4)], [("long:12", 4)], [("long:12", 4)]]
+
+
+def test_a_closed_session_no_longer_counts_as_decoding():
+    """Once the session that stepped is closed, a prefill runs whole again."""
+
+    async def scenario(scheduler: Scheduler, passes: Chunked) -> None:
+        passes.release.set()
+        await scheduler.submit("b", "step", "s0", 1, "sb")
+        scheduler.closed("sb")
+        assert await scheduler.submit("a", "open", "long:12", 12) == "LONG"
+
+    assert asyncio.run(chunked_scheduler(100, 4, scenario)) == [[("s0", 1)], [("long:12", 12)]]
 
 
 def test_without_decoding_the_chunk_size_does_not_apply():

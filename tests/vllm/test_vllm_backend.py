@@ -188,3 +188,18 @@ def test_a_prefill_in_chunks_equals_the_transformers_runner(backends):
     (hidden,) = backend.step_sessions([(state, [0, 1, 2, 3], [7, 8, 9, 9])])
     full = [p + [t] for p, t in zip(prompts, [7, 8, 9, 9], strict=True)]
     assert_states_equal(hidden, torch.cat(runner.represent(full, [len(f) - 1 for f in full], 4096)))
+
+
+def test_rows_sharing_a_prefix_are_read_in_chunks(backends):
+    """A longer row of the session computes a prefix it shares with a shorter one before the
+    shorter row reads it: the shorter row finds it cached and is read again without the cache;
+    every position still equals the transformers runner's."""
+    backend, runner = backends
+    (shared,) = rows([2 * BLOCK], seed=9)
+    long, short = (shared + tail for tail in rows([40, 5], seed=10))
+    (state,) = backend.start_sessions([[long, short]])
+    parts = [backend.prefill_sessions([(state, end)])[0] for end in (2 * BLOCK + 8, len(long))]
+    assert [len(p) for p in parts[0]] == [2 * BLOCK, BLOCK]  # the short row: one block of two
+    want = runner.represent([long, short], [0, 0], 4096)
+    for got, expected in zip(zip(*parts, strict=True), want, strict=True):
+        assert_states_equal(torch.cat(got), expected)
