@@ -184,7 +184,8 @@ def test_a_prefill_in_chunks_equals_the_transformers_runner(backends):
     want = runner.represent(prompts, [0] * len(prompts), 4096)
     for got, expected in zip(zip(*parts, strict=True), want, strict=True):
         assert_states_equal(torch.cat(got), expected)
-    assert backend.cached_tokens > cached  # later chunks read the earlier ones' blocks
+    if getattr(runner.config, "sliding_window", None) is None:  # vLLM's own choice for those
+        assert backend.cached_tokens > cached  # later chunks read the earlier ones' blocks
     (hidden,) = backend.step_sessions([(state, [0, 1, 2, 3], [7, 8, 9, 9])])
     full = [p + [t] for p, t in zip(prompts, [7, 8, 9, 9], strict=True)]
     assert_states_equal(hidden, torch.cat(runner.represent(full, [len(f) - 1 for f in full], 4096)))
