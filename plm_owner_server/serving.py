@@ -302,15 +302,6 @@ class Opening:
         return self.height * (self.width - self.read)
 
 
-def evicted_while_opening() -> ApiError:
-    return ApiError(
-        503,
-        "session_evicted",
-        "the server's KV cache filled while this session was opening and it was evicted; retry",
-        headers={"Retry-After": "1"},
-    )
-
-
 class SessionService:
     """``/v1/sessions``: open, step and close KV-cached decoding sessions. Openings of all keys
     share a prefill pass, and steps of all sessions of all keys share a decoding pass."""
@@ -404,9 +395,8 @@ class SessionService:
         last = [torch.stack([row[-1] for row in rows]) for rows in read]
         logits = logits_of(self.backend, last, [job.request.logits for _, job, _ in finished])
         for (i, job, session), rows, h, lg in zip(finished, read, last, logits, strict=True):
-            if session.id not in self.store:  # evicted by a later opening of this pass
-                results[i] = evicted_while_opening()
-                continue
+            session.opening = False
+            self.store.get(session.id, job.owner)  # now the most recently used
             request, offsets = job.request, None
             if request.positions == "all":
                 h = torch.cat(rows)
@@ -421,21 +411,18 @@ class SessionService:
         return results
 
     def _admit(self, job: Opening) -> Session:
-        """Give an opening its session at its first chunk (room made in its key's cap and the
-        cache bound); at a later chunk, check the session is still there."""
+        """An opening's session, in the store from its first chunk: room made in its key's cap
+        and, for its full size, in the cache bound; in use until answered."""
         if job.session is not None:
-            try:
-                self.store.get(job.session.id, job.owner)  # now the most recently used
-            except ApiError:
-                raise evicted_while_opening() from None
             return job.session
         nbytes = self.backend.kv_bytes_per_token * job.width * job.height
         self.store.check_room(job.owner, nbytes)
         (state,) = self.backend.start_sessions([job.request.sequences])
-        job.session = Session(job.owner, state, job.request.dtype, prompt_len=job.width)
-        job.session.reserved = nbytes  # its full size from the start: no opening evicts another
-        self.store.add(job.session)
-        return job.session
+        session = Session(job.owner, state, job.request.dtype, prompt_len=job.width)
+        session.reserved, session.opening = nbytes, True
+        self.store.add(session)
+        job.session = session
+        return session
 
     async def step(
         self, owner: str, session_id: str, request: SessionStepRequest

@@ -1,5 +1,7 @@
 """Generation sessions: a KV cache per session, with an idle TTL, a cap per API key and a bound
-on the cache memory of all sessions together. Eviction drops the cache; a later use is a 404.
+on the cache memory of all sessions together. Eviction drops the cache; a later use is a 404. A
+session whose prompts are still being read (chunked prefill) is in use: never evicted, expired or
+reclaimed.
 A key at its cap reclaims its own least recently used session once that one has been idle for
 ``reclaim_s``, so sessions left open by a client that died never lock its key out.
 
@@ -33,7 +35,8 @@ class Session:
     steps: int = 0
     nbytes: int = 0
     last_used: float = 0.0
-    reserved: int = 0  # bytes counted at least, while its prompts are read in chunks
+    reserved: int = 0  # bytes counted at least (its full size from its first chunk)
+    opening: bool = False  # its prompts are being read: in use, never evicted or reclaimed
 
 
 class SessionStore:
@@ -81,9 +84,11 @@ class SessionStore:
         excess = len(owned) + 1 - self.max_per_owner
         if excess <= 0:
             return
-        last = owned[excess - 1]  # the session whose reclaiming would make room
-        idle = self._clock() - last.last_used
-        if idle < self.reclaim_s:
+        candidates = [s for s in owned if not s.opening]
+        # The session whose reclaiming would make room, unless openings fill the key's cap.
+        last = candidates[excess - 1] if excess <= len(candidates) else None
+        idle = self._clock() - last.last_used if last is not None else 0.0
+        if last is None or idle < self.reclaim_s:
             retry = max(1, math.ceil(self.reclaim_s - idle))
             raise ApiError(
                 429,
@@ -93,7 +98,7 @@ class SessionStore:
                 f"{retry} s: a session idle that long makes room",
                 headers={"Retry-After": str(retry)},
             )
-        for session in owned[:excess]:
+        for session in candidates[:excess]:
             log.info("key at its cap of %d sessions: reclaimed an idle one", self.max_per_owner)
             self._drop(session.id, evicted=True)
         self._changed()
@@ -124,7 +129,7 @@ class SessionStore:
         for other in list(self._sessions.values()):
             if self.nbytes <= self.max_bytes:
                 break
-            if other is not session:
+            if other is not session and not other.opening:
                 self._drop(other.id, evicted=True)
         if self.nbytes > self.max_bytes:
             self._drop(session.id, evicted=True)
@@ -150,7 +155,7 @@ class SessionStore:
     def expire(self) -> int:
         """Drop sessions idle for longer than the TTL; returns how many."""
         deadline = self._clock() - self.ttl_s
-        stale = [s.id for s in self._sessions.values() if s.last_used < deadline]
+        stale = [s.id for s in self._sessions.values() if s.last_used < deadline and not s.opening]
         for session_id in stale:
             self._drop(session_id, evicted=True)
         if stale:

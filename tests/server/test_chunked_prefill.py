@@ -11,10 +11,7 @@ import pytest
 import torch
 
 from plm_owner_server.backend import open_sessions
-from plm_owner_server.errors import ApiError
 from plm_owner_server.runner import ModelRunner
-from plm_owner_server.scheduler import Partial
-from plm_owner_server.serving import Opening
 from shared.codec import decode_tensor
 from shared.protocol import (
     RepresentRequest,
@@ -124,23 +121,6 @@ def test_a_chunked_represent_answers_as_a_whole_one(runner):
     assert got.offsets == want.offsets
     close(decode_tensor(got.hidden), decode_tensor(want.hidden))
     assert_same_logits(got.logits, want.logits)
-
-
-def test_a_session_evicted_while_opening_is_a_503_to_retry(runner):
-    """If the cache bound evicts a session between two chunks of its opening, the opening
-    fails with 503 and Retry-After (the client retries), not with a step's 404."""
-    with serve(runner) as client:
-        service, work = client.app.state.pema.sessions, client.app.state.pema.work
-        opening = Opening("anonymous", SessionOpenRequest(sequences=PROMPTS))
-        (first,) = client.portal.call(work.thread.run, service._open_pass, [opening], [8])
-        assert first == Partial(4 * 10)
-        service.store.discard(opening.session.id)
-        (second,) = client.portal.call(work.thread.run, service._open_pass, [opening], [8])
-        assert isinstance(second, ApiError) and (second.status, second.code) == (
-            503,
-            "session_evicted",
-        )
-        assert second.headers == {"Retry-After": "1"}
 
 
 def test_a_failed_chunk_or_a_caller_gone_mid_opening_leaves_no_session(runner, monkeypatch):

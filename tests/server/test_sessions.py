@@ -384,6 +384,29 @@ def test_a_key_at_its_cap_reclaims_its_least_recently_used_idle_session():
     assert store.evicted == 1
 
 
+def test_a_session_still_opening_is_never_evicted_expired_or_reclaimed():
+    """While its prompts are read in chunks a session is in use: its key's reclaim, the TTL and
+    the byte bound pass it by (the least recently used of all, each time)."""
+    clock = FakeClock()
+    store = make_store(clock, ttl_s=100.0, max_per_owner=2, max_bytes=100)
+    store.reclaim_s = 5.0
+    opening, idle = fake_session(nbytes=50), fake_session(nbytes=30)
+    opening.opening = True
+    store.add(opening)
+    store.add(idle)
+    clock.now = 20.0  # both idle past the reclaim time
+    store.check_room("alice", 10)  # the key's cap: idle goes
+    assert opening.id in store and idle.id not in store
+    clock.now = 200.0  # past the TTL
+    assert store.expire() == 0 and opening.id in store
+    grown = fake_session("bob", nbytes=40)
+    store.add(grown)
+    grown.state.nbytes = 60  # 50 + 60 > 100: the opening stays, grown is closed
+    with pytest.raises(ApiError, match="outgrew"):
+        store.update(grown)
+    assert opening.id in store and grown.id not in store
+
+
 def test_store_hides_and_keeps_other_owners_sessions():
     """Another owner can neither see nor remove a session."""
     store = make_store(FakeClock())
