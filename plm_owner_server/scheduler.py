@@ -177,6 +177,9 @@ class Scheduler:
         self._stepped = set()
 
     async def _run(self, kind: Kind, works: list[Work]) -> None:
+        works = [w for w in works if not w.gone]  # callers gone while earlier passes ran
+        if not works:
+            return
         started = time.monotonic()
         try:
             self._observe(kind, works)
@@ -189,7 +192,9 @@ class Scheduler:
         if kind == "step":
             self._stepped = {w.session for w in works if w.session is not None}
             ended = time.monotonic()
-            self._decoding.update(dict.fromkeys(self._stepped, ended))
+            for work, result in zip(works, results, strict=True):  # a failed step is no decoding
+                if work.session is not None and not isinstance(result, Exception):
+                    self._decoding[work.session] = ended
             self._linger = min(LINGER_SHARE * (ended - started), LINGER_MAX_S)
         # Last first: a key's unfinished prefills go back to the head of its queue in order.
         for work, result in reversed(list(zip(works, results, strict=True))):

@@ -285,6 +285,7 @@ class Opening:
     owner: str
     request: SessionOpenRequest
     session: Session | None = None  # from the first chunk
+    abandoned: bool = False  # nobody will be answered: read no more
     read: int = 0  # columns read
     parts: list[list[torch.Tensor]] = field(default_factory=list)  # per chunk, per row f(c)
 
@@ -342,21 +343,25 @@ class SessionService:
         return response
 
     def _abandon(self, opening: Opening) -> None:
-        """Drop the session of an opening nobody will be answered for (on the model thread,
-        after any pass that holds it)."""
+        """Drop the session of an opening nobody will be answered for, and read no more of it
+        (on the model thread, after any pass already running)."""
+        opening.abandoned = True
         if opening.session is not None:
-            self.store.discard(opening.session.id)
+            self.store.discard(opening.session.id, evicted=False)
 
     def _open_pass(
         self, jobs: Sequence[Opening], grants: Sequence[int]
-    ) -> list[SessionOpenResponse | ApiError | Partial]:
+    ) -> list[SessionOpenResponse | Exception | Partial]:
         """Read the next columns of every opening's prompts within its grant, in one call; an
         opening's session is in the store from its first chunk (counted in its key's cap and,
         at its full size, in the cache bound) and answered after its last. If the pass fails,
         every opening of it fails, and :meth:`open` drops their half-read sessions."""
-        results: dict[int, SessionOpenResponse | ApiError | Partial] = {}
+        results: dict[int, SessionOpenResponse | Exception | Partial] = {}
         chunks: list[tuple[int, Opening, Session, int]] = []
         for i, (job, grant) in enumerate(zip(jobs, grants, strict=True)):
+            if job.abandoned:  # its caller left while the pass was being formed
+                results[i] = RuntimeError("the caller went away")
+                continue
             try:
                 chunks.append((i, job, self._admit(job), self._chunk_end(job, grant)))
             except ApiError as exc:
@@ -395,8 +400,13 @@ class SessionService:
         last = [torch.stack([row[-1] for row in rows]) for rows in read]
         logits = logits_of(self.backend, last, [job.request.logits for _, job, _ in finished])
         for (i, job, session), rows, h, lg in zip(finished, read, last, logits, strict=True):
-            session.opening = False
             self.store.get(session.id, job.owner)  # now the most recently used
+            session.opening, session.reserved = False, 0
+            try:
+                self.store.update(session)  # its cache as measured from now on
+            except ApiError as exc:
+                results[i] = exc
+                continue
             request, offsets = job.request, None
             if request.positions == "all":
                 h = torch.cat(rows)
@@ -414,7 +424,7 @@ class SessionService:
         """An opening's session, in the store from its first chunk: room made in its key's cap
         and, for its full size, in the cache bound; in use until answered."""
         if job.session is not None:
-            return job.session
+            return self.store.get(job.session.id, job.owner)  # used now: not idle
         nbytes = self.backend.kv_bytes_per_token * job.width * job.height
         self.store.check_room(job.owner, nbytes)
         (state,) = self.backend.start_sessions([job.request.sequences])

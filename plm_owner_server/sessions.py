@@ -146,10 +146,11 @@ class SessionStore:
         self._drop(session_id)
         self._changed()
 
-    def discard(self, session_id: str) -> None:
-        """Drop a session whose cache can no longer be trusted (no owner check)."""
+    def discard(self, session_id: str, evicted: bool = True) -> None:
+        """Drop a session whose cache can no longer be trusted, or that nobody can use (no
+        owner check); ``evicted``: counted as an eviction."""
         if session_id in self._sessions:
-            self._drop(session_id, evicted=True)
+            self._drop(session_id, evicted=evicted)
             self._changed()
 
     def expire(self) -> int:

@@ -192,7 +192,7 @@ class VllmBackend:
         # cached than it has read: those are read again without the cache, for every state.
         need = [0] * len(rows)
         for (k, b, _, _), u in zip(wanted, index, strict=True):
-            need[u] = new[k][b]
+            need[u] = max(need[u], new[k][b])
         short = [u for u, h in enumerate(states) if len(h) < need[u]]
         if short:
             again = self._encode([rows[u] for u in short])

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
 from plm_owner_server.backend import open_sessions
 from plm_owner_server.runner import ModelRunner
+from plm_owner_server.serving import Opening
 from shared.codec import decode_tensor
 from shared.protocol import (
     RepresentRequest,
@@ -155,3 +157,37 @@ def test_a_failed_chunk_or_a_caller_gone_mid_opening_leaves_no_session(runner, m
         with pytest.raises(RuntimeError, match="the model failed"):
             post(client, "/v1/sessions", request)
         assert len(calls) == 4 and len(service.store) == 0
+
+
+def test_an_opening_longer_than_the_ttl_is_answered_and_then_measured(runner, monkeypatch):
+    """An opening whose chunks take longer than the idle TTL is in use all along: it is
+    answered, steps, and from then on counts its cache as measured, not its reservation."""
+    prefill = runner.prefill_sessions
+
+    def slow(chunks):
+        time.sleep(0.05)
+        return prefill(chunks)
+
+    monkeypatch.setattr(runner, "prefill_sessions", slow)
+    with serve(runner, max_batch_tokens=8, session_ttl_s=0.12) as client:
+        opened = answer(
+            post(client, "/v1/sessions", SessionOpenRequest(sequences=PROMPTS)),
+            SessionOpenResponse,
+            201,
+        )  # 6 chunks: 0.3 s
+        (session,) = client.app.state.pema.sessions.store._sessions.values()
+        assert (session.opening, session.reserved) == (False, 0)
+        assert session.nbytes == session.state.nbytes
+        step = SessionStepRequest(tokens=[6] * 4)
+        assert post(client, f"/v1/sessions/{opened.session_id}/step", step).status_code == 200
+
+
+def test_an_opening_abandoned_before_its_pass_reads_nothing(runner):
+    """A caller that leaves after its opening was taken for a pass, before the pass ran: the
+    pass skips it and no session is left behind."""
+    with serve(runner) as client:
+        service, work = client.app.state.pema.sessions, client.app.state.pema.work
+        opening = Opening("anonymous", SessionOpenRequest(sequences=PROMPTS))
+        client.portal.call(work.thread.run, service._abandon, opening)
+        (result,) = client.portal.call(work.thread.run, service._open_pass, [opening], [8])
+        assert isinstance(result, RuntimeError) and len(service.store) == 0

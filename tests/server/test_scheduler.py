@@ -516,3 +516,35 @@ def test_a_begun_prefill_whose_caller_went_away_is_dropped():
 
     seen = asyncio.run(chunked_scheduler(10, None, scenario))
     assert seen == [[("gone:30", 10)], [("other:3", 3)]]
+
+
+def test_a_caller_gone_while_its_iterations_step_pass_runs_is_left_out():
+    """Work taken for an iteration whose caller leaves during an earlier pass of that iteration
+    (the steps') is not run: its service may have dropped what it began meanwhile."""
+    seen: list[list[str]] = []
+    step_running, release = asyncio.Event(), asyncio.Event()
+
+    async def execute(kind: Kind, jobs: Sequence[str], grants: Sequence[int]) -> list[str]:
+        seen.append(list(jobs))
+        if kind == "step":
+            step_running.set()
+            await release.wait()
+        return [job.upper() for job in jobs]
+
+    async def scenario() -> None:
+        scheduler = Scheduler(execute, budget=10)
+        scheduler.start()
+        try:
+            step = asyncio.create_task(scheduler.submit("k", "step", "s", 1, "s"))
+            opening = asyncio.create_task(scheduler.submit("j", "open", "o", 1))
+            await step_running.wait()
+            opening.cancel()
+            await asyncio.sleep(0)
+            release.set()
+            assert await step == "S"
+            assert await scheduler.submit("j", "open", "later", 1) == "LATER"
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(scenario())
+    assert seen == [["s"], ["later"]]
