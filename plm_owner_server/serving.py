@@ -387,12 +387,7 @@ class SessionService:
         for (i, job, session, end), part in zip(chunks, hidden, strict=True):
             job.read, job.parts = end, [*job.parts, part]
             self.metrics.tokens.inc(sum(map(len, part)))
-            try:
-                self.store.update(session)  # may evict others to fit, or this one
-            except ApiError as exc:
-                results[i] = exc
-                continue
-            if end < job.width:
+            if end < job.width:  # counted at its full size since its first chunk
                 results[i] = Partial(job.remaining)
             else:
                 finished.append((i, job, session))
@@ -401,7 +396,7 @@ class SessionService:
         logits = logits_of(self.backend, last, [job.request.logits for _, job, _ in finished])
         for (i, job, session), rows, h, lg in zip(finished, read, last, logits, strict=True):
             self.store.get(session.id, job.owner)  # now the most recently used
-            session.opening, session.reserved = False, 0
+            session.reserved = 0  # no longer opening
             try:
                 self.store.update(session)  # its cache as measured from now on
             except ApiError as exc:
@@ -429,7 +424,7 @@ class SessionService:
         self.store.check_room(job.owner, nbytes)
         (state,) = self.backend.start_sessions([job.request.sequences])
         session = Session(job.owner, state, job.request.dtype, prompt_len=job.width)
-        session.reserved, session.opening = nbytes, True
+        session.reserved = nbytes  # opening: in use, counted at its full size
         self.store.add(session)
         job.session = session
         return session

@@ -35,8 +35,12 @@ class Session:
     steps: int = 0
     nbytes: int = 0
     last_used: float = 0.0
-    reserved: int = 0  # bytes counted at least (its full size from its first chunk)
-    opening: bool = False  # its prompts are being read: in use, never evicted or reclaimed
+    reserved: int = 0  # while its prompts are read in chunks: its full size, counted meanwhile
+
+    @property
+    def opening(self) -> bool:
+        """Its prompts are being read: in use, never evicted, expired or reclaimed."""
+        return self.reserved > 0
 
 
 class SessionStore:

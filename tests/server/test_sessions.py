@@ -391,7 +391,7 @@ def test_a_session_still_opening_is_never_evicted_expired_or_reclaimed():
     store = make_store(clock, ttl_s=100.0, max_per_owner=2, max_bytes=100)
     store.reclaim_s = 5.0
     opening, idle = fake_session(nbytes=50), fake_session(nbytes=30)
-    opening.opening = True
+    opening.reserved = 50  # still opening
     store.add(opening)
     store.add(idle)
     clock.now = 20.0  # both idle past the reclaim time
