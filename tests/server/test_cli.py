@@ -46,3 +46,15 @@ def test_the_vllm_backend_without_vllm_says_how_to_get_it():
     """In the main env (vLLM lives in .venv-vllm) the server stops with one line saying how."""
     with pytest.raises(SystemExit, match="needs vLLM.*make vllm"):
         main(["--backend", "vllm"])
+
+
+def test_the_prefill_chunk_flag_sets_the_schedulers_chunk(capsys):
+    """--prefill-chunk-tokens reaches the scheduler; unset, the device picks it; 0 is refused
+    naming the setting."""
+    from plm_owner_server.serving import prefill_chunk
+
+    chosen = settings_from(build_parser().parse_args(["--prefill-chunk-tokens", "96"]))
+    assert prefill_chunk(chosen) == 96
+    assert prefill_chunk(settings_from(build_parser().parse_args(["--device", "cpu"]))) == 32
+    with pytest.raises(SystemExit, match="(?s)invalid setting.*prefill_chunk_tokens"):
+        main(["--prefill-chunk-tokens", "0", "prepare"])
